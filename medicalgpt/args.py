@@ -1,0 +1,144 @@
+"""Arguments shared by every stage, declared once.
+
+Stage-specific training options come from the trainer's own config class (TrainingArguments, trl's SFTConfig,
+DPOConfig, ...), parsed directly by `medicalgpt.parser`, so every option those libraries have is settable from the
+command line. A field declared here that the config class also has (e.g. trl's `trust_remote_code`) is parsed once
+and shared.
+"""
+
+from dataclasses import dataclass, field
+
+TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub name or local path of the model; a LoRA adapter directory is accepted too."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to use when it differs from the model's (default: the model's)."}
+    )
+    torch_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Weights dtype: auto, bfloat16, float16 or float32 (default: what the checkpoint says)."},
+    )
+    flash_attn: bool = field(
+        default=False,
+        metadata={"help": "Use FlashAttention-2 (needs CUDA and the flash-attn package; otherwise warns and uses sdpa)."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel: eager, sdpa or flash_attention_2 (overrides --flash_attn)."}
+    )
+    device_map: str | None = field(
+        default=None,
+        metadata={"help": "Device placement, e.g. auto. Ignored on CPU and under data parallel (each rank its own GPU)."},
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load weights in 4-bit NF4 (bitsandbytes)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load weights in 8-bit (bitsandbytes)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code shipped in the checkpoint's repository. Off: only trusted code."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and datasets are cached."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
+
+    def __post_init__(self):
+        if self.torch_dtype is not None and self.torch_dtype not in TORCH_DTYPES:
+            raise ValueError(f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.torch_dtype!r}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load_in_4bit and --load_in_8bit exclude each other: pick one.")
+
+
+@dataclass
+class DataArguments:
+    train_file_dir: str | None = field(
+        default=None, metadata={"help": "Folder (searched recursively) or file with training data: .txt .json .jsonl"}
+    )
+    validation_file_dir: str | None = field(
+        default=None, metadata={"help": "Folder or file with evaluation data (same formats as training)."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hugging Face hub."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The hub dataset's configuration."})
+    validation_split_percentage: int = field(
+        default=1,
+        metadata={"help": "Percent of the training data held out for evaluation when no validation data is given."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training records (for quick runs)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation records."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes used to tokenise the data."}
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenise instead of using the datasets cache."})
+    skip_invalid_examples: bool = field(
+        default=False,
+        metadata={"help": "Skip records that fail validation (they are counted and reported) instead of stopping."},
+    )
+    template_name: str | None = field(
+        default=None,
+        metadata={"help": "Conversation template (see template.py); default: the tokenizer's own chat template."},
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System prompt for records without one (default: the template's)."}
+    )
+
+    def __post_init__(self):
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError("--validation_split_percentage must be between 0 and 99.")
+
+
+@dataclass
+class LoraArguments:
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    target_modules: str = field(
+        default="all",
+        metadata={"help": "Comma-separated module names for LoRA, or 'all' for every linear layer but the output head."},
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha (effective scale alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    modules_to_save: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated modules trained in full and saved with the adapter, e.g. embed_tokens,lm_head"},
+    )
+    peft_path: str | None = field(default=None, metadata={"help": "An existing LoRA adapter to continue training."})
+    qlora: bool = field(default=False, metadata={"help": "Upstream's QLoRA switch: same as --load_in_4bit True."})
+
+
+@dataclass
+class LegacyArguments:
+    """Flags of the tutorial that transformers 5 dropped, kept with their meaning."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start from scratch instead of resuming from the last checkpoint in --output_dir."},
+    )
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Batch records of similar length (= --train_sampling_strategy group_by_length)."}
+    )
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "Warmup as a fraction of the training steps (= --warmup_steps below 1)."}
+    )
+    no_cuda: bool = field(default=False, metadata={"help": "Train on CPU (= --use_cpu)."})
+    logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard log folder (default output_dir/runs)."})
+
+
+@dataclass
+class PretrainingArguments:
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per training block (default: min(1024, the tokenizer's model_max_length))."},
+    )
+
+
+@dataclass
+class SupervisedArguments:
+    model_max_length: int | None = field(
+        default=None,
+        metadata={"help": "Longest tokenised conversation; later turns that do not fit are dropped (see README)."},
+    )
+    train_on_inputs: bool = field(
+        default=False, metadata={"help": "Learn every token, prompts included, not only the assistant turns."}
+    )

@@ -1,0 +1,176 @@
+"""Load tokenizers and models (dtype, attention kernel, 4/8-bit, device placement) and wrap them with LoRA.
+
+Wherever a model path is expected, a LoRA adapter directory works too: its base model is read from
+`adapter_config.json`, the adapter is loaded on top and merged, so the next stage trains on the result. An adapter
+trained on such a merge records the adapter directory as its base, so chains (SFT adapter -> DPO adapter) load
+whole.
+"""
+
+import importlib.util
+import json
+import logging
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def read_adapter_base(path):
+    """The base model an adapter directory was trained on, or None when `path` is not an adapter directory."""
+    config_file = os.path.join(path, ADAPTER_CONFIG) if path else None
+    if not config_file or not os.path.isfile(config_file):
+        return None
+    with open(config_file, encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config_file}: no base_model_name_or_path; pass the base model explicitly.")
+    return base
+
+
+def load_tokenizer(model_args, path=None):
+    """The tokenizer of `path` (default: --tokenizer_name_or_path, else the model); an adapter directory's own
+    tokenizer is preferred, since the stage that wrote it may have changed it (vocabulary, chat template)."""
+    path = path or model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if read_adapter_base(path) and not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        path = read_adapter_base(path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        logger.info("The tokenizer has no pad token: using %r", tokenizer.pad_token)
+    return tokenizer
+
+
+def resolve_dtype(name):
+    if name in (None, "auto"):
+        return "auto"
+    return getattr(torch, name)
+
+
+def resolve_attention(model_args):
+    if model_args.attn_implementation:
+        return model_args.attn_implementation
+    if not model_args.flash_attn:
+        return None
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    logger.warning("--flash_attn needs CUDA and the flash-attn package (pip install flash-attn); using sdpa instead.")
+    return "sdpa"
+
+
+def resolve_device_map(device_map):
+    """Where to load the weights. Data parallel ranks each take their own GPU; on CPU the Trainer places the model."""
+    if not torch.cuda.is_available():
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return device_map
+
+
+def build_quantization_config(model_args, compute_dtype):
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("--load_in_4bit / --load_in_8bit need bitsandbytes: pip install -r requirements-gpu.txt")
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.float32,
+    )
+
+
+def load_model(model_args, path=None, model_class=AutoModelForCausalLM, **model_kwargs):
+    """Load `path` (default --model_name_or_path). An adapter directory is loaded onto its base and merged."""
+    path = path or model_args.model_name_or_path
+    if not path:
+        raise ValueError("--model_name_or_path is required")
+    adapter_base = read_adapter_base(path)
+    dtype = resolve_dtype(model_args.torch_dtype)
+    kwargs = dict(
+        dtype=dtype,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+        device_map=resolve_device_map(model_args.device_map),
+        quantization_config=build_quantization_config(model_args, dtype),
+    )
+    if resolve_attention(model_args):
+        kwargs["attn_implementation"] = resolve_attention(model_args)
+    kwargs.update(model_kwargs)
+    if adapter_base and read_adapter_base(adapter_base):
+        model = load_model(model_args, adapter_base, model_class, **model_kwargs)  # a chain of adapters
+    else:
+        model = model_class.from_pretrained(adapter_base or path, **kwargs)
+    if adapter_base:
+        model = merge_adapter(model, path, quantized=kwargs["quantization_config"] is not None)
+    return model
+
+
+def merge_adapter(model, adapter_path, quantized=False):
+    from peft import PeftModel
+
+    logger.info("Loading the LoRA adapter %s onto its base model %s", adapter_path, read_adapter_base(adapter_path))
+    model = PeftModel.from_pretrained(model, adapter_path)
+    if quantized:
+        logger.warning("Merging %s into quantized weights: rounding makes the merge approximate.", adapter_path)
+    return model.merge_and_unload()
+
+
+def build_lora_config(lora_args, task_type="CAUSAL_LM"):
+    from peft import LoraConfig
+
+    target_modules = lora_args.target_modules.strip()
+    return LoraConfig(
+        task_type=task_type,
+        r=lora_args.lora_rank,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules="all-linear" if target_modules == "all" else split_names(target_modules),
+        modules_to_save=split_names(lora_args.modules_to_save),
+    )
+
+
+def split_names(text):
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
+
+
+def wrap_with_lora(model, lora_args, training_args, base_path, task_type="CAUSAL_LM"):
+    """LoRA (QLoRA on a 4/8-bit model) or, without --use_peft, the model itself for full fine-tuning.
+    `base_path` is what the adapter will name as its base: the path the model was loaded from."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if not lora_args.use_peft and not lora_args.peft_path:
+        if quantized:
+            raise ValueError("A 4/8-bit model cannot be fully fine-tuned: add --use_peft True (QLoRA).")
+        return model
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+        )
+    if lora_args.peft_path:
+        logger.info("Continuing training of the LoRA adapter %s", lora_args.peft_path)
+        model = PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
+    else:
+        model = get_peft_model(model, build_lora_config(lora_args, task_type))
+    model.peft_config["default"].base_model_name_or_path = base_path
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("Trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / total)
+    return model

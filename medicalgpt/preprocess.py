@@ -1,0 +1,128 @@
+"""Turn validated records into token ids and labels.
+
+Pretraining: every document gets the tokenizer's EOS, documents are concatenated and cut into `block_size` blocks.
+The tail shorter than a block is kept as a final, shorter block (padded in its batch, padding not learned): with
+little data nothing is lost. Tails are per `.map` batch of 1000 documents, so a large corpus has one short block
+per 1000 documents.
+
+SFT: each conversation is rendered turn by turn with the template. Only what the assistant says, with its
+end-of-turn token, is learned (labels); prompts, system prompts and tool results are -100. Truncation never cuts a
+supervised turn: whole turns are kept from the start while they fit in `model_max_length`; later turns are dropped
+(counted), and a conversation whose first turn alone does not fit is skipped (counted and reported).
+"""
+
+import logging
+from itertools import chain
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+PT_MAP_BATCH = 1000
+
+
+def prepare_pretraining_dataset(dataset, tokenizer, block_size, num_proc=None, desc_suffix=""):
+    """Dataset of {"text"} -> dataset of {"input_ids", "labels"} blocks of `block_size` tokens (the last shorter)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("The tokenizer has no EOS token to end documents with.")
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=True)["input_ids"]
+        return {"input_ids": [doc + [eos] for doc in ids]}
+
+    def group(batch):
+        stream = list(chain.from_iterable(batch["input_ids"]))
+        blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
+        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+
+    dataset = dataset.map(
+        tokenize,
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=dataset.column_names,
+        desc=f"Tokenising{desc_suffix}",
+    )
+    return dataset.map(
+        group,
+        batched=True,
+        batch_size=PT_MAP_BATCH,
+        num_proc=num_proc,
+        desc=f"Grouping into blocks of {block_size}{desc_suffix}",
+    )
+
+
+def leading_bos(tokenizer, first_text):
+    """[bos] when the tokenizer adds a BOS to plain text and the template text does not already start with it."""
+    bos_id = tokenizer.bos_token_id
+    if bos_id is None or first_text.startswith(tokenizer.bos_token or "\0"):
+        return []
+    return [bos_id] if tokenizer("x")["input_ids"][:1] == [bos_id] else []
+
+
+def tokenize_conversation(record, template, tokenizer, max_length=None, train_on_inputs=False, system_prompt=None):
+    """One normalised SFT record -> input_ids, labels, and how many turns were dropped to fit `max_length`."""
+    system = record.get("system")
+    turns = template.render_turns(
+        record["messages"], system_prompt=system if system is not None else system_prompt, tools=record.get("tools")
+    )
+    input_ids = leading_bos(tokenizer, turns[0][0]) if turns else []
+    labels = [IGNORE_INDEX] * len(input_ids)
+    kept = 0
+    for prompt, response in turns:
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        response_ids = tokenizer.encode(response, add_special_tokens=False)
+        if max_length and len(input_ids) + len(prompt_ids) + len(response_ids) > max_length:
+            break
+        input_ids += prompt_ids + response_ids
+        labels += (prompt_ids if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
+        kept += 1
+    if kept == 0:
+        input_ids, labels = [], []
+    return {"input_ids": input_ids, "labels": labels, "dropped_turns": len(turns) - kept}
+
+
+def prepare_sft_dataset(
+    dataset, template, tokenizer, max_length, train_on_inputs=False, system_prompt=None, num_proc=None, desc_suffix=""
+):
+    """Dataset of normalised SFT records -> {"input_ids", "labels"}; reports truncated and skipped conversations."""
+
+    def tokenize(record):
+        return tokenize_conversation(record, template, tokenizer, max_length, train_on_inputs, system_prompt)
+
+    dataset = dataset.map(
+        tokenize, num_proc=num_proc, remove_columns=dataset.column_names, desc=f"Tokenising conversations{desc_suffix}"
+    )
+    dropped = [n for n, ids in zip(dataset["dropped_turns"], dataset["input_ids"]) if n and ids]
+    too_long = sum(1 for ids in dataset["input_ids"] if not ids)
+    if dropped:
+        logger.warning(
+            "%d conversations were longer than model_max_length=%d: their last %d turns in all were dropped.",
+            len(dropped), max_length, sum(dropped),
+        )  # fmt: skip
+    if too_long:
+        logger.warning(
+            "%d conversations were skipped: their first turn alone is longer than model_max_length=%d. "
+            "Raise --model_max_length to keep them.",
+            too_long, max_length,
+        )  # fmt: skip
+        dataset = dataset.filter(lambda ids: len(ids) > 0, input_columns="input_ids", desc="Skipping too-long")
+    return dataset.remove_columns("dropped_turns")
+
+
+def format_label_mask(input_ids, labels, tokenizer, start="[LEARN]", end="[/LEARN]"):
+    """Decoded text with the supervised spans marked, e.g. `...assistant\n[LEARN]Hello<|im_end|>[/LEARN]...`."""
+    pieces, span, learning = [], [], None
+    for token_id, label in zip(input_ids, labels):
+        is_learned = label != IGNORE_INDEX
+        if learning is not None and is_learned != learning:
+            pieces.append(_decorate(tokenizer.decode(span), learning, start, end))
+            span = []
+        span.append(token_id)
+        learning = is_learned
+    if span:
+        pieces.append(_decorate(tokenizer.decode(span), learning, start, end))
+    return "".join(pieces)
+
+
+def _decorate(text, learned, start, end):
+    return f"{start}{text}{end}" if learned else text

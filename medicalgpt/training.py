@@ -1,0 +1,106 @@
+"""What every training script does around its trainer: logging, argument fix-ups, data loading, resuming."""
+
+import logging
+import os
+import sys
+
+import datasets
+import transformers
+from transformers.trainer_utils import get_last_checkpoint
+
+from medicalgpt.data import DataValidationError, find_data_files, load_records
+
+logger = logging.getLogger("medicalgpt")
+
+
+class UsageError(ValueError):
+    """A command line that cannot work (missing data, conflicting flags): reported without a traceback."""
+
+
+def run_cli(main):
+    """Run a script's main(); bad input ends with its message and exit status 1, not a traceback."""
+    try:
+        main()
+    except (DataValidationError, UsageError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def setup_logging(training_args):
+    """English logs through `logging`, from the main process only (replicas log warnings)."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler()]
+    )
+    level = training_args.get_process_log_level()
+    for name in ("medicalgpt", "template"):
+        logging.getLogger(name).setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_explicit_format()
+
+
+def prepare_args(training_args, model_args, lora_args=None):
+    """Reconcile flags that depend on each other, then log the effective arguments once."""
+    if lora_args is not None and lora_args.qlora:
+        model_args.load_in_4bit = True
+        lora_args.use_peft = True
+    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and under DDP without extra flags.
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    logger.info("Model arguments: %s", model_args)
+    if lora_args is not None:
+        logger.info("LoRA arguments: %s", lora_args)
+    logger.info("Training arguments: %s", training_args.to_json_string())
+
+
+def find_resume_checkpoint(training_args):
+    """The checkpoint to resume from: --resume_from_checkpoint, else the last one in output_dir (unless
+    --overwrite_output_dir)."""
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    if getattr(training_args, "overwrite_output_dir", False) or not os.path.isdir(training_args.output_dir):
+        return None
+    checkpoint = get_last_checkpoint(training_args.output_dir)
+    if checkpoint:
+        logger.info("Resuming from %s", checkpoint)
+    return checkpoint
+
+
+def load_hub_records(data_args, stage):
+    from medicalgpt.data import normalize_rows
+
+    raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+    return {split: normalize_rows(rows, stage, f"{data_args.dataset_name}[{split}]") for split, rows in raw.items()}
+
+
+def load_stage_records(data_args, training_args, stage):
+    """Validated, normalised (train, eval) records; eval is None when not evaluating."""
+    skip = data_args.skip_invalid_examples
+    train = evaluation = None
+    if data_args.dataset_name:
+        splits = load_hub_records(data_args, stage)
+        train, evaluation = splits.get("train"), splits.get("validation")
+    if data_args.train_file_dir:
+        train = (train or []) + load_records(find_data_files(data_args.train_file_dir, stage), stage, skip)
+    if training_args.do_eval and data_args.validation_file_dir:
+        evaluation = (evaluation or []) + load_records(find_data_files(data_args.validation_file_dir, stage), stage, skip)
+    if train is None and training_args.do_train:
+        raise UsageError("No training data: pass --train_file_dir or --dataset_name.")
+    if training_args.do_eval and evaluation is None and train:
+        held_out = max(1, len(train) * data_args.validation_split_percentage // 100)
+        logger.info("No validation data given: holding out %d of %d training records for evaluation.", held_out, len(train))
+        train, evaluation = train[held_out:], train[:held_out]
+    train = _take(train, data_args.max_train_samples)
+    evaluation = _take(evaluation, data_args.max_eval_samples) if training_args.do_eval else None
+    logger.info("Records: %d for training, %d for evaluation.", len(train or []), len(evaluation or []))
+    return train, evaluation
+
+
+def _take(records, limit):
+    return records[:limit] if records is not None and limit is not None else records
+
+
+def to_dataset(records):
+    """Normalised records -> datasets.Dataset (the `source` column is kept for error messages)."""
+    return None if records is None else datasets.Dataset.from_list(records)

@@ -1,0 +1,85 @@
+"""Stage 1: continued pretraining (PT) of a causal language model on plain domain text.
+
+    python pretraining.py --model_name_or_path Qwen/Qwen2.5-0.5B --train_file_dir ./data/pretrain \\
+        --validation_file_dir ./data/pretrain --do_train --do_eval --use_peft True --block_size 512 \\
+        --per_device_train_batch_size 4 --num_train_epochs 1 --learning_rate 2e-4 --output_dir outputs-pt-qwen-v1
+
+    torchrun --nproc_per_node 2 pretraining.py ...      # data parallel (NCCL on GPUs, gloo on CPU)
+    python pretraining.py my_pt.yaml --max_steps 10    # options from a YAML/JSON file, the command line wins
+
+Data: `.txt` files (one document per line) or `.json`/`.jsonl` records with "text", found recursively. Each
+document ends with EOS; documents are concatenated and cut into --block_size blocks (the tail is a shorter block).
+Outputs: a LoRA adapter (with --use_peft) or full weights, the tokenizer, trainer_state.json, *_results.json, and
+TensorBoard logs in output_dir/runs with --report_to tensorboard. Re-running resumes from the last checkpoint.
+"""
+
+import logging
+import math
+import sys
+
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PretrainingArguments
+from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.parser import parse_args
+from medicalgpt.preprocess import IGNORE_INDEX, prepare_pretraining_dataset
+from medicalgpt.training import (
+    find_resume_checkpoint,
+    load_stage_records,
+    prepare_args,
+    run_cli,
+    setup_logging,
+    to_dataset,
+)
+
+logger = logging.getLogger("medicalgpt")
+
+
+def main(argv=None):
+    training_args, model_args, data_args, lora_args, pt_args = parse_args(
+        TrainingArguments, ModelArguments, DataArguments, LoraArguments, PretrainingArguments, argv=argv
+    )
+    setup_logging(training_args)
+    prepare_args(training_args, model_args, lora_args)
+    train_records, eval_records = load_stage_records(data_args, training_args, stage="pt")
+
+    tokenizer = load_tokenizer(model_args)
+    block_size = pt_args.block_size or min(1024, tokenizer.model_max_length)
+    if block_size > tokenizer.model_max_length:
+        logger.warning("--block_size %d exceeds the tokenizer's model_max_length %d", block_size, tokenizer.model_max_length)
+    with training_args.main_process_first(desc="tokenising"):
+        train_dataset, eval_dataset = (
+            None if records is None else prepare_pretraining_dataset(
+                to_dataset(records), tokenizer, block_size, data_args.preprocessing_num_workers, f" ({split})"
+            )
+            for split, records in (("train", train_records), ("eval", eval_records))
+        )  # fmt: skip
+    logger.info("Blocks of %d tokens: %d for training.", block_size, len(train_dataset or []))
+
+    model = load_model(model_args)
+    model = wrap_with_lora(model, lora_args, training_args, base_path=model_args.model_name_or_path)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8),
+    )
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    trainer.end()
+    logger.info("Outputs in %s", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
