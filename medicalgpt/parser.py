@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from medicalgpt.args import LegacyArguments
 
@@ -27,14 +28,15 @@ def parse_args(config_class, *dataclass_types, argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     shared = {f.name for f in dataclasses.fields(config_class)}
     parsed_types = [config_class] + [_without_fields(cls, shared) for cls in dataclass_types] + [LegacyArguments]
-    parser = HfArgumentParser(parsed_types)
+    parser = HfArgumentParser(parsed_types, allow_abbrev=False)
+    _allow_bare_bool_flags(parser)
     try:
         argv = _expand_config_file(argv)
     except (OSError, ValueError, yaml.YAMLError) as error:
-        parser.error(str(error))
+        _fail(str(error))
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        _fail(f"unrecognized arguments: {' '.join(unknown)}")
     values = vars(namespace)
     try:
         legacy = _build(LegacyArguments, values)
@@ -43,9 +45,23 @@ def parse_args(config_class, *dataclass_types, argv=None):
         config = _build(config_class, values)
         others = [_build(cls, {**values, **_shared_values(cls, config)}) for cls in dataclass_types]
     except ValueError as error:
-        parser.error(str(error))
+        _fail(str(error))
     config.overwrite_output_dir = legacy.overwrite_output_dir
     return (config, *others)
+
+
+def _allow_bare_bool_flags(parser):
+    """`--bf16` alone means True, also for trl's `bool | None` fields that HfArgumentParser gives no const."""
+    for action in parser._actions:
+        if action.type is string_to_bool and action.nargs is None:
+            action.nargs, action.const = "?", True
+
+
+def _fail(message):
+    """argparse's error without its 200-line usage dump."""
+    prog = os.path.basename(sys.argv[0]) or "script"
+    print(f"{prog}: error: {message}\nRun `{prog} --help` to list the options.", file=sys.stderr)
+    sys.exit(2)
 
 
 def _without_fields(cls, names):

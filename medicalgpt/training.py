@@ -28,16 +28,19 @@ def run_cli(main):
 
 
 def setup_logging(training_args):
-    """English logs through `logging`, from the main process only (replicas log warnings)."""
+    """English logs through `logging`: ours at INFO from the main process, warnings only from the others.
+    `--log_level` sets both ours and the libraries' (which stay at WARNING otherwise)."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler()]
     )
-    level = training_args.get_process_log_level()
+    explicit = training_args.log_level if training_args.should_log else training_args.log_level_replica
+    explicit = None if explicit == "passive" else transformers.utils.logging.log_levels[explicit]
+    ours = explicit or (logging.INFO if training_args.should_log else logging.WARNING)
     for name in ("medicalgpt", "template"):
-        logging.getLogger(name).setLevel(level)
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_explicit_format()
+        logging.getLogger(name).setLevel(ours)
+    libraries = explicit or logging.WARNING
+    datasets.utils.logging.set_verbosity(libraries)
+    transformers.utils.logging.set_verbosity(libraries)
 
 
 def prepare_args(training_args, model_args, lora_args=None):

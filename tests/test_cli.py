@@ -1,0 +1,97 @@
+"""The scripts as a user runs them: real processes, exit codes, torchrun data parallel, resuming."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import FAST_FLAGS, REPO, write_jsonl
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def run(args, cwd=REPO, timeout=300):
+    return subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def global_step(output_dir):
+    return json.loads((output_dir / "trainer_state.json").read_text())["global_step"]
+
+
+def test_malformed_sft_file_fails_with_file_and_line_before_anything_is_written(tiny_model_dir, tmp_path):
+    data = tmp_path / "finetune"
+    data.mkdir()
+    (data / "bad.jsonl").write_text(
+        '{"instruction": "发烧怎么办", "output": "多喝水"}\n'
+        '{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "hello"}]}\n'
+        "{not json}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train"]
+    result = run([sys.executable, "supervised_finetuning.py", *argv, "--output_dir", str(out), *FAST_FLAGS])
+    assert result.returncode == 1
+    assert f"{data / 'bad.jsonl'}:2: error: conversations[1].from: unknown role 'bot'" in result.stderr
+    assert f"{data / 'bad.jsonl'}:3: error: invalid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+    validator = run([sys.executable, "validate_jsonl.py", str(data)])
+    assert validator.returncode == 1
+    assert f"{data / 'bad.jsonl'}:2: error: conversations[1].from: unknown role 'bot'" in validator.stdout
+
+
+def test_skip_invalid_examples_trains_on_the_rest(tiny_model_dir, tmp_path):
+    import supervised_finetuning
+
+    data = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [{"instruction": "头痛怎么办？", "output": "注意休息。"}, {"instruction": "no answer", "output": 3}] * 2,
+    )
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train", "--max_steps", "1"]
+    supervised_finetuning.main([*argv, "--skip_invalid_examples", "True", "--output_dir", str(out), *FAST_FLAGS])
+    assert global_step(out) == 1
+
+
+@pytest.mark.parametrize("script", ["pretraining.py", "supervised_finetuning.py"])
+def test_torchrun_two_processes_halve_the_optimizer_steps(script, tiny_model_dir, tmp_path):
+    if script == "pretraining.py":
+        data = tmp_path / "pt.txt"
+        data.write_text("\n".join(f"第{i}段：感冒时注意休息，多喝温水。" * 3 for i in range(16)), encoding="utf-8")
+        extra = ["--block_size", "32"]
+    else:
+        data = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": f"问题{i}", "output": f"回答{i}"} for i in range(16)])
+        extra = ["--template_name", "qwen"]
+    steps = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"out-{nproc}"
+        argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train", *extra]
+        argv += ["--per_device_train_batch_size", "2", "--num_train_epochs", "1", "--output_dir", str(out)]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        result = run([*launcher, "--master_port", str(29500 + nproc), script, *argv, "--save_strategy", "no", *FAST_FLAGS])
+        assert result.returncode == 0, result.stderr[-3000:]
+        steps[nproc] = global_step(out)
+    # Ranks that each trained alone would take as many steps as one process: halving proves one DDP group.
+    assert steps[2] * 2 == steps[1]
+
+
+def test_rerun_resumes_from_the_last_checkpoint(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": f"问题{i}", "output": f"回答{i}"} for i in range(8)])
+    out = tmp_path / "out"
+    argv = [sys.executable, "supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, "--do_train"]
+    argv += ["--train_file_dir", str(data), "--output_dir", str(out), "--per_device_train_batch_size", "2"]
+    argv += ["--save_strategy", "steps", "--save_steps", "2", *FAST_FLAGS]
+    first = run([*argv, "--max_steps", "2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "checkpoint-2").is_dir()
+    second = run([*argv, "--max_steps", "4"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Resuming from {out / 'checkpoint-2'}" in second.stderr
+    assert global_step(out) == 4
+    shutil.rmtree(out / "checkpoint-4")
+    fresh = run([*argv, "--max_steps", "2", "--overwrite_output_dir"])
+    assert "Resuming from" not in fresh.stderr
