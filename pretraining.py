@@ -46,7 +46,9 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_args)
     block_size = pt_args.block_size or min(1024, tokenizer.model_max_length)
     if block_size > tokenizer.model_max_length:
-        logger.warning("--block_size %d exceeds the tokenizer's model_max_length %d", block_size, tokenizer.model_max_length)
+        logger.warning(
+            "--block_size %d exceeds the tokenizer's model_max_length %d", block_size, tokenizer.model_max_length
+        )
     with training_args.main_process_first(desc="tokenising"):
         train_dataset, eval_dataset = (
             None if records is None else prepare_pretraining_dataset(

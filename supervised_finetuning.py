@@ -49,7 +49,9 @@ def main(argv=None):
     train_records, eval_records = load_stage_records(data_args, training_args, stage="sft")
 
     tokenizer = load_tokenizer(model_args)
-    template = get_conv_template(data_args.template_name) if data_args.template_name else template_from_tokenizer(tokenizer)
+    template = (
+        get_conv_template(data_args.template_name) if data_args.template_name else template_from_tokenizer(tokenizer)
+    )
     with training_args.main_process_first(desc="tokenising"):
         train_dataset, eval_dataset = (
             None if records is None else prepare_sft_dataset(

@@ -26,19 +26,20 @@ class ModelArguments:
     )
     flash_attn: bool = field(
         default=False,
-        metadata={"help": "Use FlashAttention-2 (needs CUDA and the flash-attn package; otherwise warns and uses sdpa)."},
+        metadata={"help": "FlashAttention-2 (needs CUDA and flash-attn; otherwise a warning and sdpa)."},
     )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention kernel: eager, sdpa or flash_attention_2 (overrides --flash_attn)."}
     )
     device_map: str | None = field(
         default=None,
-        metadata={"help": "Device placement, e.g. auto. Ignored on CPU and under data parallel (each rank its own GPU)."},
+        metadata={"help": "Device placement, e.g. auto; ignored on CPU and under data parallel (a GPU per rank)."},
     )
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load weights in 4-bit NF4 (bitsandbytes)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load weights in 8-bit (bitsandbytes)."})
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run model code shipped in the checkpoint's repository. Off: only trusted code."}
+        default=False,
+        metadata={"help": "Run model code shipped with the checkpoint (off: only library code)."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and datasets are cached."})
     model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
@@ -94,14 +95,16 @@ class LoraArguments:
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     target_modules: str = field(
         default="all",
-        metadata={"help": "Comma-separated module names for LoRA, or 'all' for every linear layer but the output head."},
+        metadata={"help": "Comma-separated module names, or 'all': every linear layer but the output head."},
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha (effective scale alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     modules_to_save: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated modules trained in full and saved with the adapter, e.g. embed_tokens,lm_head"},
+        metadata={
+            "help": "Comma-separated modules trained in full and saved with the adapter, e.g. embed_tokens,lm_head"
+        },
     )
     peft_path: str | None = field(default=None, metadata={"help": "An existing LoRA adapter to continue training."})
     qlora: bool = field(default=False, metadata={"help": "Upstream's QLoRA switch: same as --load_in_4bit True."})
@@ -116,13 +119,16 @@ class LegacyArguments:
         metadata={"help": "Start from scratch instead of resuming from the last checkpoint in --output_dir."},
     )
     group_by_length: bool = field(
-        default=False, metadata={"help": "Batch records of similar length (= --train_sampling_strategy group_by_length)."}
+        default=False,
+        metadata={"help": "Batch records of similar length (= --train_sampling_strategy group_by_length)."},
     )
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "Warmup as a fraction of the training steps (= --warmup_steps below 1)."}
     )
     no_cuda: bool = field(default=False, metadata={"help": "Train on CPU (= --use_cpu)."})
-    logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard log folder (default output_dir/runs)."})
+    logging_dir: str | None = field(
+        default=None, metadata={"help": "TensorBoard log folder (default output_dir/runs)."}
+    )
 
 
 @dataclass

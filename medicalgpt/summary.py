@@ -1,6 +1,6 @@
 """Print what each training run did, from its trainer_state.json: loss before and after, time, where it is.
 
-    python -m medicalgpt.summary outputs/quickstart-pt outputs/quickstart-sft
+python -m medicalgpt.summary outputs/quickstart-pt outputs/quickstart-sft
 """
 
 import json

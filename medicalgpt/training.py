@@ -31,7 +31,9 @@ def setup_logging(training_args):
     """English logs through `logging`: ours at INFO from the main process, warnings only from the others.
     `--log_level` sets both ours and the libraries' (which stay at WARNING otherwise)."""
     logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler()]
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler()],
     )
     explicit = training_args.log_level if training_args.should_log else training_args.log_level_replica
     explicit = None if explicit == "passive" else transformers.utils.logging.log_levels[explicit]
@@ -87,12 +89,16 @@ def load_stage_records(data_args, training_args, stage):
     if data_args.train_file_dir:
         train = (train or []) + load_records(find_data_files(data_args.train_file_dir, stage), stage, skip)
     if training_args.do_eval and data_args.validation_file_dir:
-        evaluation = (evaluation or []) + load_records(find_data_files(data_args.validation_file_dir, stage), stage, skip)
+        evaluation = (evaluation or []) + load_records(
+            find_data_files(data_args.validation_file_dir, stage), stage, skip
+        )
     if train is None and training_args.do_train:
         raise UsageError("No training data: pass --train_file_dir or --dataset_name.")
     if training_args.do_eval and evaluation is None and train:
         held_out = max(1, len(train) * data_args.validation_split_percentage // 100)
-        logger.info("No validation data given: holding out %d of %d training records for evaluation.", held_out, len(train))
+        logger.info(
+            "No validation data given: holding out %d of %d training records for evaluation.", held_out, len(train)
+        )
         train, evaluation = train[held_out:], train[:held_out]
     train = _take(train, data_args.max_train_samples)
     evaluation = _take(evaluation, data_args.max_eval_samples) if training_args.do_eval else None

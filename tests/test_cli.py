@@ -64,7 +64,9 @@ def test_torchrun_two_processes_halve_the_optimizer_steps(script, tiny_model_dir
         data.write_text("\n".join(f"第{i}段：感冒时注意休息，多喝温水。" * 3 for i in range(16)), encoding="utf-8")
         extra = ["--block_size", "32"]
     else:
-        data = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": f"问题{i}", "output": f"回答{i}"} for i in range(16)])
+        data = write_jsonl(
+            tmp_path / "sft.jsonl", [{"instruction": f"问题{i}", "output": f"回答{i}"} for i in range(16)]
+        )
         extra = ["--template_name", "qwen"]
     steps = {}
     for nproc in (1, 2):
@@ -72,7 +74,9 @@ def test_torchrun_two_processes_halve_the_optimizer_steps(script, tiny_model_dir
         argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train", *extra]
         argv += ["--per_device_train_batch_size", "2", "--num_train_epochs", "1", "--output_dir", str(out)]
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-        result = run([*launcher, "--master_port", str(29500 + nproc), script, *argv, "--save_strategy", "no", *FAST_FLAGS])
+        result = run(
+            [*launcher, "--master_port", str(29500 + nproc), script, *argv, "--save_strategy", "no", *FAST_FLAGS]
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         steps[nproc] = global_step(out)
     # Ranks that each trained alone would take as many steps as one process: halving proves one DDP group.

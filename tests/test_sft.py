@@ -56,7 +56,9 @@ def test_train_on_inputs_learns_every_token(tiny_tokenizer):
 def test_truncation_drops_whole_turns_never_part_of_an_answer(tiny_tokenizer):
     template = get_conv_template("qwen")
     full = tokenize_conversation(CONVERSATION, template, tiny_tokenizer)
-    first_turn_only = tokenize_conversation(CONVERSATION, template, tiny_tokenizer, max_length=len(full["input_ids"]) - 1)
+    first_turn_only = tokenize_conversation(
+        CONVERSATION, template, tiny_tokenizer, max_length=len(full["input_ids"]) - 1
+    )
     assert first_turn_only["dropped_turns"] == 1
     assert learned_spans(first_turn_only["input_ids"], first_turn_only["labels"], tiny_tokenizer) == [
         "先测体温，多喝水。<|im_end|>"
@@ -116,7 +118,16 @@ def test_full_sft_then_greedy_generation_reproduces_the_answers(tiny_model_dir, 
     data = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in QA_PAIRS])
     out = tmp_path / "sft-full"
     argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train"]
-    argv += ["--template_name", "qwen", "--output_dir", str(out), "--num_train_epochs", "60", "--learning_rate", "3e-3"]
+    argv += [
+        "--template_name",
+        "qwen",
+        "--output_dir",
+        str(out),
+        "--num_train_epochs",
+        "60",
+        "--learning_rate",
+        "3e-3",
+    ]
     argv += ["--per_device_train_batch_size", "4", "--save_strategy", "no", "--logging_steps", "10", *FAST_FLAGS]
     supervised_finetuning.main(argv)
 
