@@ -26,6 +26,7 @@ from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
 from medicalgpt.preprocess import format_label_mask, prepare_sft_dataset
 from medicalgpt.training import (
+    build_template,
     find_resume_checkpoint,
     load_stage_records,
     prepare_args,
@@ -33,7 +34,6 @@ from medicalgpt.training import (
     setup_logging,
     to_dataset,
 )
-from template import get_conv_template, template_from_tokenizer
 
 logger = logging.getLogger("medicalgpt")
 
@@ -49,9 +49,7 @@ def main(argv=None):
     train_records, eval_records = load_stage_records(data_args, training_args, stage="sft")
 
     tokenizer = load_tokenizer(model_args)
-    template = (
-        get_conv_template(data_args.template_name) if data_args.template_name else template_from_tokenizer(tokenizer)
-    )
+    template = build_template(data_args, tokenizer)
     with training_args.main_process_first(desc="tokenising"):
         train_dataset, eval_dataset = (
             None if records is None else prepare_sft_dataset(

@@ -148,3 +148,13 @@ class SupervisedArguments:
     train_on_inputs: bool = field(
         default=False, metadata={"help": "Learn every token, prompts included, not only the assistant turns."}
     )
+
+
+@dataclass
+class PreferenceArguments:
+    max_source_length: int = field(
+        default=1024, metadata={"help": "Prompt tokens kept (the last ones: the question nearest the answer)."}
+    )
+    max_target_length: int = field(
+        default=512, metadata={"help": "Response tokens kept (the first ones) for chosen and rejected answers."}
+    )

@@ -126,3 +126,54 @@ def format_label_mask(input_ids, labels, tokenizer, start="[LEARN]", end="[/LEAR
 
 def _decorate(text, learned, start, end):
     return f"{start}{text}{end}" if learned else text
+
+
+def tokenize_preference(record, template, tokenizer, max_source_length, max_target_length, system_prompt=None):
+    """One normalised preference record -> prompt_ids, chosen_ids, rejected_ids (responses end with the stop token).
+
+    The prompt keeps its last `max_source_length` tokens, each response its first `max_target_length`."""
+    system = record.get("system")
+    turns = template.render_turns(
+        record["messages"], system_prompt=system if system is not None else system_prompt, tools=record.get("tools")
+    )
+    prompt = "".join(p + r for p, r in turns)
+    prompt_ids = leading_bos(tokenizer, prompt) + tokenizer.encode(prompt, add_special_tokens=False)
+    chosen_ids, rejected_ids = (
+        tokenizer.encode(record[key] + template.stop_str, add_special_tokens=False) for key in ("chosen", "rejected")
+    )
+    truncated = len(prompt_ids) > max_source_length or max(len(chosen_ids), len(rejected_ids)) > max_target_length
+    return {
+        "prompt_ids": prompt_ids[-max_source_length:],
+        "chosen_ids": chosen_ids[:max_target_length],
+        "rejected_ids": rejected_ids[:max_target_length],
+        "truncated": truncated,
+    }
+
+
+def prepare_preference_dataset(
+    dataset, template, tokenizer, max_source_length, max_target_length, system_prompt=None, num_proc=None, desc=""
+):
+    """Dataset of normalised preference records -> {"prompt_ids", "chosen_ids", "rejected_ids"}."""
+
+    def tokenize(record):
+        return tokenize_preference(record, template, tokenizer, max_source_length, max_target_length, system_prompt)
+
+    dataset = dataset.map(
+        tokenize, num_proc=num_proc, remove_columns=dataset.column_names, desc=f"Tokenising preference pairs{desc}"
+    )
+    truncated = sum(dataset["truncated"])
+    if truncated:
+        logger.warning(
+            "%d of %d pairs were truncated to --max_source_length %d / --max_target_length %d tokens.",
+            truncated, len(dataset), max_source_length, max_target_length,
+        )  # fmt: skip
+    return dataset.remove_columns("truncated")
+
+
+def to_reward_features(dataset, num_proc=None):
+    """Pairwise features for trl's RewardTrainer: the full prompt+response sequences."""
+    return dataset.map(
+        lambda row: {"chosen_ids": row["prompt_ids"] + row["chosen_ids"],
+                     "rejected_ids": row["prompt_ids"] + row["rejected_ids"]},
+        remove_columns=["prompt_ids"], num_proc=num_proc, desc="Building reward pairs",
+    )  # fmt: skip

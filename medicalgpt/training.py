@@ -113,3 +113,28 @@ def _take(records, limit):
 def to_dataset(records):
     """Normalised records -> datasets.Dataset (the `source` column is kept for error messages)."""
     return None if records is None else datasets.Dataset.from_list(records)
+
+
+def build_template(data_args, tokenizer):
+    """--template_name from template.py, else the tokenizer's own chat template."""
+    from template import get_conv_template, template_from_tokenizer
+
+    return (
+        get_conv_template(data_args.template_name) if data_args.template_name else template_from_tokenizer(tokenizer)
+    )
+
+
+def prepare_preference_data(data_args, training_args, pref_args, tokenizer):
+    """Validated preference records -> tokenised (train, eval) datasets of prompt_ids / chosen_ids / rejected_ids."""
+    from medicalgpt.preprocess import prepare_preference_dataset
+
+    train_records, eval_records = load_stage_records(data_args, training_args, stage="preference")
+    template = build_template(data_args, tokenizer)
+    with training_args.main_process_first(desc="tokenising"):
+        return tuple(
+            None if records is None else prepare_preference_dataset(
+                to_dataset(records), template, tokenizer, pref_args.max_source_length, pref_args.max_target_length,
+                data_args.system_prompt, data_args.preprocessing_num_workers, f" ({split})",
+            )
+            for split, records in (("train", train_records), ("eval", eval_records))
+        )  # fmt: skip

@@ -165,7 +165,9 @@ def test_sft_on_a_pt_adapter_chains_and_loads_whole(tiny_model_dir, tmp_path):
                                 "--template_name", "qwen", "--output_dir", str(sft_out), *common])  # fmt: skip
     assert json.loads((sft_out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(pt_out)
 
-    by_hand = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), pt_out).merge_and_unload()
+    by_hand = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), pt_out
+    ).merge_and_unload()
     by_hand = PeftModel.from_pretrained(by_hand, sft_out).merge_and_unload()
     chained = load_model(ModelArguments(model_name_or_path=str(sft_out)))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -204,3 +206,16 @@ def test_upstream_sft_files_tokenise_with_tool_calls(tiny_tokenizer):
     first_tool = prepare_sft_dataset(datasets.Dataset.from_list(tool_records[:1]), get_conv_template("qwen"),
                                      tiny_tokenizer, 8192)[0]  # fmt: skip
     assert "[LEARN]<tool_call>\n{" in format_label_mask(first_tool["input_ids"], first_tool["labels"], tiny_tokenizer)
+
+
+def test_qlora_4bit_trains_the_adapter(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": q, "output": a} for q, a in QA_PAIRS])
+    out = tmp_path / "qlora"
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train", "--qlora", "True"]
+    argv += ["--template_name", "qwen", "--output_dir", str(out), "--max_steps", "2", "--learning_rate", "1e-2"]
+    supervised_finetuning.main([*argv, "--save_strategy", "no", *FAST_FLAGS])
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)

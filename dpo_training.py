@@ -1,0 +1,63 @@
+"""Stage 3, alternative: DPO — align the SFT model with preference pairs directly, no reward model.
+
+    python dpo_training.py --model_name_or_path outputs-sft-qwen-v1 --template_name qwen \\
+        --train_file_dir ./data/reward --validation_file_dir ./data/reward --do_train --do_eval \\
+        --use_peft True --max_source_length 1024 --max_target_length 512 --max_steps 100 \\
+        --output_dir outputs-dpo-qwen-v1
+
+`--model_name_or_path` may be the SFT stage's LoRA adapter directory: it is merged into its base, and the DPO
+adapter records that directory as its base. With LoRA the reference model is the same weights with the adapter
+disabled (no second copy); with full fine-tuning a second copy is loaded as the frozen reference. Any option of
+trl's DPOConfig works (`--beta`, `--loss_type sigmoid|ipo|...`, `--learning_rate`, ...).
+"""
+
+import logging
+import sys
+
+from trl import DPOConfig
+
+from medicalgpt.alignment import PreTokenizedDPOTrainer
+from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
+from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.parser import parse_args
+from medicalgpt.training import find_resume_checkpoint, prepare_args, prepare_preference_data, run_cli, setup_logging
+
+logger = logging.getLogger("medicalgpt")
+
+
+def main(argv=None):
+    training_args, model_args, data_args, lora_args, pref_args = parse_args(
+        DPOConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, argv=argv
+    )
+    setup_logging(training_args)
+    training_args.max_length = pref_args.max_source_length + pref_args.max_target_length
+    prepare_args(training_args, model_args, lora_args)
+    tokenizer = load_tokenizer(model_args)
+    train_dataset, eval_dataset = prepare_preference_data(data_args, training_args, pref_args, tokenizer)
+
+    model = wrap_with_lora(load_model(model_args), lora_args, training_args, model_args.model_name_or_path)
+    reference = None if lora_args.use_peft or lora_args.peft_path else load_model(model_args)
+    trainer = PreTokenizedDPOTrainer(
+        model=model,
+        ref_model=reference,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    trainer.end()
+    logger.info("Outputs in %s", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,67 @@
+"""Stage 3, alternative: ORPO — SFT and preference alignment in one step, no reference model.
+
+    python orpo_training.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --template_name qwen \\
+        --train_file_dir ./data/reward --validation_file_dir ./data/reward --do_train --do_eval \\
+        --use_peft True --max_source_length 1024 --max_target_length 512 --max_steps 100 \\
+        --output_dir outputs-orpo-qwen-v1
+
+Same data, templates and flags as dpo_training.py. The loss is the chosen answer's NLL plus beta times the
+odds-ratio term (trl.experimental.orpo); `--orpo_beta` is upstream's name for `--beta`. Note ORPOConfig's default
+learning rate is 1e-6: pass `--learning_rate` for LoRA (e.g. 5e-5).
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from trl.experimental.orpo import ORPOConfig
+
+from medicalgpt.alignment import PreTokenizedORPOTrainer
+from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
+from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.parser import parse_args
+from medicalgpt.training import find_resume_checkpoint, prepare_args, prepare_preference_data, run_cli, setup_logging
+
+logger = logging.getLogger("medicalgpt")
+
+
+@dataclass
+class OrpoAliasArguments:
+    orpo_beta: float | None = field(default=None, metadata={"help": "Upstream MedicalGPT's name for --beta."})
+
+
+def main(argv=None):
+    training_args, model_args, data_args, lora_args, pref_args, alias = parse_args(
+        ORPOConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, OrpoAliasArguments, argv=argv
+    )
+    setup_logging(training_args)
+    training_args.beta = alias.orpo_beta if alias.orpo_beta is not None else training_args.beta
+    training_args.max_length = pref_args.max_source_length + pref_args.max_target_length
+    prepare_args(training_args, model_args, lora_args)
+    tokenizer = load_tokenizer(model_args)
+    train_dataset, eval_dataset = prepare_preference_data(data_args, training_args, pref_args, tokenizer)
+
+    model = wrap_with_lora(load_model(model_args), lora_args, training_args, model_args.model_name_or_path)
+    trainer = PreTokenizedORPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    trainer.end()
+    logger.info("Outputs in %s", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,70 @@
+"""Stage 3: reward modeling (RM) — a one-output scoring head on the (SFT) model, trained on preference pairs.
+
+    python reward_modeling.py --model_name_or_path outputs-sft-qwen-v1 --template_name qwen \\
+        --train_file_dir ./data/reward --validation_file_dir ./data/reward --do_train --do_eval \\
+        --use_peft True --max_source_length 1024 --max_target_length 256 --learning_rate 2e-5 \\
+        --output_dir outputs-rm-qwen-v1
+
+    torchrun --nproc_per_node 2 reward_modeling.py ...     # data parallel works for RM too
+
+Data: `{"prompt", "chosen", "rejected"}`, upstream's `{"conversations", "chosen", "rejected"}` or message lists,
+validated before the model loads. The loss is trl's RewardTrainer pairwise loss, -log sigmoid(r_chosen -
+r_rejected); evaluation reports pairwise accuracy and mean margin. The prompt keeps its last --max_source_length
+tokens, each answer its first --max_target_length (truncated pairs are counted in the log). With LoRA the adapter
+is saved with the `score` head; `ppo_training.py --reward_model_path` and `merge_peft_adapter.py` take the output.
+"""
+
+import logging
+import sys
+
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer
+
+from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
+from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.parser import parse_args
+from medicalgpt.preprocess import to_reward_features
+from medicalgpt.training import find_resume_checkpoint, prepare_args, prepare_preference_data, run_cli, setup_logging
+
+logger = logging.getLogger("medicalgpt")
+
+
+def main(argv=None):
+    training_args, model_args, data_args, lora_args, pref_args = parse_args(
+        RewardConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, argv=argv
+    )
+    setup_logging(training_args)
+    training_args.max_length = pref_args.max_source_length + pref_args.max_target_length
+    prepare_args(training_args, model_args, lora_args)
+    tokenizer = load_tokenizer(model_args)
+    train_dataset, eval_dataset = (
+        None if dataset is None else to_reward_features(dataset, data_args.preprocessing_num_workers)
+        for dataset in prepare_preference_data(data_args, training_args, pref_args, tokenizer)
+    )
+
+    model = load_model(model_args, model_class=AutoModelForSequenceClassification, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = wrap_with_lora(model, lora_args, training_args, model_args.model_name_or_path, task_type="SEQ_CLS")
+    trainer = RewardTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    trainer.end()
+    logger.info("Outputs in %s", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
