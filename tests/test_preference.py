@@ -94,10 +94,11 @@ def tutorial_argv(stage, model_dir, data_dir, output_dir):
     ]  # fmt: skip
     if stage == "rm":
         return common + [
-            "--per_device_eval_batch_size", "4", "--seed", "42", "--num_train_epochs", "1", "--learning_rate", "2e-5",
-            "--warmup_ratio", "0.05", "--weight_decay", "0.001", "--logging_strategy", "steps", "--logging_steps", "10",
-            "--eval_steps", "50", "--eval_strategy", "steps", "--save_steps", "500", "--save_strategy", "steps",
-            "--save_total_limit", "3", "--max_target_length", "256", "--overwrite_output_dir", "--ddp_timeout", "30000",
+            "--per_device_eval_batch_size", "4", "--seed", "42", "--num_train_epochs", "1",
+            "--learning_rate", "2e-5", "--warmup_ratio", "0.05", "--weight_decay", "0.001",
+            "--logging_strategy", "steps", "--logging_steps", "10", "--eval_steps", "50", "--eval_strategy", "steps", "--save_steps", "500", "--save_strategy", "steps",
+            "--save_total_limit", "3", "--max_target_length", "256", "--overwrite_output_dir",
+            "--ddp_timeout", "30000",
             "--logging_first_step", "True", "--bf16", "--ddp_find_unused_parameters", "False",
             "--remove_unused_columns", "False",
         ]  # fmt: skip
@@ -178,7 +179,8 @@ def test_reward_model_learns_to_prefer_seeing_a_doctor(tiny_model_dir, tiny_toke
     argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(train), "--validation_file_dir",
             str(held_out), "--do_train", "--do_eval", "--template_name", "qwen", "--use_peft", "True",
             "--lora_rank", "16", "--learning_rate", "5e-3", "--num_train_epochs", "6", "--logging_steps", "5",
-            "--per_device_train_batch_size", "8", "--output_dir", str(out), "--save_strategy", "no", *FAST_FLAGS]  # fmt: skip
+            "--per_device_train_batch_size", "8", "--output_dir", str(out), "--save_strategy", "no",
+            *FAST_FLAGS]  # fmt: skip
     reward_modeling.main(argv)
     metrics = json.loads((out / "eval_results.json").read_text())
     before = pairwise_accuracy(tiny_model_dir, held_out, tiny_tokenizer)
