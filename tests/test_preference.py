@@ -96,7 +96,8 @@ def tutorial_argv(stage, model_dir, data_dir, output_dir):
         return common + [
             "--per_device_eval_batch_size", "4", "--seed", "42", "--num_train_epochs", "1",
             "--learning_rate", "2e-5", "--warmup_ratio", "0.05", "--weight_decay", "0.001",
-            "--logging_strategy", "steps", "--logging_steps", "10", "--eval_steps", "50", "--eval_strategy", "steps", "--save_steps", "500", "--save_strategy", "steps",
+            "--logging_strategy", "steps", "--logging_steps", "10", "--eval_steps", "50",
+            "--eval_strategy", "steps", "--save_steps", "500", "--save_strategy", "steps",
             "--save_total_limit", "3", "--max_target_length", "256", "--overwrite_output_dir",
             "--ddp_timeout", "30000",
             "--logging_first_step", "True", "--bf16", "--ddp_find_unused_parameters", "False",
