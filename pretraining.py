@@ -31,6 +31,7 @@ from medicalgpt.training import (
     setup_logging,
     to_dataset,
 )
+from medicalgpt.vocab import resize_embeddings_for_tokenizer
 
 logger = logging.getLogger("medicalgpt")
 
@@ -59,6 +60,7 @@ def main(argv=None):
     logger.info("Blocks of %d tokens: %d for training.", block_size, len(train_dataset or []))
 
     model = load_model(model_args)
+    resize_embeddings_for_tokenizer(model, tokenizer)  # a tokenizer from build_domain_tokenizer.py
     model = wrap_with_lora(model, lora_args, training_args, base_path=model_args.model_name_or_path)
     trainer = Trainer(
         model=model,

@@ -34,6 +34,7 @@ from medicalgpt.training import (
     setup_logging,
     to_dataset,
 )
+from medicalgpt.vocab import resize_embeddings_for_tokenizer
 
 logger = logging.getLogger("medicalgpt")
 
@@ -64,6 +65,7 @@ def main(argv=None):
                     format_label_mask(sample["input_ids"], sample["labels"], tokenizer))  # fmt: skip
 
     model = load_model(model_args)
+    resize_embeddings_for_tokenizer(model, tokenizer)  # a tokenizer from build_domain_tokenizer.py
     model = wrap_with_lora(model, lora_args, training_args, base_path=model_args.model_name_or_path)
     trainer = SFTTrainer(
         model=model,

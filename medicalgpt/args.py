@@ -158,3 +158,28 @@ class PreferenceArguments:
     max_target_length: int = field(
         default=512, metadata={"help": "Response tokens kept (the first ones) for chosen and rejected answers."}
     )
+
+
+@dataclass
+class RLArguments:
+    """The tutorial's reinforcement-learning flags, shared by PPO, RLOO and GRPO."""
+
+    sft_model_path: str | None = field(default=None, metadata={"help": "The SFT model (or its LoRA adapter dir)."})
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "The reward model from reward_modeling.py (or its LoRA adapter dir)."}
+    )
+    rl_algorithm: str = field(
+        default="ppo", metadata={"help": "ppo (with a critic, our trainer), rloo or grpo (trl's trainers)."}
+    )
+    max_source_length: int = field(default=1024, metadata={"help": "Prompt tokens kept (the last ones)."})
+    response_length: int = field(default=128, metadata={"help": "Most new tokens per sampled response."})
+    total_episodes: int | None = field(
+        default=None, metadata={"help": "Prompts to roll out in all (default: num_train_epochs x prompts)."}
+    )
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the reward of a response that never emits the stop token."}
+    )
+
+    def __post_init__(self):
+        if self.rl_algorithm not in ("ppo", "rloo", "grpo"):
+            raise ValueError(f"--rl_algorithm must be ppo, rloo or grpo, got {self.rl_algorithm!r}")

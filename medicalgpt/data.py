@@ -12,18 +12,15 @@ Roles: user, assistant, function_call (assistant side: a tool call), observation
 from __future__ import annotations
 
 import collections
-import glob
-import io
 import json
 import logging
-import os
-import re
 from dataclasses import dataclass, field
+
+from medicalgpt.readers import find_data_files, read_units
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("pt", "sft", "preference")
-EXTENSIONS = {"pt": (".txt", ".json", ".jsonl"), "sft": (".json", ".jsonl"), "preference": (".json", ".jsonl")}
 MAX_SHOWN = 20  # issues printed in full; the rest are counted
 USER_SIDE = ("user", "observation")
 SHAREGPT_ROLES = {
@@ -47,8 +44,6 @@ STAGE_KEYS = {
     "sft": "'conversations', 'messages' or 'instruction'",
     "preference": "'chosen'/'rejected'",
 }
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
-_SPACE = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 
 
 @dataclass
@@ -136,30 +131,6 @@ def _string(obj: dict, key: str, where: str, ck: _Checker, required: bool = True
     return obj[key]
 
 
-def find_data_files(paths: str | list[str], stage: str | None) -> list[str]:
-    """Data files among `paths` (files, or directories searched recursively, each sorted), without duplicates.
-    stage None accepts every stage's extensions."""
-    _check_stage(stage, optional=True)
-    extensions = EXTENSIONS[stage] if stage else EXTENSIONS["pt"]
-    files, seen = [], set()
-    for path in [paths] if isinstance(paths, str) else paths:
-        if os.path.isdir(path):
-            pattern = os.path.join(glob.escape(path), "**", "*")
-            found = glob.glob(pattern, recursive=True)
-            found = sorted(f for f in found if f.lower().endswith(extensions) and os.path.isfile(f))
-            if not found:
-                raise FileNotFoundError(f"{path}: no {' '.join(extensions)} files in this directory or below")
-        elif os.path.isfile(path):
-            if not path.lower().endswith(extensions):
-                raise ValueError(f"{path}: not a {stage or 'data'} file (expected {' '.join(extensions)})")
-            found = [path]
-        else:
-            raise FileNotFoundError(f"{path}: no such file or directory")
-        files += [f for f in found if f not in seen]
-        seen.update(found)
-    return files
-
-
 def detect_stage(record: dict) -> str | None:
     if not isinstance(record, dict):
         return None
@@ -168,70 +139,6 @@ def detect_stage(record: dict) -> str | None:
     if any(key in record for key in ("conversations", "messages", "instruction")):
         return "sft"
     return "pt" if "text" in record else None
-
-
-def _utf8_error(text: str, start: int, end: int) -> tuple[int, str] | None:
-    """(newlines before the first byte that is not UTF-8 in text[start:end], message), or None."""
-    bad = _NOT_UTF8.search(text, start, end)
-    if bad is None:
-        return None
-    line_start = text.rfind("\n", 0, bad.start()) + 1
-    offset = len(text[line_start : bad.start()].encode("utf-8", "surrogateescape"))
-    return text.count("\n", start, bad.start()), f"not valid UTF-8 at byte offset {offset}"
-
-
-def _json_array(text: str):
-    """Yield (line, value, problem) per element of a whole-file JSON array; line is where the element starts."""
-    decoder, pos, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
-    while True:
-        pos = _SPACE.match(text, pos).end()
-        line, counted = line + text.count("\n", counted, pos), pos
-        if text.startswith("]", pos):
-            break
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            yield e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno}); the rest of the array is not read"
-            return
-        bad = _utf8_error(text, pos, end)
-        yield (line + bad[0], None, bad[1]) if bad else (line, value, None)
-        pos = _SPACE.match(text, end).end()
-        if text.startswith(",", pos):
-            pos += 1
-        elif not text.startswith("]", pos):
-            line += text.count("\n", counted, pos)
-            yield line, None, "invalid JSON: expected ',' or ']' after an array element; the rest is not read"
-            return
-    extra = _SPACE.match(text, pos + 1).end()
-    if extra < len(text):
-        yield line + text.count("\n", counted, extra), None, "invalid JSON: extra data after the array's closing ']'"
-
-
-def _read_units(path: str, f):
-    """Yield (line, value, problem) per record of binary file `f`: {"text": line} for .txt, parsed JSON otherwise.
-    Lines are decoded one by one, so a line that is not UTF-8 leaves the others readable."""
-    lines, is_txt = f, path.lower().endswith(".txt")
-    if path.lower().endswith(".json"):
-        data = f.read()
-        if data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            yield from _json_array(data.decode("utf-8", "surrogateescape").removeprefix("\ufeff"))
-            return
-        lines = io.BytesIO(data)
-    for number, raw in enumerate(lines, 1):
-        try:
-            line = raw.decode("utf-8").removeprefix("\ufeff" if number == 1 else "").removesuffix("\n")
-        except UnicodeDecodeError as e:
-            yield number, None, f"not valid UTF-8 at byte offset {e.start}"
-            continue
-        if not line.strip():
-            continue
-        if is_txt:
-            yield number, {"text": line.removesuffix("\r")}, None
-        else:
-            try:
-                yield number, json.loads(line), None
-            except json.JSONDecodeError as e:
-                yield number, None, f"invalid JSON: {e.msg} (column {e.colno})"
 
 
 def _read_turns(items, where: str, ck: _Checker, roles: dict, role_key: str, content_key: str):
@@ -486,6 +393,13 @@ def _check_units(report: FileReport, units, stage: str | None) -> FileReport:
     return report
 
 
+def validate_units(path: str, units, stage: str | None = None) -> FileReport:
+    """Validate and normalise (line, value, problem) units read from `path` (see medicalgpt.readers), e.g. table
+    rows mapped to records; stage None infers each record's stage."""
+    _check_stage(stage, optional=True)
+    return _check_units(FileReport(path), units, stage)
+
+
 def validate_file(path: str, stage: str | None = None) -> FileReport:
     """Validate and normalise one file; stage None infers each record's stage (a .txt file is pt)."""
     _check_stage(stage, optional=True)
@@ -497,7 +411,7 @@ def validate_file(path: str, stage: str | None = None) -> FileReport:
         stage = "pt"
     try:
         with open(path, "rb") as f:
-            return _check_units(report, _read_units(path, f), stage)
+            return _check_units(report, read_units(path, f), stage)
     except OSError as e:
         report.errors.append(Issue(path, 0, "error", "", f"cannot read the file: {e.strerror or e}"))
         return report

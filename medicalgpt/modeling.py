@@ -119,6 +119,28 @@ def load_model(model_args, path=None, model_class=AutoModelForCausalLM, **model_
     return model
 
 
+def load_model_with_adapter(
+    model_args, adapter_path, model_class=AutoModelForCausalLM, resize_to=None, min_vocab=None, **model_kwargs
+):
+    """`--base_model X --lora_model Y`: load X (--model_name_or_path) and merge adapter Y onto it. When Y was trained
+    on another adapter directory (SFT adapter -> DPO adapter), that one is merged first, onto X as well.
+
+    The embeddings are resized to `resize_to` rows (upstream's --resize_emb), or grown to `min_vocab` rows when the
+    tokenizer outgrew them (a vocabulary extension), before the adapter's weights are loaded."""
+    inner = read_adapter_base(adapter_path)
+    if inner and read_adapter_base(inner):
+        model = load_model_with_adapter(model_args, inner, model_class, resize_to, min_vocab, **model_kwargs)
+    else:
+        model = load_model(model_args, model_class=model_class, **model_kwargs)
+        rows = model.get_input_embeddings().weight.shape[0]
+        target = resize_to or (min_vocab if min_vocab and min_vocab > rows else None)
+        if target and target != rows:
+            logger.info("Resizing the embeddings from %d to %d rows to fit the tokenizer", rows, target)
+            model.resize_token_embeddings(target)
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    return merge_adapter(model, adapter_path, quantized=quantized)
+
+
 def merge_adapter(model, adapter_path, quantized=False):
     from peft import PeftModel
 

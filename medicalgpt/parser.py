@@ -31,7 +31,7 @@ def parse_args(config_class, *dataclass_types, argv=None):
     parser = HfArgumentParser(parsed_types, allow_abbrev=False)
     _allow_bare_bool_flags(parser)
     try:
-        argv = _expand_config_file(argv)
+        argv = expand_config_file(argv)
     except (OSError, ValueError, yaml.YAMLError) as error:
         _fail(str(error))
     namespace, unknown = parser.parse_known_args(argv)
@@ -81,7 +81,7 @@ def _build(cls, values):
     return cls(**{name: value for name, value in values.items() if name in names})
 
 
-def _expand_config_file(argv):
+def expand_config_file(argv):
     """`script.py run.yaml --flag x` -> the file's keys as flags, followed by the command line (which wins)."""
     if not argv or not argv[0].endswith(CONFIG_SUFFIXES) or argv[0].startswith("-"):
         return argv

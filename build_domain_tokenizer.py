@@ -1,0 +1,123 @@
+"""Extend a tokenizer with domain vocabulary, so that each medical term is one token.
+
+    python build_domain_tokenizer.py --base_tokenizer_path Qwen/Qwen2.5-0.5B-Instruct \\
+        --domain_file_path ./data/vocab/medical_vocab.txt --output_dir ./tokenizer-extended
+    python build_domain_tokenizer.py --base_tokenizer_path Qwen/Qwen2.5-0.5B \\
+        --domain_file_path ./data/pretrain/medical_articles.txt --vocab_size 500 --output_dir ./tokenizer-learned
+
+`--domain_file_path` is a vocabulary (one term per line; a SentencePiece .vocab file works too) or a raw domain
+corpus (.txt lines or pretraining .json/.jsonl), told apart by the file's lines (or `--domain_file_type`); from a
+corpus, up to `--vocab_size` frequent multi-character pieces are learned with the `tokenizers` BPE trainer. New
+terms become added tokens of the base (fast) tokenizer: the ids of all existing tokens stay the same and text
+round-trips exactly (checked on `--eval_file` and the corpus). Printed: how many tokens were added and the tokens
+per character before and after on the evaluation text (default: the domain file's own lines).
+
+Then train with the new tokenizer; the embeddings grow and each new row starts as the mean of the embeddings of the
+sub-tokens it replaces (added_tokens_init.json, written beside the tokenizer, lists them):
+
+    python pretraining.py --model_name_or_path Qwen/Qwen2.5-0.5B --tokenizer_name_or_path ./tokenizer-extended \\
+        --use_peft True --modules_to_save embed_tokens,lm_head ... --output_dir outputs-pt-qwen-v1
+    python merge_peft_adapter.py --base_model_name_or_path Qwen/Qwen2.5-0.5B \\
+        --peft_model_path outputs-pt-qwen-v1 --resize_emb --output_dir merged-pt-qwen-v1
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from medicalgpt.data import DataValidationError, load_records
+from medicalgpt.vocab import (
+    INIT_FILE,
+    extend_tokenizer,
+    learn_terms,
+    looks_like_vocabulary,
+    read_vocabulary,
+    round_trip_failures,
+    token_sources,
+    tokens_per_char,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base_tokenizer_path", required=True, help="Hub name or folder of the base tokenizer.")
+    parser.add_argument("--domain_file_path", required=True, help="A term list, or a domain corpus.")
+    parser.add_argument("--output_dir", required=True, help="Where the extended tokenizer is written.")
+    parser.add_argument("--domain_file_type", choices=("auto", "vocab", "corpus"), default="auto")
+    parser.add_argument("--vocab_size", type=int, default=1000, help="Corpus: add at most this many tokens.")
+    parser.add_argument("--min_frequency", type=int, default=5, help="Corpus: a piece must occur this often.")
+    parser.add_argument("--eval_file", nargs="*", default=[], help="Text (.txt/.json/.jsonl) to measure on.")
+    parser.add_argument("--trust_remote_code", action="store_true", help="Run tokenizer code shipped with it.")
+    return parser
+
+
+def read_texts(path: str) -> list[str]:
+    """Lines of a .txt file, or the `text` of pretraining .json/.jsonl records (validated, `path:line` errors)."""
+    return [record["text"] for record in load_records([path], "pt")]
+
+
+def save_atomically(tokenizer, sources: dict, output_dir: str) -> None:
+    """Write the tokenizer and INIT_FILE to a temporary folder, then move each file into `output_dir`."""
+    os.makedirs(output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=output_dir, prefix=".staging-")
+    try:
+        tokenizer.save_pretrained(staging)
+        tokens = ",\n".join(json.dumps(token, ensure_ascii=False) for token in sources.pop("tokens"))
+        head = json.dumps(sources, ensure_ascii=False)[:-1]
+        with open(os.path.join(staging, INIT_FILE), "w", encoding="utf-8") as f:
+            f.write(f'{head}, "tokens": [\n{tokens}\n]}}\n')
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    from transformers import AutoTokenizer
+
+    args = build_parser().parse_args(argv)
+    load = dict(trust_remote_code=args.trust_remote_code)
+    base = AutoTokenizer.from_pretrained(args.base_tokenizer_path, **load)
+    tokenizer = AutoTokenizer.from_pretrained(args.base_tokenizer_path, **load)
+    if not tokenizer.is_fast:
+        print(f"error: {args.base_tokenizer_path}: not a fast tokenizer (tokenizer.json); added tokens need one")
+        return 1
+    with open(args.domain_file_path, encoding="utf-8-sig") as f:
+        lines = f.read().splitlines()
+    kind = args.domain_file_type
+    if kind == "auto":
+        kind = "vocab" if args.domain_file_path.endswith(".txt") and looks_like_vocabulary(lines) else "corpus"
+    if kind == "vocab":
+        terms, limit, corpus = read_vocabulary(args.domain_file_path), None, []
+    else:
+        corpus = read_texts(args.domain_file_path)
+        terms, limit = learn_terms(corpus, args.vocab_size, args.min_frequency), args.vocab_size
+    added, single = extend_tokenizer(tokenizer, terms, limit)
+    not_single = [t for t, ids in zip(added, tokenizer(added, add_special_tokens=False)["input_ids"]) if len(ids) != 1]
+    texts = [text for path in args.eval_file for text in read_texts(path)] or corpus or terms
+    failures = round_trip_failures(base, tokenizer, texts + added)
+    problems = [f"does not decode back to the same text: {(texts + added)[i][:80]!r}" for i in failures]
+    problems += [f"{term!r} is not one token after the extension" for term in not_single]
+    if problems:
+        print("\n".join(f"error: {problem}" for problem in problems[:20]))
+        print(f"error: {len(problems)} problems; the extended tokenizer is not written")
+        return 1
+    save_atomically(tokenizer, token_sources(tokenizer, base, added), args.output_dir)
+    print(f"{args.domain_file_path}: {kind}, {len(terms)} {'terms' if kind == 'vocab' else 'learned pieces'}; "
+          f"{single} already one token; added {len(added)} "
+          f"tokens: {len(base)} -> {len(tokenizer)}")  # fmt: skip
+    print(f"tokens per character on {len(texts)} texts ({', '.join(args.eval_file) or args.domain_file_path}): "
+          f"{tokens_per_char(base, texts):.4f} -> {tokens_per_char(tokenizer, texts):.4f}")  # fmt: skip
+    print(f"Extended tokenizer written to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (DataValidationError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

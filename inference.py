@@ -1,0 +1,165 @@
+"""Chat with a model on the terminal, or answer a file of prompts in batches.
+
+    python inference.py --base_model Qwen/Qwen2.5-0.5B-Instruct --lora_model outputs-sft-qwen-v1 --interactive
+    python inference.py --base_model Qwen/Qwen2.5-0.5B-Instruct --lora_model outputs-sft-qwen-v1 \\
+        --data_file input.jsonl --output_file output.jsonl --template_name qwen --batch_size 8
+    python inference.py --base_model merged-sft-qwen-v1 --data_file questions.txt --temperature 0   # greedy
+
+Interactive: answers stream as they are generated; the whole conversation is the context of each answer. Type
+`clear` to start over, `exit` (or Ctrl-D) to quit; Ctrl-C stops an answer.
+
+Batch: `--data_file` is `.txt` (one prompt per line) or `.jsonl` (`prompt`, `instruction`+`input`, `question`,
+`messages` or `conversations` records; see medicalgpt/prompts.py), checked line by line before the model loads.
+`--output_file` gets one JSON line per input, in input order: the input record plus `output`. Prompts are
+left-padded into batches of `--batch_size`; each answer ends at the template's end-of-turn token.
+`--use_vllm` generates the batch with vLLM instead (GPU; `pip install vllm`).
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from medicalgpt.chat import ChatArguments, PromptTooLongError, load_chat_engine, parse_cli, setup_logging
+from medicalgpt.data import DataValidationError, Issue
+from medicalgpt.prompts import load_prompt_records
+from medicalgpt.training import UsageError, run_cli
+
+logger = logging.getLogger("medicalgpt")
+EXIT_COMMANDS = ("exit", "quit", ":exit", ":quit", "/exit")
+CLEAR_COMMANDS = ("clear", ":clear", "/clear")
+
+
+@dataclass
+class InferenceArguments:
+    interactive: bool = field(default=False, metadata={"help": "Multi-turn chat on the terminal."})
+    data_file: str | None = field(default=None, metadata={"help": "Prompts to answer: .txt or .jsonl."})
+    output_file: str = field(default="predictions.jsonl", metadata={"help": "Where batch answers go (jsonl)."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts generated together in batch mode."})
+    use_vllm: bool = field(default=False, metadata={"help": "Batch mode with vLLM (GPU; pip install vllm)."})
+
+
+def chat_loop(engine, options, read=input, write=sys.stdout.write):
+    """The terminal chat: streams each answer and keeps the full history (questions and answers)."""
+    write("Chat with the model. 'clear' forgets the conversation, 'exit' quits; Ctrl-C stops an answer.\n")
+    history = []
+    while True:
+        try:
+            query = read("User: ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return
+        if query.strip() in EXIT_COMMANDS:
+            return
+        if query.strip() in CLEAR_COMMANDS:
+            history = []
+            write("History cleared.\n")
+            continue
+        if not query.strip():
+            continue
+        messages, stream = history + [{"role": "user", "content": query}], None
+        while stream is None:
+            try:
+                stream = engine.stream(messages, options)
+            except PromptTooLongError as error:
+                if len(messages) == 1:
+                    write(f"Error: {error}\n")
+                    break
+                messages = messages[2:]  # forget the oldest exchange
+                write("(the conversation is too long for the model: its oldest exchange is forgotten)\n")
+        if stream is None:
+            continue
+        write("Assistant: ")
+        answer = ""
+        try:
+            for piece in stream:
+                answer += piece
+                write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            write(" [stopped]")
+        write("\n")
+        history = messages + [{"role": "assistant", "content": answer}]
+
+
+def check_prompts(engine, items, path, max_new_tokens):
+    """Every prompt renders and fits the context; else all problems as path:line errors."""
+    errors = []
+    for line, _, messages in items:
+        try:
+            engine.check_length(len(engine.encode(messages)), max_new_tokens)
+        except ValueError as error:
+            errors.append(Issue(path, line, "error", "prompt", str(error)))
+    if errors:
+        raise DataValidationError(errors)
+
+
+def run_batch(engine, items, options, output_file, batch_size):
+    """Answer `items` in batches; the output is written to a temporary file, renamed when complete."""
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    partial = output_file + ".partial"
+    with open(partial, "w", encoding="utf-8") as out:
+        for start in tqdm(range(0, len(items), batch_size), desc="Generating", unit="batch"):
+            batch = items[start : start + batch_size]
+            completions = engine.generate([messages for _, _, messages in batch], options)
+            for (_, record, _), completion in zip(batch, completions):
+                out.write(json.dumps({**record, "output": completion.text}, ensure_ascii=False) + "\n")
+    os.replace(partial, output_file)
+
+
+def run_vllm_batch(chat_args, items, output_file):
+    """Batch mode on vLLM: the same templates and stop token, vLLM's continuous batching."""
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+    except ImportError as error:
+        raise UsageError("--use_vllm needs vLLM (a CUDA machine): pip install vllm") from error
+    from medicalgpt.chat import build_template, tokenizer_source
+    from medicalgpt.modeling import load_tokenizer
+
+    source = tokenizer_source(chat_args)
+    template = build_template(chat_args.template_name, load_tokenizer(chat_args.model_arguments(), source))
+    prompts = ["".join(p + r for p, r in template.render_turns(m, chat_args.system_prompt)) for _, _, m in items]
+    llm = LLM(model=chat_args.base_model, tokenizer=source, enable_lora=bool(chat_args.lora_model))
+    params = SamplingParams(
+        temperature=chat_args.temperature,
+        top_p=chat_args.top_p if chat_args.temperature > 0 else 1.0,
+        max_tokens=chat_args.max_new_tokens,
+        repetition_penalty=chat_args.repetition_penalty,
+        stop=[template.stop_str],
+    )
+    lora = LoRARequest("adapter", 1, chat_args.lora_model) if chat_args.lora_model else None
+    outputs = llm.generate(prompts, params, lora_request=lora)
+    with open(output_file, "w", encoding="utf-8") as out:
+        for (_, record, _), result in zip(items, outputs):
+            out.write(json.dumps({**record, "output": result.outputs[0].text}, ensure_ascii=False) + "\n")
+
+
+def main(argv=None):
+    chat_args, args = parse_cli((ChatArguments, InferenceArguments), argv, description=__doc__)
+    setup_logging()
+    if args.interactive == bool(args.data_file):
+        raise UsageError("pass either --interactive or --data_file FILE (with --output_file)")
+    if args.batch_size < 1:
+        raise UsageError("--batch_size must be at least 1")
+    items = load_prompt_records(args.data_file) if args.data_file else None
+    if args.use_vllm:
+        if not items:
+            raise UsageError("--use_vllm works in batch mode (--data_file)")
+        run_vllm_batch(chat_args, items, args.output_file)
+        return
+    engine = load_chat_engine(chat_args)
+    options = chat_args.generation_options()
+    if args.interactive:
+        chat_loop(engine, options)
+        return
+    check_prompts(engine, items, args.data_file, options.max_new_tokens)
+    run_batch(engine, items, options, args.output_file, args.batch_size)
+    logger.info("%d answers written to %s", len(items), args.output_file)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

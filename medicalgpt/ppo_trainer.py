@@ -1,0 +1,415 @@
+"""PPO with a critic for causal language models, on accelerate (single process, torchrun/DDP, DeepSpeed).
+
+One rollout batch per update: sample responses to prompts, score them with the reward model, compute per-token
+KL-penalised rewards and GAE advantages from the critic, then run `num_ppo_epochs` passes of `num_mini_batches`
+minibatches (each accumulated over `gradient_accumulation_steps` micro-batches) of clipped policy and value loss.
+
+Memory: with LoRA the policy is an adapter on the SFT model and the reference policy is the same weights with the
+adapter disabled; the critic is an adapter (plus its own score head) on the reward model, and the reward model is
+the same weights with that adapter disabled. So two model copies in all, whatever the algorithm needs four of.
+The critic starts from the reward model because its head already maps a response to a score on the reward scale,
+which makes early value estimates far better than a random head's. Without LoRA (small models) all four are copies.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from transformers import GenerationConfig, TrainingArguments, get_scheduler
+
+from medicalgpt import ppo
+
+logger = logging.getLogger("medicalgpt")
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate for policy and critic."})
+    total_episodes: int | None = field(
+        default=None, metadata={"help": "Prompts to roll out in all (default: num_train_epochs x prompts)."}
+    )
+    response_length: int = field(default=128, metadata={"help": "Most new tokens per sampled response."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (rollouts and their log-probs)."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of a response that never emits the stop token."}
+    )
+    kl_coef: float = field(
+        default=0.05, metadata={"help": "Weight of the per-token KL penalty against the SFT model."}
+    )
+    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy probability ratio."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value update."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor (1: text episodes are short)."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Minibatches (optimizer steps) per pass."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards before GAE."})
+    merge_policy: bool = field(default=False, metadata={"help": "Save the policy merged into full weights."})
+
+
+class PolicyAndValue(torch.nn.Module):
+    """Both trained models in one module, so that DDP/DeepSpeed wrap and synchronise them together."""
+
+    def __init__(self, policy, critic):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, input_ids, attention_mask):
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return logits, token_values(self.critic, input_ids, attention_mask)
+
+
+def token_values(model, input_ids, attention_mask):
+    """A sequence-classification model's score head applied at every position: [batch, seq]."""
+    seq_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(seq_model, seq_model.base_model_prefix)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return seq_model.score(hidden).squeeze(-1).float()
+
+
+def disable_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def left_pad(sequences, pad_token_id):
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_token_id] * (width - len(s)) + list(s) for s in sequences])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    return ids, mask
+
+
+class PPOTrainer:
+    def __init__(self, config, policy, critic, tokenizer, train_prompts, eval_prompts, stop_token_ids,
+                 ref_policy=None, reward_model=None):  # fmt: skip
+        self.config, self.tokenizer, self.stop_token_ids = config, tokenizer, stop_token_ids
+        self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
+        self.ref_policy, self.reward_model = ref_policy, reward_model
+        mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
+        self.accelerator = Accelerator(
+            cpu=config.use_cpu, mixed_precision=mixed, gradient_accumulation_steps=config.gradient_accumulation_steps
+        )
+        self.local_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        self.local_batch *= config.num_mini_batches
+        self.global_batch = self.local_batch * self.accelerator.num_processes
+        episodes = config.total_episodes or int(config.num_train_epochs * len(train_prompts))
+        self.num_updates = max(1, math.ceil(episodes / self.global_batch))
+        for model in (policy, critic, ref_policy, reward_model):
+            if model is not None:
+                disable_dropout(model)
+        if config.gradient_checkpointing:
+            for model in (policy, critic):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs)
+        self.model = PolicyAndValue(policy, critic)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        steps = self.num_updates * config.num_ppo_epochs * config.num_mini_batches
+        scheduler = get_scheduler(config.lr_scheduler_type, optimizer, config.get_warmup_steps(steps), steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
+        for frozen in (ref_policy, reward_model):
+            if frozen is not None:
+                frozen.to(self.accelerator.device).eval()
+        self.update, self.log_history, self.writer = 0, [], self._build_writer()
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _build_writer(self):
+        if "tensorboard" not in self.config.report_to or not self.accelerator.is_main_process:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        default = os.path.join(self.config.output_dir, "runs", time.strftime("%b%d_%H-%M-%S"))
+        return SummaryWriter(os.environ.get("TENSORBOARD_LOGGING_DIR", default))
+
+    def _reference(self):
+        """Context in which `self.unwrapped.policy` (or the separate copy) is the frozen reference policy."""
+        if self.ref_policy is not None:
+            return contextlib.nullcontext(self.ref_policy)
+        return _disabled(self.unwrapped.policy)
+
+    def _reward(self):
+        if self.reward_model is not None:
+            return contextlib.nullcontext(self.reward_model)
+        return _disabled(self.unwrapped.critic)
+
+    def batches(self):
+        """This process's share of each global batch of prompts, in a seeded order, epoch after epoch."""
+        epoch = 0
+        while True:
+            order = torch.randperm(
+                len(self.train_prompts), generator=torch.Generator().manual_seed(self.config.seed + epoch)
+            )
+            start = self.accelerator.process_index * self.local_batch
+            for offset in range(0, len(order) - self.global_batch + 1, self.global_batch):
+                chunk = order[offset + start : offset + start + self.local_batch]
+                yield [self.train_prompts[i] for i in chunk]
+            if len(order) < self.global_batch:  # fewer prompts than one batch: sample with repetition
+                yield [
+                    self.train_prompts[i % len(order)]
+                    for i in order.repeat(self.global_batch)[start:][: self.local_batch]
+                ]
+            epoch += 1
+
+    @torch.no_grad()
+    def generate(self, prompts, greedy=False):
+        """Left-padded queries and their responses, each truncated after its first stop token."""
+        queries, query_mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        queries, query_mask = queries.to(self.accelerator.device), query_mask.to(self.accelerator.device)
+        policy = self.unwrapped.policy
+        policy.eval()
+        sampling = (
+            {} if greedy else {"do_sample": True, "temperature": self.config.temperature, "top_k": 0, "top_p": 1.0}
+        )
+        generation = GenerationConfig(
+            max_new_tokens=self.config.response_length, eos_token_id=self.stop_token_ids,
+            pad_token_id=self.tokenizer.pad_token_id, **sampling,
+        )  # fmt: skip
+        with self.accelerator.autocast():
+            output = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation)
+        policy.train()
+        responses = ppo.truncate_after_stop(
+            output[:, queries.shape[1] :], self.stop_token_ids, self.tokenizer.pad_token_id
+        )
+        return queries, query_mask, responses
+
+    @torch.no_grad()
+    def score(self, queries, query_mask, responses):
+        """Reward-model scores of query + response at the last real token, and whether a stop token came."""
+        mask, has_stop = ppo.response_mask(responses, self.stop_token_ids)
+        input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
+        with self._reward() as reward_model, self.accelerator.autocast():
+            values = token_values(reward_model, input_ids, attention_mask)
+        last = queries.shape[1] + mask.sum(1) - 1
+        scores = values[torch.arange(len(values)), last]
+        if self.config.missing_eos_penalty is not None:
+            scores = scores - self.config.missing_eos_penalty * (~has_stop).float()
+        return scores, mask, has_stop
+
+    @torch.no_grad()
+    def rollout(self, prompts):
+        """Everything one PPO update needs, computed without gradients."""
+        queries, query_mask, responses = self.generate(prompts)
+        scores, mask, has_stop = self.score(queries, query_mask, responses)
+        input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
+        context = queries.shape[1]
+        with self.accelerator.autocast():
+            logits, values = self.model(input_ids, attention_mask)
+            with self._reference() as reference:
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+                ref_logits = reference(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+                ).logits
+        logprobs = ppo.logprobs_from_logits(logits[:, context - 1 : -1], responses, self.config.temperature)
+        ref_logprobs = ppo.logprobs_from_logits(ref_logits[:, context - 1 : -1], responses, self.config.temperature)
+        mask_f = mask.float()
+        logprobs = logprobs.masked_fill(mask == 0, ppo.INVALID_LOGPROB)
+        ref_logprobs = ref_logprobs.masked_fill(mask == 0, ppo.INVALID_LOGPROB)
+        values = values[:, context - 1 : -1] * mask_f
+        rewards, kl = ppo.compute_rewards(scores, logprobs, ref_logprobs, mask_f, self.config.kl_coef)
+        if self.config.whiten_rewards:
+            rewards = ppo.masked_whiten(rewards, mask_f, shift_mean=False)
+        advantages, returns = ppo.compute_gae(rewards, values, mask_f, self.config.gamma, self.config.lam)
+        advantages = ppo.masked_whiten(advantages, mask_f)
+        return dict(input_ids=input_ids, attention_mask=attention_mask, responses=responses, mask=mask_f,
+                    logprobs=logprobs, values=values, advantages=advantages, returns=returns, scores=scores,
+                    kl=kl, has_stop=has_stop, context=context)  # fmt: skip
+
+    def optimize(self, batch):
+        """num_ppo_epochs x num_mini_batches optimizer steps on one rollout batch; returns mean statistics."""
+        config, stats = self.config, []
+        micro = config.per_device_train_batch_size
+        minibatch = micro * config.gradient_accumulation_steps
+        for _ in range(config.num_ppo_epochs):
+            order = torch.randperm(self.local_batch)
+            for start in range(0, self.local_batch, minibatch):
+                for micro_start in range(start, start + minibatch, micro):
+                    index = order[micro_start : micro_start + micro]
+                    with self.accelerator.accumulate(self.model):
+                        loss, step_stats = self.ppo_loss({k: v[index] if torch.is_tensor(v) else v
+                                                          for k, v in batch.items()})  # fmt: skip
+                        self.accelerator.backward(loss)
+                        if self.accelerator.sync_gradients and config.max_grad_norm:
+                            self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                        self.optimizer.step()
+                        self.scheduler.step() if self.accelerator.sync_gradients else None
+                        self.optimizer.zero_grad()
+                    stats.append(step_stats)
+        return {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
+
+    def ppo_loss(self, batch):
+        context, mask = batch["context"], batch["mask"]
+        with self.accelerator.autocast():
+            logits, values = self.model(batch["input_ids"], batch["attention_mask"])
+        response_logits = logits[:, context - 1 : -1]
+        logprobs = ppo.logprobs_from_logits(response_logits, batch["responses"], self.config.temperature)
+        logprobs = logprobs.masked_fill(mask == 0, ppo.INVALID_LOGPROB)
+        values = values[:, context - 1 : -1]
+        pg_loss, clip_fraction, approx_kl = ppo.policy_loss(
+            logprobs, batch["logprobs"], batch["advantages"], mask, self.config.cliprange
+        )
+        vf_loss, vf_clip_fraction = ppo.value_loss(
+            values, batch["values"], batch["returns"], mask, self.config.cliprange_value
+        )
+        with torch.no_grad():
+            entropy = ppo.masked_mean(ppo.entropy_from_logits(response_logits, self.config.temperature), mask)
+        stats = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "clip_fraction": clip_fraction.item(),
+                 "value_clip_fraction": vf_clip_fraction.item(), "approx_kl": approx_kl.item(),
+                 "entropy": entropy.item()}  # fmt: skip
+        return pg_loss + self.config.vf_coef * vf_loss, stats
+
+    def train(self, resume_from=None):
+        config, batches = self.config, self.batches()
+        if resume_from:
+            self.load_checkpoint(resume_from)
+            for _ in range(self.update):  # the same prompt order as the interrupted run
+                next(batches)
+        logger.info("PPO: %d updates of %d prompts (%d per process), %d PPO epochs x %d minibatches each.",
+                    self.num_updates, self.global_batch, self.local_batch, config.num_ppo_epochs,
+                    config.num_mini_batches)  # fmt: skip
+        start = time.time()
+        if config.eval_on_start and self.eval_prompts and self.update == 0:
+            self.log(self.evaluate())
+        while self.update < self.num_updates:
+            batch = self.rollout(next(batches))
+            stats = self.optimize(batch)
+            self.update += 1
+            stats.update(self.rollout_stats(batch))
+            if self.update % config.logging_steps == 0 or self.update == 1 or self.update == self.num_updates:
+                self.log(stats)
+            if config.eval_strategy == "steps" and self.eval_prompts and self.update % config.eval_steps == 0:
+                self.log(self.evaluate())
+            if config.save_strategy == "steps" and self.update % config.save_steps == 0:
+                self.save_checkpoint()
+        return {"train_runtime": time.time() - start, "episodes": self.update * self.global_batch}
+
+    def rollout_stats(self, batch):
+        """Means over all processes of what the rollout produced."""
+        per_response = torch.stack([
+            batch["scores"].float(), batch["kl"].sum(1), batch["mask"].sum(1), batch["has_stop"].float(),
+        ], dim=1)  # fmt: skip
+        means = self.accelerator.gather(per_response).mean(0).tolist()
+        score, kl, length, stop_rate = means
+        reward = score - self.config.kl_coef * kl
+        lr = self.scheduler.get_last_lr()[0]
+        return {
+            "score": score,
+            "kl": kl,
+            "reward": reward,
+            "response_length": length,
+            "stop_rate": stop_rate,
+            "lr": lr,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, prompts=None, greedy=False):
+        """Mean reward-model score and length of responses to the evaluation prompts, sampled like the rollouts
+        (the policy's expected reward) or greedy."""
+        prompts = prompts or self.eval_prompts
+        scores, lengths = [], []
+        for start in range(0, len(prompts), self.config.per_device_eval_batch_size):
+            batch = prompts[start : start + self.config.per_device_eval_batch_size]
+            queries, query_mask, responses = self.generate(batch, greedy)
+            batch_scores, mask, _ = self.score(queries, query_mask, responses)
+            scores.append(batch_scores.float())
+            lengths.append(mask.sum(1).float())
+        return {
+            "eval_score": torch.cat(scores).mean().item(),
+            "eval_response_length": torch.cat(lengths).mean().item(),
+        }
+
+    def log(self, stats):
+        entry = {**{k: round(v, 6) for k, v in stats.items()}, "step": self.update,
+                 "episode": self.update * self.global_batch}  # fmt: skip
+        self.log_history.append(entry)
+        if self.accelerator.is_main_process:
+            logger.info("update %d/%d %s", self.update, self.num_updates, json.dumps(entry))
+            if self.writer is not None:
+                for key, value in stats.items():
+                    self.writer.add_scalar(
+                        f"{'eval' if key.startswith('eval_') else 'train'}/{key}", value, self.update
+                    )
+                self.writer.flush()
+
+    def save_checkpoint(self):
+        """checkpoint-N with models, optimizer, scheduler and state; written to a temporary folder, then renamed,
+        so an interrupted save never leaves a half-written checkpoint."""
+        final = os.path.join(self.config.output_dir, f"checkpoint-{self.update}")
+        partial = final + ".partial"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            self.unwrapped.policy.save_pretrained(os.path.join(partial, "policy"))
+            self.unwrapped.critic.save_pretrained(os.path.join(partial, "critic"))
+            torch.save(self.optimizer.state_dict(), os.path.join(partial, "optimizer.pt"))
+            torch.save(self.scheduler.state_dict(), os.path.join(partial, "scheduler.pt"))
+            self.write_state(partial)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            self._rotate_checkpoints()
+        self.accelerator.wait_for_everyone()
+
+    def write_state(self, folder):
+        state = {"global_step": self.update, "max_steps": self.num_updates, "log_history": self.log_history}
+        with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=2)
+
+    def _rotate_checkpoints(self):
+        if not self.config.save_total_limit:
+            return
+        checkpoints = sorted(
+            (d for d in os.listdir(self.config.output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()),
+            key=lambda d: int(d[11:]),
+        )
+        for old in checkpoints[: -self.config.save_total_limit]:
+            shutil.rmtree(os.path.join(self.config.output_dir, old))
+
+    def load_checkpoint(self, folder):
+        from peft import PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        for name in ("policy", "critic"):
+            model, saved = getattr(self.unwrapped, name), os.path.join(folder, name)
+            if isinstance(model, PeftModel):
+                set_peft_model_state_dict(model, load_file(os.path.join(saved, "adapter_model.safetensors")))
+            else:
+                model.load_state_dict(type(model).from_pretrained(saved).state_dict())
+        self.optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+        self.scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
+        with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        self.update, self.log_history = state["global_step"], state["log_history"]
+        logger.info("Resuming from %s (update %d of %d)", folder, self.update, self.num_updates)
+
+    def save_policy(self):
+        """The final policy in output_dir: a LoRA adapter (or merged weights with --merge_policy), the tokenizer and
+        trainer_state.json; loadable by inference.py and merge_peft_adapter.py."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        policy = self.unwrapped.policy
+        if self.config.merge_policy and hasattr(policy, "merge_and_unload"):
+            policy = policy.merge_and_unload()
+        policy.save_pretrained(self.config.output_dir)
+        self.tokenizer.save_pretrained(self.config.output_dir)
+        with open(os.path.join(self.config.output_dir, "trainer_state.json"), "w", encoding="utf-8") as f:
+            json.dump({"global_step": self.update, "log_history": self.log_history}, f, indent=2)
+
+
+@contextlib.contextmanager
+def _disabled(peft_model):
+    with peft_model.disable_adapter():
+        yield peft_model

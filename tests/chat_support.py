@@ -1,0 +1,52 @@
+"""What the inference, merge, server and gradio tests share: a LoRA adapter that learned four answers by heart
+(SFT through the real entry point, ~2 s), trained once per session, and a chat engine over it."""
+
+import socket
+
+from tests.conftest import FAST_FLAGS, write_jsonl
+
+QA_PAIRS = [
+    ("感冒了怎么办？", "多休息，多喝水。"),
+    ("高血压吃什么药？", "请遵医嘱服用降压药。"),
+    ("What helps a sore throat?", "Warm water and rest."),
+    ("发烧几天要去医院？", "超过三天请就医。"),
+]
+ANSWERS = dict(QA_PAIRS)
+_cache = {}
+
+
+def qa_adapter(tmp_path_factory, tiny_model_dir):
+    """A LoRA adapter (SFT, qwen template) on the tiny model that answers QA_PAIRS exactly, greedy."""
+    if "adapter" not in _cache:
+        import supervised_finetuning
+
+        root = tmp_path_factory.mktemp("qa-sft")
+        data = write_jsonl(root / "qa.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in QA_PAIRS])
+        out = root / "outputs-sft-qwen-v1"
+        argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train"]
+        argv += ["--template_name", "qwen", "--use_peft", "True", "--lora_rank", "16", "--lora_alpha", "32"]
+        argv += ["--lora_dropout", "0", "--num_train_epochs", "60", "--learning_rate", "1e-2"]
+        argv += ["--per_device_train_batch_size", "4", "--save_strategy", "no", "--output_dir", str(out)]
+        supervised_finetuning.main([*argv, *FAST_FLAGS])
+        _cache["adapter"] = str(out)
+    return _cache["adapter"]
+
+
+def qa_engine(tmp_path_factory, tiny_model_dir):
+    """A ChatEngine over the tiny model + the QA adapter (the tokenizer's own chat template)."""
+    if "engine" not in _cache:
+        from medicalgpt.chat import ChatArguments, load_chat_engine
+
+        adapter = qa_adapter(tmp_path_factory, tiny_model_dir)
+        _cache["engine"] = load_chat_engine(ChatArguments(base_model=tiny_model_dir, lora_model=adapter))
+    return _cache["engine"]
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def user(text):
+    return [{"role": "user", "content": text}]

@@ -1,0 +1,119 @@
+"""PPO: the math on hand-computed numbers, learning on a tiny policy, the tutorial's command, torchrun, resume,
+and trl's RLOO / GRPO with the same reward model."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+import ppo_training
+import reward_modeling
+import supervised_finetuning
+from medicalgpt import ppo
+from tests.conftest import FAST_FLAGS, REPO, write_jsonl
+from tests.test_cli import run
+
+
+def test_gae_on_hand_computed_numbers():
+    rewards, values = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 1.0]])
+    advantages, returns = ppo.compute_gae(rewards, values, torch.ones(1, 2), gamma=1.0, lam=0.5)
+    # t=1: delta = 2 - 1 = 1, A1 = 1;  t=0: delta = 1 + 1 - 0.5 = 1.5, A0 = 1.5 + 0.5 * 1 = 2
+    torch.testing.assert_close(advantages, torch.tensor([[2.0, 1.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[2.5, 2.0]]))
+    advantages, returns = ppo.compute_gae(rewards, values, torch.tensor([[1.0, 0.0]]), gamma=1.0, lam=0.5)
+    torch.testing.assert_close(advantages, torch.tensor([[0.5, 0.0]]))  # padding carries no reward nor value
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 0.0]]))
+
+
+def test_rewards_are_kl_penalties_plus_the_score_on_the_last_real_token():
+    logprobs, ref_logprobs = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]])
+    rewards, kl = ppo.compute_rewards(torch.tensor([3.0]), logprobs, ref_logprobs, torch.ones(1, 2), kl_coef=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 3.0]]))
+    rewards, _ = ppo.compute_rewards(torch.tensor([3.0]), logprobs, ref_logprobs, torch.tensor([[1.0, 0.0]]), 0.1)
+    torch.testing.assert_close(rewards, torch.tensor([[2.95, 0.0]]))
+
+
+def test_policy_loss_clips_the_ratio_only_against_the_advantage():
+    new, old, mask = torch.tensor([[0.0]]), torch.tensor([[math.log(0.5)]]), torch.ones(1, 1)  # ratio 2
+    loss, clip_fraction, _ = ppo.policy_loss(new, old, torch.tensor([[1.0]]), mask, cliprange=0.2)
+    assert loss.item() == pytest.approx(-1.2) and clip_fraction.item() == 1.0
+    loss, clip_fraction, _ = ppo.policy_loss(new, old, torch.tensor([[-1.0]]), mask, cliprange=0.2)
+    assert loss.item() == pytest.approx(2.0) and clip_fraction.item() == 0.0
+
+
+def test_value_loss_takes_the_worse_of_clipped_and_unclipped():
+    loss, clip_fraction = ppo.value_loss(
+        torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), cliprange_value=0.5
+    )
+    assert loss.item() == pytest.approx(0.5 * (1.5 - 3.0) ** 2) and clip_fraction.item() == 1.0
+
+
+def test_response_mask_ends_at_the_first_stop_token():
+    responses = torch.tensor([[5, 9, 7, 9], [5, 6, 7, 8]])
+    mask, has_stop = ppo.response_mask(responses, [9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and has_stop.tolist() == [True, False]
+    assert ppo.truncate_after_stop(responses, [9], 0).tolist() == [[5, 9, 0, 0], [5, 6, 7, 8]]
+
+
+def test_whitening_gives_zero_mean_unit_variance_on_the_mask():
+    values, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    whitened = ppo.masked_whiten(values, mask)
+    torch.testing.assert_close(whitened, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4, rtol=0)
+
+
+QUESTIONS = ["头痛怎么办？", "咳嗽怎么办？", "发烧怎么办？", "胃痛怎么办？", "腰痛怎么办？", "失眠怎么办？",
+             "牙痛怎么办？", "鼻塞怎么办？", "眼睛干怎么办？", "喉咙痛怎么办？", "腹泻怎么办？", "皮疹怎么办？"]  # fmt: skip
+GOOD, BAD = "请去看医生。", "多喝热水。"
+
+
+@pytest.fixture(scope="module")
+def rlhf_setup(tiny_model_dir, tmp_path_factory):
+    """An SFT policy that answers every question either way about half the time, and a LoRA reward model that
+    prefers seeing a doctor. PPO trains on 8 of the questions and is evaluated on the 4 others."""
+    root = tmp_path_factory.mktemp("rlhf")
+    train_q, held_out_q = QUESTIONS[:8], QUESTIONS[8:]
+    sft_data = write_jsonl(root / "sft" / "train.jsonl",
+                           [{"instruction": q, "output": a} for q in QUESTIONS for a in (GOOD, BAD)])  # fmt: skip
+    ppo_prompts = write_jsonl(root / "prompts" / "train.jsonl", [{"instruction": q, "output": GOOD} for q in train_q])
+    write_jsonl(root / "prompts" / "eval" / "eval.jsonl", [{"instruction": q, "output": GOOD} for q in held_out_q * 4])
+    pairs = write_jsonl(
+        root / "rm" / "pairs.jsonl", [{"prompt": q, "chosen": GOOD, "rejected": BAD} for q in QUESTIONS]
+    )
+    sft = root / "sft-model"
+    supervised_finetuning.main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(sft_data),
+                                "--template_name", "qwen", "--do_train", "--num_train_epochs", "20",
+                                "--learning_rate", "3e-3", "--per_device_train_batch_size", "8",
+                                "--output_dir", str(sft), "--save_strategy", "no", *FAST_FLAGS])  # fmt: skip
+    rm = root / "rm-model"
+    reward_modeling.main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(pairs),
+                          "--template_name", "qwen", "--do_train", "--use_peft", "True", "--learning_rate", "5e-3",
+                          "--num_train_epochs", "8", "--per_device_train_batch_size", "4", "--output_dir", str(rm),
+                          "--save_strategy", "no", *FAST_FLAGS])  # fmt: skip
+    return {"sft": str(sft), "rm": str(rm), "train": str(ppo_prompts), "eval": str(root / "prompts" / "eval")}
+
+
+def ppo_argv(setup, output_dir, *extra):
+    return ["--sft_model_path", setup["sft"], "--reward_model_path", setup["rm"], "--template_name", "qwen",
+            "--train_file_dir", setup["train"], "--validation_file_dir", setup["eval"], "--do_train",
+            "--use_peft", "True", "--lora_rank", "16", "--output_dir", str(output_dir), "--response_length", "12",
+            "--per_device_train_batch_size", "8", "--logging_steps", "1", "--report_to", "none",
+            "--bf16", "False", "--gradient_checkpointing", "False", *extra]  # fmt: skip
+
+
+def logged(output_dir, key):
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry[key] for entry in history if key in entry]
+
+
+def test_ppo_raises_the_held_out_reward_with_bounded_kl(rlhf_setup, tmp_path):
+    out = tmp_path / "ppo"
+    ppo_training.main(ppo_argv(rlhf_setup, out, "--total_episodes", "64", "--learning_rate", "2e-3",
+                               "--missing_eos_penalty", "1.0", "--num_ppo_epochs", "2", "--eval_strategy", "steps",
+                               "--eval_steps", "4", "--eval_on_start", "True", "--save_strategy", "no"))  # fmt: skip
+    eval_scores, train_scores, kls = logged(out, "eval_score"), logged(out, "score"), logged(out, "kl")
+    print("eval score", eval_scores, "\ntrain score", train_scores, "\nkl", kls)
+    assert eval_scores[-1] > eval_scores[0] + 1.0, "the held-out mean reward rises clearly"
+    assert max(kls) < 5.0, "the policy stays near the SFT model"
