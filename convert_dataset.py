@@ -16,6 +16,7 @@ template. Any invalid record is reported as `path:line`, exit status 1, and noth
 """
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -50,18 +51,22 @@ def read_input(path: str, file_type: str, data_type: str):
             yield (line, value, problem) if problem else (line, *check_input_type(value, data_type))
 
 
-def convert(report, originals: dict, output_format: str, template) -> tuple[list[dict], list[Issue]]:
-    """The normalised records in the output format, and an error for each one that cannot be written."""
-    out, errors = [], []
-    for record in report.records:
-        line = int(record["source"].rsplit(":", 1)[1])
-        try:
-            if template is not None:
-                template.render_turns(record["messages"], record.get("system"), record.get("tools"))
-            out.append(originals[line] if output_format == "same" else WRITERS[output_format](record))
-        except ValueError as error:
-            errors.append(Issue(report.path, line, "error", "", str(error)))
-    return out, errors
+def convert(path: str, units, output_format: str, template):
+    """Validate each (line, value, problem) unit and convert it: (records, errors, warnings, kinds)."""
+    records, errors, warnings, kinds = [], [], [], collections.Counter()
+    for unit in units:
+        report = validate_units(path, [unit], "sft")
+        errors.extend(report.errors)
+        warnings.extend(report.warnings)
+        kinds.update(report.kinds)
+        for record in report.records:
+            try:
+                if template is not None:
+                    template.render_turns(record["messages"], record.get("system"), record.get("tools"))
+                records.append(unit[1] if output_format == "same" else WRITERS[output_format](record))
+            except ValueError as error:
+                errors.append(Issue(path, unit[0], "error", "", str(error)))
+    return records, errors, warnings, kinds
 
 
 def write_atomically(records: list[dict], path: str) -> None:
@@ -76,7 +81,8 @@ def write_atomically(records: list[dict], path: str) -> None:
             f.write(text)
         check = validate_file(tmp, "sft")
         if check.errors or len(check.records) != len(records):
-            raise RuntimeError(f"converted records that do not validate: {[str(e) for e in check.errors[:3]]}")  # a bug, not bad input
+            problems = [str(error) for error in check.errors[:3]]
+            raise RuntimeError(f"converted records that do not validate (a bug): {problems}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -100,14 +106,14 @@ def main(argv=None) -> int:
     if args.template_name:
         from template import get_conv_template
 
-        template = get_conv_template(args.template_name)
-    originals = {}
-    units = ((line, originals.setdefault(line, value), problem)
-             for line, value, problem in read_input(args.input_file, file_type, args.data_type))  # fmt: skip
-    report = validate_units(args.input_file, units, "sft")
-    records, write_errors = convert(report, originals, output_format, template)
-    errors = sorted(report.errors + write_errors, key=lambda issue: issue.line)
-    for issue in sorted(errors + report.warnings, key=lambda issue: issue.line):
+        try:
+            template = get_conv_template(args.template_name)
+        except ValueError as error:
+            print(f"error: {error}")
+            return 1
+    units = read_input(args.input_file, file_type, args.data_type)
+    records, errors, warnings, kinds = convert(args.input_file, units, output_format, template)
+    for issue in sorted(errors + warnings, key=lambda issue: issue.line):
         print(issue)
     if errors and not args.skip_invalid_examples:
         print(f"error: {len({e.line for e in errors})} invalid records in {args.input_file}; nothing written "
@@ -117,10 +123,10 @@ def main(argv=None) -> int:
         print(f"error: {args.input_file}: no records to convert; nothing written")
         return 1
     write_atomically(records, args.output_file)
-    kinds = ", ".join(f"{kind} {count}" for kind, count in report.kinds.most_common())
+    kinds = ", ".join(f"{kind} {count}" for kind, count in kinds.most_common())
     skipped = f", skipped {len({e.line for e in errors})} invalid" if errors else ""
     print(f"Converted {len(records)} records ({kinds}{skipped}) from {args.input_file} to {args.output_file} "
-          f"({output_format}, {len(report.warnings)} warnings)")  # fmt: skip
+          f"({output_format}, {len(warnings)} warnings)")  # fmt: skip
     return 0
 
 

@@ -57,11 +57,14 @@ def summary(report) -> str:
 
 def token_report(args, records) -> None:
     """Print length statistics (and --plot, --show) for the valid records."""
+    import transformers
+
     from medicalgpt.args import ModelArguments
     from medicalgpt.lengths import check_end_of_turn, measure, plot_lengths, record_stage, render_masks, summarize
     from medicalgpt.modeling import load_tokenizer
     from template import get_conv_template, template_from_tokenizer
 
+    transformers.utils.logging.set_verbosity_error()  # not "sequence longer than model_max_length": we count those
     tokenizer = load_tokenizer(ModelArguments(tokenizer_name_or_path=args.tokenizer))
     by_stage = {stage: [r for r in records if record_stage(r) == stage] for stage in STAGES}
     chats = by_stage["sft"] or by_stage["preference"]
@@ -69,7 +72,8 @@ def token_report(args, records) -> None:
     if chats:
         template = get_conv_template(args.template_name) if args.template_name else template_from_tokenizer(tokenizer)
         warning = check_end_of_turn(template, tokenizer)
-        print(f"warning: {warning}" if warning else f"template {template.name!r}, end of turn {template.stop_str!r}")
+        name = repr(args.template_name) if args.template_name else "the tokenizer's chat template"
+        print(f"warning: {warning}" if warning else f"template {name}, end of turn {template.stop_str!r}")
     limits = {
         "pt": "",
         "sft": f"model_max_length {args.model_max_length}" if args.model_max_length else "",
@@ -84,10 +88,9 @@ def token_report(args, records) -> None:
     if args.plot and reports:
         plot_lengths(reports, args.plot, args.model_max_length)
         print(f"histogram written to {args.plot}")
-    for stage in ("sft", "preference"):
-        shown = by_stage[stage][: max(0, args.show - len(by_stage["sft"]) if stage == "preference" else args.show)]
-        if shown:
-            print("\n".join(render_masks(shown, stage, tokenizer, template, args.model_max_length, args.system_prompt)))
+    shown = (by_stage["sft"] + by_stage["preference"])[: args.show]
+    if shown:
+        print("\n".join(render_masks(shown, tokenizer, template, args.model_max_length, args.system_prompt)))
 
 
 def main(argv=None) -> int:
@@ -114,7 +117,11 @@ def main(argv=None) -> int:
     errors, warnings = sum(len(r.errors) for r in reports), sum(len(r.warnings) for r in reports)
     print(f"total: {len(files)} files, {records} records, {turns} turns, {errors} errors, {warnings} warnings")
     if args.tokenizer:
-        token_report(args, [record for report in reports for record in report.records])
+        try:
+            token_report(args, [record for report in reports for record in report.records])
+        except (ValueError, OSError) as error:  # no such tokenizer or template, no chat template
+            print(f"error: {error}")
+            failed = True
     return 1 if failed or errors else 0
 
 

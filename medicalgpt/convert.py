@@ -58,7 +58,9 @@ def _table_record(cells: list[str], header: list[str] | None, data_type: str):
     if header is None:
         columns = {"qa": 2, "alpaca": 3}.get(data_type) or (len(cells) if len(cells) in (2, 3) else None)
         if columns is None or len(cells) != columns:
-            expected = f"{columns} columns" if columns else "2 columns (question, answer) or 3 (instruction, input, output)"
+            expected = (
+                f"{columns} columns" if columns else "2 columns (question, answer) or 3 (instruction, input, output)"
+            )
             return None, f"expected {expected}, got {len(cells)}; or give the file a header row"
         header = ["question", "answer"] if columns == 2 else ["instruction", "input", "output"]
     elif len(cells) != len(header):
@@ -108,7 +110,9 @@ def to_alpaca(record: dict) -> dict:
     Raises ValueError for tool calls or tool results, which alpaca has no place for."""
     messages = record["messages"]
     if any(message["role"] not in ("user", "assistant") for message in messages):
-        raise ValueError("alpaca has no place for tool calls or tool results: use --output_format sharegpt or messages")
+        raise ValueError(
+            "alpaca has no place for tool calls or tool results: use --output_format sharegpt or messages"
+        )
     pairs = [[query["content"], answer["content"]] for query, answer in zip(messages[::2], messages[1::2])]
     out = {"instruction": pairs[-1][0], "input": "", "output": pairs[-1][1]}
     if len(pairs) > 1:

@@ -48,7 +48,9 @@ def measure(records, stage, tokenizer, template=None, max_length=None, max_sourc
         elif stage == "sft":
             _measure_conversation(report, record, template, tokenizer, max_length, system)
         else:
-            _measure_pair(report, record, template, tokenizer, max_source or UNLIMITED, max_target or UNLIMITED, system)
+            _measure_pair(
+                report, record, template, tokenizer, max_source or UNLIMITED, max_target or UNLIMITED, system
+            )
     return report
 
 
@@ -61,7 +63,7 @@ def _measure_conversation(report, record, template, tokenizer, max_length, syste
         cut = tokenize_conversation(record, template, tokenizer, max_length, system_prompt=system)
         report.truncated += 1
         report.skipped += not cut["input_ids"]
-        report.dropped_turns += cut["dropped_turns"]
+        report.dropped_turns += cut["dropped_turns"] if cut["input_ids"] else 0
         report.lost += learned - _learned(cut["labels"])
 
 
@@ -115,10 +117,12 @@ def check_end_of_turn(template, tokenizer) -> str | None:
     )
 
 
-def render_masks(records, stage, tokenizer, template, max_length=None, system=None) -> list[str]:
-    """Each record as the model sees it, learned spans in [LEARN]...[/LEARN] (truncation applied)."""
+def render_masks(records, tokenizer, template, max_length=None, system=None) -> list[str]:
+    """Each SFT or preference record as the model sees it, learned spans in [LEARN]...[/LEARN] (SFT truncation
+    applied; preference pairs in full)."""
     shown = []
     for record in records:
+        stage = record_stage(record)
         shown.append(f"--- {record['source']} ({stage})")
         if stage == "sft":
             ids = tokenize_conversation(record, template, tokenizer, max_length, system_prompt=system)

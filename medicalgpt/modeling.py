@@ -142,13 +142,24 @@ def load_model_with_adapter(
 
 
 def merge_adapter(model, adapter_path, quantized=False):
-    from peft import PeftModel
+    """Load a LoRA adapter onto `model` and merge it. A causal-LM adapter (SFT) also fits a sequence-classification
+    model of the same backbone (reward modeling on the SFT model): only its shared weights are merged."""
+    from peft import PeftConfig, PeftModel
 
     logger.info("Loading the LoRA adapter %s onto its base model %s", adapter_path, read_adapter_base(adapter_path))
-    model = PeftModel.from_pretrained(model, adapter_path)
+    config = PeftConfig.from_pretrained(adapter_path)
+    if config.task_type == "CAUSAL_LM" and not model.can_generate():
+        config.task_type = None
+        config.modules_to_save = [
+            m for m in config.modules_to_save or [] if m not in ("lm_head", "embed_tokens")
+        ] or None
+    model = PeftModel.from_pretrained(model, adapter_path, config=config)
     if quantized:
         logger.warning("Merging %s into quantized weights: rounding makes the merge approximate.", adapter_path)
-    return model.merge_and_unload()
+    model = model.merge_and_unload()
+    for parameter in model.parameters():  # peft froze the base; a loaded model is trainable, like from_pretrained's
+        parameter.requires_grad_(parameter.is_floating_point())
+    return model
 
 
 def build_lora_config(lora_args, task_type="CAUSAL_LM"):

@@ -115,7 +115,9 @@ def round_trip_failures(base_tokenizer, tokenizer, texts: list[str]) -> list[int
         ids = tok(texts, add_special_tokens=False)["input_ids"]
         return tok.batch_decode(ids, clean_up_tokenization_spaces=False)
 
-    return [i for i, (a, b, text) in enumerate(zip(decoded(base_tokenizer), decoded(tokenizer), texts)) if a == text != b]
+    return [
+        i for i, (a, b, text) in enumerate(zip(decoded(base_tokenizer), decoded(tokenizer), texts)) if a == text != b
+    ]
 
 
 def _load_sources(tokenizer) -> tuple[dict[int, list[int]], int | None]:

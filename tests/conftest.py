@@ -42,3 +42,27 @@ def write_jsonl(path, records):
 
 def weights_of(model):
     return {name: p.detach().clone() for name, p in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def sft_adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA SFT adapter on the tiny model, as `supervised_finetuning.py` writes it (one step)."""
+    import supervised_finetuning
+
+    out = tmp_path_factory.mktemp("sft") / "outputs-sft-qwen-v1"
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(REPO / "data" / "finetune"), "--do_train"]
+    argv += ["--template_name", "qwen", "--use_peft", "True", "--max_steps", "1", "--output_dir", str(out)]
+    supervised_finetuning.main([*argv, "--max_train_samples", "8", *FAST_FLAGS])
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def rm_adapter_dir(sft_adapter_dir, tmp_path_factory):
+    """A LoRA reward-model adapter on the SFT adapter, as `reward_modeling.py` writes it (one step)."""
+    import reward_modeling
+
+    out = tmp_path_factory.mktemp("rm") / "outputs-rm-qwen-v1"
+    argv = ["--model_name_or_path", sft_adapter_dir, "--train_file_dir", str(REPO / "data" / "reward"), "--do_train"]
+    argv += ["--template_name", "qwen", "--use_peft", "True", "--max_steps", "1", "--output_dir", str(out)]
+    reward_modeling.main([*argv, "--max_train_samples", "8", *FAST_FLAGS])
+    return str(out)

@@ -530,3 +530,27 @@ def test_upstream_files_load(path):
     if "toolcall" in name:
         assert all(record["tools"] for record in report.records)
         assert any(m["role"] == "function_call" for r in report.records for m in r["messages"])
+
+
+def test_validate_units_reports_table_rows_by_the_line_they_start_on(tmp_path):
+    from medicalgpt.data import validate_units
+    from medicalgpt.readers import read_table
+
+    path = tmp_path / "qa.tsv"
+    path.write_bytes('q\ta\n"多行\n问题"\t回答\n\n坏\t'.encode() + b"\xff\n" + "第三\t\n".encode())
+    rows = list(read_table(str(path)))
+    assert rows == [
+        (1, ["q", "a"], None), (2, ["多行\n问题", "回答"], None), (5, None, "not valid UTF-8"),
+        (6, ["第三", ""], None),
+    ]  # fmt: skip
+    units = ((line, {"instruction": cells[0], "output": cells[1]} if cells else None, problem)
+             for line, cells, problem in rows[1:])  # fmt: skip
+    report = validate_units(str(path), units, "sft")
+    assert [str(e) for e in report.errors] == [
+        f"{path}:5: error: not valid UTF-8",
+        f"{path}:6: error: output: no assistant content to learn from",
+    ]
+    assert report.records == [
+        {"messages": [{"role": "user", "content": "多行\n问题"}, {"role": "assistant", "content": "回答"}],
+         "system": None, "tools": None, "source": f"{path}:2"}
+    ]  # fmt: skip

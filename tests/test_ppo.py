@@ -117,3 +117,73 @@ def test_ppo_raises_the_held_out_reward_with_bounded_kl(rlhf_setup, tmp_path):
     print("eval score", eval_scores, "\ntrain score", train_scores, "\nkl", kls)
     assert eval_scores[-1] > eval_scores[0] + 1.0, "the held-out mean reward rises clearly"
     assert max(kls) < 5.0, "the policy stays near the SFT model"
+
+
+def tutorial_ppo_argv(sft, rm, output_dir):
+    """The tutorial's PPO command with local adapter directories, few episodes and short responses."""
+    return [
+        "--sft_model_path", sft, "--reward_model_path", rm, "--template_name", "qwen", "--torch_dtype", "bfloat16",
+        "--train_file_dir", str(REPO / "data" / "finetune"), "--validation_file_dir", str(REPO / "data" / "finetune"),
+        "--max_source_length", "1024", "--response_length", "16", "--per_device_train_batch_size", "1",
+        "--gradient_accumulation_steps", "4", "--gradient_checkpointing", "True", "--do_train",
+        "--total_episodes", "8", "--output_dir", str(output_dir), "--missing_eos_penalty", "1.0",
+        "--eval_strategy", "steps", "--eval_steps", "100", "--num_train_epochs", "3", "--report_to", "tensorboard",
+    ]  # fmt: skip
+
+
+def test_tutorial_ppo_command_saves_a_policy_that_loads(sft_adapter_dir, rm_adapter_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "outputs-ppo-qwen-v1"
+    ppo_training.main(tutorial_ppo_argv(sft_adapter_dir, rm_adapter_dir, out))
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2  # 8 episodes / (1 x 4 per update)
+    assert {"score", "kl", "entropy", "policy_loss", "value_loss", "clip_fraction", "response_length"} <= set(
+        state["log_history"][0]
+    )
+    assert list((out / "runs").rglob("events.out.tfevents.*"))
+    policy = AutoModelForCausalLM.from_pretrained(out)  # no --use_peft: full weights
+    sft_merged = ppo_training.load_model(ppo_training.ModelArguments(model_name_or_path=sft_adapter_dir))
+    changed = [
+        n for n, p in policy.named_parameters() if not torch.equal(p.float(), sft_merged.state_dict()[n].float())
+    ]
+    assert changed, "PPO must change the policy's weights"
+
+
+def test_ppo_under_torchrun_halves_the_updates(rlhf_setup, tmp_path):
+    updates = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"ppo-{nproc}"
+        argv = ppo_argv(rlhf_setup, out, "--total_episodes", "16", "--num_ppo_epochs", "1", "--save_strategy", "no")
+        argv[argv.index("--per_device_train_batch_size") + 1] = "4"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        result = run([*launcher, "--master_port", str(29700 + nproc), "ppo_training.py", *argv])
+        assert result.returncode == 0, result.stderr[-3000:]
+        updates[nproc] = json.loads((out / "trainer_state.json").read_text())["global_step"]
+    assert updates == {1: 4, 2: 2}
+
+
+def test_ppo_resumes_from_its_last_checkpoint(rlhf_setup, tmp_path):
+    out = tmp_path / "ppo"
+    common = ["--num_ppo_epochs", "1", "--save_strategy", "steps", "--save_steps", "1"]
+    ppo_training.main(ppo_argv(rlhf_setup, out, "--total_episodes", "16", *common))
+    assert (out / "checkpoint-2" / "policy" / "adapter_model.safetensors").exists()
+    assert not list(out.glob("*.partial"))
+    first_run = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    ppo_training.main(ppo_argv(rlhf_setup, out, "--total_episodes", "24", *common))
+    resumed = json.loads((out / "trainer_state.json").read_text())
+    assert resumed["global_step"] == 3
+    assert resumed["log_history"][: len(first_run)] == first_run
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_critic_free_modes_use_the_same_reward_model(algorithm, rlhf_setup, tmp_path):
+    out = tmp_path / algorithm
+    argv = ppo_argv(rlhf_setup, out, "--rl_algorithm", algorithm, "--max_steps", "2", "--num_generations", "4",
+                    "--save_strategy", "no", "--missing_eos_penalty", "1.0")  # fmt: skip
+    argv[argv.index("--per_device_train_batch_size") + 1] = "4"
+    ppo_training.main(argv)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    rewards = [entry["rewards/reward_model/mean"] for entry in history if "rewards/reward_model/mean" in entry]
+    assert rewards and all(-2.0 < r < 5.0 for r in rewards)
+    assert (out / "adapter_config.json").exists()

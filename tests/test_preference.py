@@ -54,15 +54,6 @@ def doctor_data(tmp_path_factory):
     return train.parent, held_out.parent
 
 
-@pytest.fixture(scope="module")
-def sft_adapter(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft") / "outputs-sft-qwen-v1"
-    argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(REPO / "data" / "finetune"), "--do_train"]
-    argv += ["--template_name", "qwen", "--use_peft", "True", "--max_steps", "1", "--output_dir", str(out)]
-    supervised_finetuning.main([*argv, "--max_train_samples", "8", *FAST_FLAGS])
-    return str(out)
-
-
 def test_pair_tokens_follow_the_template_and_end_with_the_stop_token(tiny_tokenizer):
     out = tokenize_preference(RECORD, get_conv_template("qwen"), tiny_tokenizer, 1024, 512)
     official = tiny_tokenizer.apply_chat_template(
@@ -110,26 +101,26 @@ def tutorial_argv(stage, model_dir, data_dir, output_dir):
     return common + extra
 
 
-def test_tutorial_rm_command(tiny_model_dir, sft_adapter, tmp_path):
+def test_tutorial_rm_command(tiny_model_dir, sft_adapter_dir, tmp_path):
     from peft import PeftConfig
 
     out = tmp_path / "outputs-rm-qwen-v1"
-    reward_modeling.main(tutorial_argv("rm", sft_adapter, str(REPO / "data" / "reward"), str(out)))
+    reward_modeling.main(tutorial_argv("rm", sft_adapter_dir, str(REPO / "data" / "reward"), str(out)))
     assert global_step(out) == 2
     config = PeftConfig.from_pretrained(out)
-    assert config.task_type == "SEQ_CLS" and config.base_model_name_or_path == sft_adapter
+    assert config.task_type == "SEQ_CLS" and config.base_model_name_or_path == sft_adapter_dir
     from safetensors.torch import load_file
 
     assert any("score" in name for name in load_file(out / "adapter_model.safetensors")), "the head is saved"
 
 
 @pytest.mark.parametrize("stage", ["dpo", "orpo"])
-def test_tutorial_dpo_and_orpo_commands_start_from_the_sft_adapter(stage, sft_adapter, tmp_path):
+def test_tutorial_dpo_and_orpo_commands_start_from_the_sft_adapter(stage, sft_adapter_dir, tmp_path):
     out = tmp_path / f"outputs-{stage}-qwen-v1"
     main = dpo_training.main if stage == "dpo" else orpo_training.main
-    main(tutorial_argv(stage, sft_adapter, str(REPO / "data" / "reward"), str(out)))
+    main(tutorial_argv(stage, sft_adapter_dir, str(REPO / "data" / "reward"), str(out)))
     assert global_step(out) == 2
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == sft_adapter
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == sft_adapter_dir
     assert (out / "eval_results.json").exists()
 
 
