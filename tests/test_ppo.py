@@ -64,8 +64,7 @@ def test_whitening_gives_zero_mean_unit_variance_on_the_mask():
     torch.testing.assert_close(whitened, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4, rtol=0)
 
 
-QUESTIONS = ["头痛怎么办？", "咳嗽怎么办？", "发烧怎么办？", "胃痛怎么办？", "腰痛怎么办？", "失眠怎么办？",
-             "牙痛怎么办？", "鼻塞怎么办？", "眼睛干怎么办？", "喉咙痛怎么办？", "腹泻怎么办？", "皮疹怎么办？"]  # fmt: skip
+QUESTIONS = [f"{symptom}怎么办？" for symptom in "头痛 咳嗽 发烧 胃痛 腰痛 失眠 牙痛 鼻塞 眼睛干 喉咙痛 腹泻 皮疹".split()]
 GOOD, BAD = "请去看医生。", "多喝热水。"
 
 

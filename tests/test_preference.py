@@ -10,7 +10,6 @@ import torch
 import dpo_training
 import orpo_training
 import reward_modeling
-import supervised_finetuning
 from medicalgpt.data import DataValidationError
 from medicalgpt.preprocess import tokenize_preference
 from template import get_conv_template
