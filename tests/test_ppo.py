@@ -64,7 +64,8 @@ def test_whitening_gives_zero_mean_unit_variance_on_the_mask():
     torch.testing.assert_close(whitened, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4, rtol=0)
 
 
-QUESTIONS = [f"{symptom}怎么办？" for symptom in "头痛 咳嗽 发烧 胃痛 腰痛 失眠 牙痛 鼻塞 眼睛干 喉咙痛 腹泻 皮疹".split()]
+SYMPTOMS = "头痛 咳嗽 发烧 胃痛 腰痛 失眠 牙痛 鼻塞 眼睛干 喉咙痛 腹泻 皮疹"
+QUESTIONS = [f"{symptom}怎么办？" for symptom in SYMPTOMS.split()]
 GOOD, BAD = "请去看医生。", "多喝热水。"
 
 
