@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
-from transformers import GenerationConfig, TrainingArguments, get_scheduler
+from transformers import GenerationConfig, TrainingArguments, get_scheduler, set_seed
 
 from medicalgpt import ppo
 
@@ -97,6 +97,7 @@ class PPOTrainer:
         self.config, self.tokenizer, self.stop_token_ids = config, tokenizer, stop_token_ids
         self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
         self.ref_policy, self.reward_model = ref_policy, reward_model
+        set_seed(config.seed)
         mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
         self.accelerator = Accelerator(
             cpu=config.use_cpu, mixed_precision=mixed, gradient_accumulation_steps=config.gradient_accumulation_steps
