@@ -25,25 +25,24 @@ tiny-model: $(TINY_MODEL)/config.json
 $(TINY_MODEL)/config.json: $(VENV)/.installed medicalgpt/tiny_model.py
 	$(PY) -m medicalgpt.tiny_model --output_dir $(TINY_MODEL)
 
-# Continued pretraining then SFT of the tiny model on the sample data, on CPU, in a few minutes.
+# The whole chain on the tiny model and the sample data, on CPU, in a few minutes: PT, merge, SFT, RM, PPO, DPO,
+# ORPO, merge, batch inference; then a summary table and a loss-curve PNG per stage.
+QUICK := --torch_dtype float32 --bf16 False --gradient_checkpointing False --gradient_accumulation_steps 1 \
+	--preprocessing_num_workers 1 --logging_steps 2 --eval_steps 10 --learning_rate 2e-3
 quickstart: tiny-model
-	$(PY) pretraining.py --model_name_or_path $(TINY_MODEL) \
-		--train_file_dir data/pretrain --validation_file_dir data/pretrain \
-		--do_train --do_eval --eval_on_start True --eval_strategy epoch --max_eval_samples 20 \
-		--block_size 256 --per_device_train_batch_size 8 --num_train_epochs 3 \
-		--learning_rate 2e-3 --warmup_ratio 0.05 --logging_steps 5 --logging_first_step True \
-		--save_strategy epoch --save_total_limit 1 --report_to tensorboard \
-		--output_dir $(QUICKSTART)-pt --overwrite_output_dir
-	$(PY) supervised_finetuning.py --model_name_or_path $(QUICKSTART)-pt --template_name qwen \
-		--train_file_dir data/finetune --validation_file_dir data/finetune \
-		--do_train --do_eval --eval_on_start True --eval_strategy epoch --max_eval_samples 20 \
-		--use_peft True --target_modules all --lora_rank 16 --lora_alpha 32 \
-		--model_max_length 512 --per_device_train_batch_size 8 --num_train_epochs 3 \
-		--learning_rate 2e-3 --warmup_ratio 0.05 --logging_steps 5 --logging_first_step True \
-		--bf16 False --gradient_checkpointing False \
-		--save_strategy epoch --save_total_limit 1 --report_to tensorboard \
-		--output_dir $(QUICKSTART)-sft --overwrite_output_dir
-	$(PY) -m medicalgpt.summary $(QUICKSTART)-pt $(QUICKSTART)-sft
+	rm -rf $(QUICKSTART)
+	mkdir -p $(QUICKSTART)
+	PYTHON=$(abspath $(PY)) MODEL=$(TINY_MODEL) PREFIX=$(QUICKSTART)/ ORPO=1 SUMMARY=1 \
+	EXTRA_ARGS="$(QUICK)" \
+	EXTRA_ARGS_PT="--max_steps 30 --block_size 128" \
+	EXTRA_ARGS_SFT="--max_steps 40 --model_max_length 512 --flash_attn False" \
+	EXTRA_ARGS_RM="--max_steps 20" \
+	EXTRA_ARGS_PPO="--total_episodes 48 --response_length 32 --per_device_train_batch_size 4 --use_peft True \
+		--learning_rate 1e-3 --eval_steps 4 --max_eval_samples 8 --logging_steps 1" \
+	EXTRA_ARGS_DPO="--max_steps 20" \
+	EXTRA_ARGS_ORPO="--max_steps 20 --orpo_beta 1.0" \
+	bash run_pipeline.sh
+	@echo "Outputs and loss curves are in $(QUICKSTART)/"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -53,4 +52,4 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(QUICKSTART)-* models/tiny-qwen
+	rm -rf $(QUICKSTART) models/tiny-qwen

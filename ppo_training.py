@@ -24,7 +24,6 @@ import os
 import sys
 
 from transformers import AutoModelForSequenceClassification
-from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, RLArguments
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
@@ -43,7 +42,6 @@ from medicalgpt.training import (
 )
 
 logger = logging.getLogger("medicalgpt")
-CONFIGS = {"ppo": PPOConfig, "rloo": RLOOConfig, "grpo": GRPOConfig}
 
 
 def requested_algorithm(argv):
@@ -54,6 +52,19 @@ def requested_algorithm(argv):
         if arg.startswith("--rl_algorithm="):
             return arg.split("=", 1)[1]
     return "ppo"
+
+
+def config_class(algorithm):
+    """The config of the requested trainer (trl's critic-free ones are imported only when asked for)."""
+    if algorithm == "rloo":
+        from trl import RLOOConfig
+
+        return RLOOConfig
+    if algorithm == "grpo":
+        from trl import GRPOConfig
+
+        return GRPOConfig
+    return PPOConfig
 
 
 def load_reward_model(model_args, rl_args, tokenizer):
@@ -71,7 +82,7 @@ def frozen(model):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     config, model_args, data_args, lora_args, rl_args = parse_args(
-        CONFIGS.get(requested_algorithm(argv), PPOConfig), ModelArguments, DataArguments, LoraArguments, RLArguments,
+        config_class(requested_algorithm(argv)), ModelArguments, DataArguments, LoraArguments, RLArguments,
         argv=argv,
     )  # fmt: skip
     setup_logging(config)
@@ -116,6 +127,7 @@ def run_ppo(config, model_args, lora_args, rl_args, tokenizer, prompts, stops):
 def run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, stops):
     """RLOO or GRPO through trl, scored by the same reward model (and the same missing-stop penalty)."""
     from datasets import Dataset
+    from trl import GRPOTrainer, RLOOTrainer
 
     config.max_completion_length = rl_args.response_length
     if rl_args.total_episodes:

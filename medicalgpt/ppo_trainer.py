@@ -106,7 +106,9 @@ class PPOTrainer:
         self.local_batch *= config.num_mini_batches
         self.global_batch = self.local_batch * self.accelerator.num_processes
         episodes = config.total_episodes or int(config.num_train_epochs * len(train_prompts))
-        self.num_updates = max(1, math.ceil(episodes / self.global_batch))
+        self.num_updates = (
+            config.max_steps if config.max_steps > 0 else max(1, math.ceil(episodes / self.global_batch))
+        )
         for model in (policy, critic, ref_policy, reward_model):
             if model is not None:
                 disable_dropout(model)
