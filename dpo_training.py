@@ -20,7 +20,14 @@ from medicalgpt.alignment import PreTokenizedDPOTrainer
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
-from medicalgpt.training import find_resume_checkpoint, prepare_args, prepare_preference_data, run_cli, setup_logging
+from medicalgpt.training import (
+    find_resume_checkpoint,
+    prepare_args,
+    prepare_preference_data,
+    run_cli,
+    setup_logging,
+    with_atomic_checkpoints,
+)
 
 logger = logging.getLogger("medicalgpt")
 
@@ -37,7 +44,7 @@ def main(argv=None):
 
     model = wrap_with_lora(load_model(model_args), lora_args, training_args, model_args.model_name_or_path)
     reference = None if lora_args.use_peft or lora_args.peft_path else load_model(model_args)
-    trainer = PreTokenizedDPOTrainer(
+    trainer = with_atomic_checkpoints(PreTokenizedDPOTrainer)(
         model=model,
         ref_model=reference,
         args=training_args,

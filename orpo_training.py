@@ -20,7 +20,14 @@ from medicalgpt.alignment import PreTokenizedORPOTrainer
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
-from medicalgpt.training import find_resume_checkpoint, prepare_args, prepare_preference_data, run_cli, setup_logging
+from medicalgpt.training import (
+    find_resume_checkpoint,
+    prepare_args,
+    prepare_preference_data,
+    run_cli,
+    setup_logging,
+    with_atomic_checkpoints,
+)
 
 logger = logging.getLogger("medicalgpt")
 
@@ -42,7 +49,7 @@ def main(argv=None):
     train_dataset, eval_dataset = prepare_preference_data(data_args, training_args, pref_args, tokenizer)
 
     model = wrap_with_lora(load_model(model_args), lora_args, training_args, model_args.model_name_or_path)
-    trainer = PreTokenizedORPOTrainer(
+    trainer = with_atomic_checkpoints(PreTokenizedORPOTrainer)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,

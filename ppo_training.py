@@ -39,6 +39,7 @@ from medicalgpt.training import (
     prepare_args,
     run_cli,
     setup_logging,
+    with_atomic_checkpoints,
 )
 
 logger = logging.getLogger("medicalgpt")
@@ -137,7 +138,7 @@ def run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, 
     scorer = RewardModelScorer(frozen(load_reward_model(model_args, rl_args, tokenizer)), tokenizer, stops,
                                rl_args.missing_eos_penalty)  # fmt: skip
     datasets = [Dataset.from_dict({"prompt": tokenizer.batch_decode(p)}) if p else None for p in prompts]
-    trainer_class = RLOOTrainer if rl_args.rl_algorithm == "rloo" else GRPOTrainer
+    trainer_class = with_atomic_checkpoints(RLOOTrainer if rl_args.rl_algorithm == "rloo" else GRPOTrainer)
     trainer = trainer_class(model=policy, reward_funcs=scorer, args=config, train_dataset=datasets[0],
                             eval_dataset=datasets[1], processing_class=tokenizer)  # fmt: skip
     if config.do_train:

@@ -24,7 +24,14 @@ from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, Prefer
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
 from medicalgpt.preprocess import to_reward_features
-from medicalgpt.training import find_resume_checkpoint, prepare_args, prepare_preference_data, run_cli, setup_logging
+from medicalgpt.training import (
+    find_resume_checkpoint,
+    prepare_args,
+    prepare_preference_data,
+    run_cli,
+    setup_logging,
+    with_atomic_checkpoints,
+)
 
 logger = logging.getLogger("medicalgpt")
 
@@ -45,7 +52,7 @@ def main(argv=None):
     model = load_model(model_args, model_class=AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = wrap_with_lora(model, lora_args, training_args, model_args.model_name_or_path, task_type="SEQ_CLS")
-    trainer = RewardTrainer(
+    trainer = with_atomic_checkpoints(RewardTrainer)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,

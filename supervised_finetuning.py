@@ -33,6 +33,7 @@ from medicalgpt.training import (
     run_cli,
     setup_logging,
     to_dataset,
+    with_atomic_checkpoints,
 )
 from medicalgpt.vocab import resize_embeddings_for_tokenizer
 
@@ -67,7 +68,7 @@ def main(argv=None):
     model = load_model(model_args)
     resize_embeddings_for_tokenizer(model, tokenizer)  # a tokenizer from build_domain_tokenizer.py
     model = wrap_with_lora(model, lora_args, training_args, base_path=model_args.model_name_or_path)
-    trainer = SFTTrainer(
+    trainer = with_atomic_checkpoints(SFTTrainer)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,

@@ -2,11 +2,12 @@
 
 import logging
 import os
+import shutil
 import sys
 
 import datasets
 import transformers
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from medicalgpt.data import DataValidationError, find_data_files, load_records
 
@@ -138,3 +139,30 @@ def prepare_preference_data(data_args, training_args, pref_args, tokenizer):
             )
             for split, records in (("train", train_records), ("eval", eval_records))
         )  # fmt: skip
+
+
+def with_atomic_checkpoints(trainer_class):
+    """`trainer_class` whose checkpoints appear whole or not at all: each is written into output_dir/.partial and
+    renamed into place once complete, so a run killed while saving (SIGKILL, OOM) resumes from the previous one."""
+
+    class AtomicCheckpointTrainer(trainer_class):
+        def _save_checkpoint(self, model, trial):
+            output_dir = self.args.output_dir
+            staging = os.path.join(output_dir, ".partial")
+            name = f"checkpoint-{self.state.global_step}"
+            if self.args.should_save:
+                shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
+            self.args.output_dir = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = output_dir
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+                os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+                rotate_checkpoints(output_dir, self.args.save_total_limit, self.state.best_model_checkpoint, True)
+            self.accelerator.wait_for_everyone()
+
+    AtomicCheckpointTrainer.__name__ = trainer_class.__name__
+    return AtomicCheckpointTrainer
