@@ -352,11 +352,11 @@ class PPOTrainer:
         so an interrupted save never leaves a half-written checkpoint."""
         final = os.path.join(self.config.output_dir, f"checkpoint-{self.update}")
         partial = final + ".partial"
-        self.accelerator.wait_for_everyone()
+        state = self.gathered_state()
         if self.accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-            self.unwrapped.policy.save_pretrained(os.path.join(partial, "policy"))
-            self.unwrapped.critic.save_pretrained(os.path.join(partial, "critic"))
+            for name in ("policy", "critic"):
+                getattr(self.unwrapped, name).save_pretrained(os.path.join(partial, name), state_dict=state[name])
             torch.save(self.optimizer.state_dict(), os.path.join(partial, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(partial, "scheduler.pt"))
             self.write_state(partial)
@@ -364,6 +364,14 @@ class PPOTrainer:
             os.replace(partial, final)
             self._rotate_checkpoints()
         self.accelerator.wait_for_everyone()
+
+    def gathered_state(self):
+        """Full policy and critic state dicts (collective: under DeepSpeed ZeRO-3 every rank must call it, and the
+        shards are gathered; saving from rank 0 alone would hang or write empty tensors)."""
+        self.accelerator.wait_for_everyone()
+        state = self.accelerator.get_state_dict(self.model)
+        return {name: {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
+                for name in ("policy", "critic")}  # fmt: skip
 
     def write_state(self, folder):
         state = {"global_step": self.update, "max_steps": self.num_updates, "log_history": self.log_history}
@@ -400,13 +408,13 @@ class PPOTrainer:
     def save_policy(self):
         """The final policy in output_dir: a LoRA adapter (or merged weights with --merge_policy), the tokenizer and
         trainer_state.json; loadable by inference.py and merge_peft_adapter.py."""
-        self.accelerator.wait_for_everyone()
+        state = self.gathered_state()["policy"]
         if not self.accelerator.is_main_process:
             return
         policy = self.unwrapped.policy
-        if self.config.merge_policy and hasattr(policy, "merge_and_unload"):
-            policy = policy.merge_and_unload()
-        policy.save_pretrained(self.config.output_dir)
+        if self.config.merge_policy and hasattr(policy, "merge_and_unload") and not self.config.deepspeed:
+            policy, state = policy.merge_and_unload(), None
+        policy.save_pretrained(self.config.output_dir, state_dict=state)
         self.tokenizer.save_pretrained(self.config.output_dir)
         with open(os.path.join(self.config.output_dir, "trainer_state.json"), "w", encoding="utf-8") as f:
             json.dump({"global_step": self.update, "log_history": self.log_history}, f, indent=2)
