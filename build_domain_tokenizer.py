@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 
-from medicalgpt.data import DataValidationError, load_records
+from medicalgpt.data import load_records
 from medicalgpt.vocab import (
     INIT_FILE,
     extend_tokenizer,
@@ -89,13 +89,14 @@ def main(argv=None) -> int:
         lines = f.read().splitlines()
     kind = args.domain_file_type
     if kind == "auto":
-        kind = "vocab" if args.domain_file_path.endswith(".txt") and looks_like_vocabulary(lines) else "corpus"
+        is_json = args.domain_file_path.endswith((".json", ".jsonl"))
+        kind = "vocab" if not is_json and looks_like_vocabulary(lines) else "corpus"
     if kind == "vocab":
         terms, limit, corpus = read_vocabulary(args.domain_file_path), None, []
     else:
         corpus = read_texts(args.domain_file_path)
         terms, limit = learn_terms(corpus, args.vocab_size, args.min_frequency), args.vocab_size
-    added, single = extend_tokenizer(tokenizer, terms, limit)
+    added, single, broken = extend_tokenizer(tokenizer, terms, limit)
     not_single = [t for t, ids in zip(added, tokenizer(added, add_special_tokens=False)["input_ids"]) if len(ids) != 1]
     texts = [text for path in args.eval_file for text in read_texts(path)] or corpus or terms
     failures = round_trip_failures(base, tokenizer, texts + added)
@@ -107,8 +108,9 @@ def main(argv=None) -> int:
         return 1
     save_atomically(tokenizer, token_sources(tokenizer, base, added), args.output_dir)
     print(f"{args.domain_file_path}: {kind}, {len(terms)} {'terms' if kind == 'vocab' else 'learned pieces'}; "
-          f"{single} already one token; added {len(added)} "
-          f"tokens: {len(base)} -> {len(tokenizer)}")  # fmt: skip
+          f"{single} already one token; added {len(added)} tokens: {len(base)} -> {len(tokenizer)}")  # fmt: skip
+    if broken:
+        print(f"left out {len(broken)} terms that would not decode back as added tokens: {broken[:10]}")
     print(f"tokens per character on {len(texts)} texts ({', '.join(args.eval_file) or args.domain_file_path}): "
           f"{tokens_per_char(base, texts):.4f} -> {tokens_per_char(tokenizer, texts):.4f}")  # fmt: skip
     print(f"Extended tokenizer written to {args.output_dir}")
@@ -118,6 +120,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (DataValidationError, OSError) as error:
+    except (ValueError, OSError) as error:  # DataValidationError included
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -115,28 +115,40 @@ def load_model(model_args, path=None, model_class=AutoModelForCausalLM, **model_
     else:
         model = model_class.from_pretrained(adapter_base or path, **kwargs)
     if adapter_base:
+        fit_embeddings_to_adapter_tokenizer(model, path, model_args)
         model = merge_adapter(model, path, quantized=kwargs["quantization_config"] is not None)
     return model
 
 
+def fit_embeddings_to_adapter_tokenizer(model, adapter_path, model_args):
+    """An adapter trained after a vocabulary extension (build_domain_tokenizer.py) saved its larger tokenizer: grow
+    the base model's embeddings to it, new rows initialised as training initialised them, before merging."""
+    if not os.path.isfile(os.path.join(adapter_path, "tokenizer_config.json")):
+        return
+    from medicalgpt.vocab import resize_embeddings_for_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=model_args.trust_remote_code)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        resize_embeddings_for_tokenizer(model, tokenizer)
+
+
 def load_model_with_adapter(
-    model_args, adapter_path, model_class=AutoModelForCausalLM, resize_to=None, min_vocab=None, **model_kwargs
+    model_args, adapter_path, model_class=AutoModelForCausalLM, tokenizer=None, **model_kwargs
 ):
     """`--base_model X --lora_model Y`: load X (--model_name_or_path) and merge adapter Y onto it. When Y was trained
     on another adapter directory (SFT adapter -> DPO adapter), that one is merged first, onto X as well.
 
-    The embeddings are resized to `resize_to` rows (upstream's --resize_emb), or grown to `min_vocab` rows when the
-    tokenizer outgrew them (a vocabulary extension), before the adapter's weights are loaded."""
+    With `tokenizer`, the base model's embeddings first grow to fit it, new rows initialised exactly as the training
+    scripts initialised them (medicalgpt.vocab), so an adapter trained after a vocabulary extension fits."""
     inner = read_adapter_base(adapter_path)
     if inner and read_adapter_base(inner):
-        model = load_model_with_adapter(model_args, inner, model_class, resize_to, min_vocab, **model_kwargs)
+        model = load_model_with_adapter(model_args, inner, model_class, tokenizer, **model_kwargs)
     else:
         model = load_model(model_args, model_class=model_class, **model_kwargs)
-        rows = model.get_input_embeddings().weight.shape[0]
-        target = resize_to or (min_vocab if min_vocab and min_vocab > rows else None)
-        if target and target != rows:
-            logger.info("Resizing the embeddings from %d to %d rows to fit the tokenizer", rows, target)
-            model.resize_token_embeddings(target)
+        if tokenizer is not None:
+            from medicalgpt.vocab import resize_embeddings_for_tokenizer
+
+            resize_embeddings_for_tokenizer(model, tokenizer)
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
     return merge_adapter(model, adapter_path, quantized=quantized)
 
@@ -166,13 +178,16 @@ def build_lora_config(lora_args, task_type="CAUSAL_LM"):
     from peft import LoraConfig
 
     target_modules = lora_args.target_modules.strip()
+    modules_to_save = split_names(lora_args.modules_to_save)
     return LoraConfig(
         task_type=task_type,
+        # Qwen's small models tie embed_tokens and lm_head: train and save them as one matrix, as they are.
+        ensure_weight_tying=bool(set(modules_to_save or []) & {"embed_tokens", "lm_head"}),
         r=lora_args.lora_rank,
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
         target_modules="all-linear" if target_modules == "all" else split_names(target_modules),
-        modules_to_save=split_names(lora_args.modules_to_save),
+        modules_to_save=modules_to_save,
     )
 
 

@@ -120,6 +120,7 @@ def read_table(path: str, delimiter: str | None = None):
         first = text.split("\n", 1)[0]
         delimiter = TABLE_DELIMITERS.get(os.path.splitext(path)[1].lower(), ",")
         delimiter = "\t" if "\t" in first and "," not in first else delimiter
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long answers: the default cell limit is 128 KiB
     reader, previous = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True), 0
     while True:
         try:

@@ -17,6 +17,7 @@ extended elsewhere) gets the mean of all the base rows.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -69,9 +70,10 @@ def learn_terms(texts: list[str], max_terms: int, min_frequency: int = 5) -> lis
     return [piece for piece, _ in pieces if len(piece) > 1 and piece.isalpha()]
 
 
-def extend_tokenizer(tokenizer, terms: list[str], limit: int | None = None) -> tuple[list[str], int]:
-    """Add the terms that are not one token yet (at most `limit`) as added tokens; (added terms, terms skipped
-    because they already are one token)."""
+def extend_tokenizer(tokenizer, terms: list[str], limit: int | None = None) -> tuple[list[str], int, list[str]]:
+    """Add the terms that are not one token yet (at most `limit`) as added tokens. Returns (added terms, how many
+    already were one token, terms left out because they would not decode back: a byte-level decoder turns an added
+    token made only of its byte alphabet, such as 'és', into raw bytes)."""
     from tokenizers import AddedToken
 
     lengths = tokenizer(terms, add_special_tokens=False)["input_ids"] if terms else []
@@ -84,9 +86,13 @@ def extend_tokenizer(tokenizer, terms: list[str], limit: int | None = None) -> t
             single += 1  # an English word the tokenizer holds with its leading space: adding it would split that
         else:
             new.append(term)
-    new = new[:limit] if limit else new
+    trial = copy.deepcopy(tokenizer)
+    trial.add_tokens([AddedToken(term, normalized=True, special=False) for term in new])
+    decoded = trial.batch_decode([[trial.convert_tokens_to_ids(term)] for term in new])
+    broken = [term for term, text in zip(new, decoded) if text != term]
+    new = [term for term, text in zip(new, decoded) if text == term][:limit]
     tokenizer.add_tokens([AddedToken(term, normalized=True, special=False) for term in new])
-    return new, single
+    return new, single, broken
 
 
 def token_sources(tokenizer, base_tokenizer, terms: list[str]) -> dict:

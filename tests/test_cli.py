@@ -1,6 +1,7 @@
 """The scripts as a user runs them: real processes, exit codes, torchrun data parallel, resuming."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -80,7 +81,7 @@ def test_torchrun_two_processes_halve_the_optimizer_steps(script, tiny_model_dir
         assert result.returncode == 0, result.stderr[-3000:]
         steps[nproc] = global_step(out)
     # Ranks that each trained alone would take as many steps as one process: halving proves one DDP group.
-    assert steps[2] * 2 == steps[1]
+    assert steps[1] >= 4 and steps[2] == math.ceil(steps[1] / 2)
 
 
 def test_rerun_resumes_from_the_last_checkpoint(tiny_model_dir, tmp_path):

@@ -189,6 +189,27 @@ def test_validate_jsonl_preference_lengths_and_flag_checks(tiny_model_dir, tmp_p
         validate_jsonl.main([str(data), "--show", "2"])  # --show needs --tokenizer
 
 
+UPSTREAM = REPO.parent / "shared" / "data" / "upstream"
+
+
+@pytest.mark.skipif(not UPSTREAM.is_dir(), reason="upstream MedicalGPT data not on this machine")
+def test_upstream_files_validate_and_tool_calls_tokenise(tiny_model_dir, capsys):
+    sft, reward = UPSTREAM / "sft", UPSTREAM / "reward"
+    assert validate_jsonl.main([str(sft), str(reward), "--quiet"]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{sft}/sharegpt_zh_1K_format.jsonl:781: error: conversations: no assistant content to learn from",
+        "total: 5 files, 2810 records, 13654 turns, 1 errors, 25 warnings",
+    ]  # the one record with nothing to learn: a lone user turn
+    tool_files = [str(sft / "glaive_toolcall_zh_demo.jsonl"), str(reward / "toolcall_dpo_zh_demo.jsonl")]
+    assert (
+        validate_jsonl.main([*tool_files, "--tokenizer", tiny_model_dir, "--template_name", "qwen", "--show", "1"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "sft token lengths over 300 records" in out and "preference token lengths over 11 records" in out
+    assert '<|im_start|>assistant\n[LEARN]<tool_call>\n{"name": "generate_invoice"' in out
+
+
 def build_tokenizer_argv(model_dir, output_dir, domain=VOCAB, *extra):
     """The tutorial's vocabulary command, the base tokenizer pointed at the tiny model."""
     return ["--base_tokenizer_path", model_dir, "--domain_file_path", str(domain), "--output_dir", str(output_dir),
@@ -219,6 +240,18 @@ def test_tutorial_vocabulary_command_makes_each_term_one_token(tiny_model_dir, t
     sources = json.loads((out / INIT_FILE).read_text(encoding="utf-8"))
     entry = sources["tokens"][0]
     assert entry["id"] == len(tiny_tokenizer) and entry["base_ids"] == tiny_tokenizer.encode(entry["token"])
+
+
+def test_vocabulary_file_forms_and_terms_left_out(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+    vocab = tmp_path / "terms.vocab.txt"  # a SentencePiece .vocab file: piece<TAB>score
+    vocab.write_text("<unk>\t0\n\u2581冠心病\t-1\n心肌梗死\t-2\n心肌梗死\n\nés\t-3\n", encoding="utf-8")
+    out = tmp_path / "tok"
+    assert build_domain_tokenizer.main(build_tokenizer_argv(tiny_model_dir, out, vocab)) == 0
+    printed = capsys.readouterr().out
+    assert "vocab, 3 terms; 0 already one token; added 2 tokens" in printed
+    assert "left out 1 terms that would not decode back as added tokens: ['és']" in printed  # byte-level decoder
+    added = json.loads((out / INIT_FILE).read_text(encoding="utf-8"))["tokens"]
+    assert [token["token"] for token in added] == ["冠心病", "心肌梗死"]
 
 
 def test_corpus_mode_learns_frequent_terms_within_the_budget(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
@@ -304,6 +337,11 @@ def test_extended_vocabulary_pretraining_then_merge_generates(tiny_model_dir, tm
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         shapes = {key: f.get_slice(key).get_shape() for key in f.keys() if "modules_to_save" in key}
     assert shapes and all(shape[0] == len(tokenizer) for shape in shapes.values()), shapes
+    from medicalgpt.args import ModelArguments
+    from medicalgpt.modeling import load_model
+
+    in_memory = load_model(ModelArguments(model_name_or_path=str(out)))  # SFT on the PT adapter folder loads it so
+    assert in_memory.get_input_embeddings().weight.shape[0] == len(tokenizer)
     merge_peft_adapter.main(["--base_model_name_or_path", tiny_model_dir, "--peft_model_path", str(out),
                              "--resize_emb", "--output_dir", str(merged)])  # fmt: skip
 
@@ -313,7 +351,8 @@ def test_extended_vocabulary_pretraining_then_merge_generates(tiny_model_dir, tm
     assert ids[0].tolist() == [sources[seen]["id"], *merged_tokenizer.encode("和"), sources[unseen]["id"]]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight
     rows = model.get_input_embeddings().weight
-    assert torch.allclose(rows[sources[unseen]["id"]], base[sources[unseen]["base_ids"]].mean(0), atol=1e-6)
+    # Tied embeddings stay tied: one matrix, as Qwen ships it, trained through both its input and output use.
+    assert model.config.tie_word_embeddings and model.get_output_embeddings().weight is rows
     assert not torch.allclose(rows[sources[seen]["id"]], base[sources[seen]["base_ids"]].mean(0), atol=1e-4)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     reference.resize_token_embeddings(len(tokenizer), mean_resizing=False)
