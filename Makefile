@@ -44,7 +44,13 @@ quickstart: tiny-model
 	bash run_pipeline.sh
 	@echo "Outputs and loss curves are in $(QUICKSTART)/"
 
+# Chromium (Debian's package) for the browser test of gradio_demo.py: installed when missing and apt-get can run
+# as root; otherwise that test is skipped. Never fatal.
 test: $(VENV)/.installed
+	-@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq chromium || \
+		  { apt-get update -qq && apt-get install -y -qq chromium; }; } >/dev/null 2>&1; } || \
+		echo "chromium is not installed: the browser test of gradio_demo.py will be skipped"
 	$(PY) -m pytest -q tests
 
 lint: $(VENV)/.installed

@@ -38,7 +38,7 @@ class MergeArguments:
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model (default: the base recorded in the adapter's config)."}
     )
-    output_dir: str = field(default="./merged", metadata={"help": "Where the merged model goes (must be new or empty)."})
+    output_dir: str = field(default="./merged", metadata={"help": "Where the merged model goes (new or empty)."})
     lora_model: str | None = field(default=None, metadata={"help": "Upstream's name for --peft_model_path."})
     base_model: str | None = field(default=None, metadata={"help": "Upstream's name for --base_model_name_or_path."})
     tokenizer_path: str | None = field(
@@ -48,7 +48,9 @@ class MergeArguments:
         default=None, metadata={"help": "Template whose end-of-turn token stops generation; its Jinja form becomes "
                                         "the chat template when the tokenizer has none."},
     )  # fmt: skip
-    resize_emb: bool = field(default=False, metadata={"help": "Resize the embeddings to the tokenizer's size."})
+    resize_emb: bool = field(
+        default=False, metadata={"help": "Upstream's flag, accepted: the embeddings always grow to fit the tokenizer."}
+    )
     torch_dtype: str | None = field(default=None, metadata={"help": "Dtype of the merged weights (default: base's)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with the checkpoint."})
@@ -66,6 +68,7 @@ def chat_template_for(template):
     system_pre, system_post = map(lit, template.system_format.split("{content}"))
     trim = " | trim" if template.strip_content else ""
     keep = "true" if template.keep_empty_system else "false"
+    separator = lit(template.separator)
     content = f"(message['content']{trim})"
     first = f"{first_pre} ~ system_block ~ {content} ~ {first_post}"
     if not template.system_in_first_user:
@@ -78,7 +81,7 @@ def chat_template_for(template):
         f"{{%- set system_block = ({system_pre} ~ (system{trim}) ~ {system_post}) if (system or {keep}) else '' -%}}"
         "{%- for message in loop_messages -%}"
         f"{{%- if message['role'] == 'user' and loop.first -%}}{{{{ {first} }}}}"
-        f"{{%- elif message['role'] == 'user' -%}}{{{{ {lit(template.separator)} ~ {user_pre} ~ {content} ~ {user_post} }}}}"
+        f"{{%- elif message['role'] == 'user' -%}}{{{{ {separator} ~ {user_pre} ~ {content} ~ {user_post} }}}}"
         f"{{%- elif message['role'] == 'assistant' -%}}{{{{ {content} ~ {lit(template.stop_str)} }}}}"
         "{%- endif -%}{%- endfor -%}"
         "{%- if loop_messages and loop_messages[-1]['role'] == 'assistant' -%}"
@@ -133,9 +136,7 @@ def load_merged(args, adapter, base):
     elif task_type != "CAUSAL_LM":
         raise UsageError(f"{adapter}: task_type {task_type!r} is not supported (CAUSAL_LM or SEQ_CLS)")
     logger.info("Merging the %s adapter %s into %s", task_type, adapter, base)
-    model = load_model_with_adapter(
-        model_args, adapter, resize_to=len(tokenizer) if args.resize_emb else None, min_vocab=len(tokenizer), **kwargs
-    )
+    model = load_model_with_adapter(model_args, adapter, tokenizer=tokenizer, **kwargs)
     if task_type == "SEQ_CLS":
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, task_type
@@ -146,7 +147,7 @@ def main(argv=None):
     setup_logging()
     adapter = args.peft_model_path or args.lora_model
     if not adapter or not read_adapter_base(adapter):
-        raise UsageError(f"--peft_model_path must be a LoRA adapter directory (with {ADAPTER_CONFIG}), got {adapter!r}")
+        raise UsageError(f"--peft_model_path must be a LoRA adapter directory (with {ADAPTER_CONFIG}): {adapter!r}")
     base = args.base_model_name_or_path or args.base_model or read_adapter_base(adapter)
     output = os.path.normpath(args.output_dir)
     if os.path.isdir(output) and os.listdir(output) and not args.overwrite_output_dir:

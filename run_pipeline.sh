@@ -33,7 +33,7 @@ run_stage() {  # run_stage NAME SCRIPT: a run_*.sh with that stage's EXTRA_ARGS_
 }
 
 merge() {  # merge NAME ADAPTER OUTPUT
-    stage "$1" "$PYTHON" merge_peft_adapter.py --peft_model_path "$2" --output_dir "$3"
+    stage "$1" "$PYTHON" merge_peft_adapter.py --peft_model_path "$2" --output_dir "$3" --overwrite_output_dir True
 }
 
 export SFT_OUTPUT=${PREFIX}outputs-sft-qwen-v1 RM_OUTPUT=${PREFIX}outputs-rm-qwen-v1 PT_MERGED=${PREFIX}merged-pt-qwen-v1

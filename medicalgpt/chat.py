@@ -21,7 +21,7 @@ import torch
 from transformers import StoppingCriteria, TextIteratorStreamer
 
 from medicalgpt.args import TORCH_DTYPES, ModelArguments
-from medicalgpt.modeling import load_model, load_model_with_adapter, load_tokenizer
+from medicalgpt.modeling import load_model, load_model_with_adapter, load_tokenizer, read_adapter_base
 from medicalgpt.preprocess import leading_bos
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class ChatArguments:
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the weights in 8-bit (bitsandbytes)."})
     resize_emb: bool = field(
         default=False,
-        metadata={"help": "Resize the embeddings to the tokenizer (done anyway when the tokenizer is larger)."},
+        metadata={"help": "Upstream's flag, accepted: the embeddings always grow to fit a larger tokenizer."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with the checkpoint."})
     model_type: str | None = field(
@@ -115,20 +115,28 @@ class PromptTooLongError(ValueError):
 
 
 def build_template(template_name, tokenizer):
-    """--template_name from template.py, else the tokenizer's own chat template."""
+    """--template_name from template.py, else the tokenizer's own chat template; a usage error when neither works."""
+    from medicalgpt.training import UsageError
     from template import get_conv_template, template_from_tokenizer
 
-    return get_conv_template(template_name) if template_name else template_from_tokenizer(tokenizer)
+    try:
+        return get_conv_template(template_name) if template_name else template_from_tokenizer(tokenizer)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
 
 
 def load_chat_engine(args: ChatArguments):
     """Tokenizer, template, model (+ the LoRA adapter, merged) -> a ChatEngine, on the GPU when there is one."""
     model_args = args.model_arguments()
+    if args.lora_model and not read_adapter_base(args.lora_model):
+        from medicalgpt.training import UsageError
+
+        raise UsageError(f"--lora_model {args.lora_model}: not a LoRA adapter directory (no adapter_config.json); "
+                         "pass a full model as --base_model")  # fmt: skip
     tokenizer = load_tokenizer(model_args, tokenizer_source(args))
     template = build_template(args.template_name, tokenizer)
     if args.lora_model:
-        resize = len(tokenizer) if args.resize_emb else None
-        model = load_model_with_adapter(model_args, args.lora_model, resize_to=resize, min_vocab=len(tokenizer))
+        model = load_model_with_adapter(model_args, args.lora_model, tokenizer=tokenizer)
     else:
         model = load_model(model_args)
     return ChatEngine(model, tokenizer, template, system_prompt=args.system_prompt)

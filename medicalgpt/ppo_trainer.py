@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 from transformers import GenerationConfig, TrainingArguments, get_scheduler, set_seed
+from transformers.trainer_utils import rotate_checkpoints
 
 from medicalgpt import ppo
 
@@ -362,7 +363,7 @@ class PPOTrainer:
             self.write_state(partial)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
-            self._rotate_checkpoints()
+            rotate_checkpoints(self.config.output_dir, self.config.save_total_limit)
         self.accelerator.wait_for_everyone()
 
     def gathered_state(self):
@@ -377,16 +378,6 @@ class PPOTrainer:
         state = {"global_step": self.update, "max_steps": self.num_updates, "log_history": self.log_history}
         with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(state, f, indent=2)
-
-    def _rotate_checkpoints(self):
-        if not self.config.save_total_limit:
-            return
-        checkpoints = sorted(
-            (d for d in os.listdir(self.config.output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()),
-            key=lambda d: int(d[11:]),
-        )
-        for old in checkpoints[: -self.config.save_total_limit]:
-            shutil.rmtree(os.path.join(self.config.output_dir, old))
 
     def load_checkpoint(self, folder):
         from peft import PeftModel, set_peft_model_state_dict

@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -119,51 +119,35 @@ def text_of(content):
     return content if isinstance(content, str) else "".join(part.text for part in content)
 
 
-def build_app(engine: ChatEngine, model_name="medicalgpt", api_key=None, defaults=None, max_batch_size=8):
-    """The FastAPI app. `defaults` (GenerationOptions) fill in what a request leaves out."""
-    defaults = defaults or GenerationOptions()
-    batches = BatchQueue(engine, max_batch_size)
-    app = FastAPI(title="MedicalGPT API", version="1.0")
-    expected = f"Bearer {api_key}".encode() if api_key else None
+class ChatService:
+    """What the routes share: the engine, its batch queue, the served name and the default sampling options."""
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        given = request.headers.get("authorization", "").encode("utf-8", "replace")
-        if expected and not hmac.compare_digest(given, expected):
-            return error_response(
-                401, "Invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key"
-            )
-        return await call_next(request)
+    def __init__(self, engine: ChatEngine, model_name, defaults: GenerationOptions, max_batch_size):
+        self.engine, self.model_name, self.defaults = engine, model_name, defaults
+        self.batches = BatchQueue(engine, max_batch_size)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request, error):
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        return error_response(400, problems or "invalid request")
+    def encode(self, messages):
+        try:
+            return self.engine.encode(messages)
+        except ValueError as error:
+            raise HTTPException(400, f"messages: {error}") from error
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, error):
-        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-        return error_response(error.status_code, str(error.detail), error_type=kind)
-
-    @app.exception_handler(Exception)
-    async def server_error(request, error):
-        logger.exception("Request failed")
-        return error_response(500, f"internal error: {type(error).__name__}", error_type="server_error")
-
-    def room_after(prompt_tokens, max_tokens):
+    def room_after(self, prompt_tokens, max_tokens):
         """Tokens left for the answer; 400 when the prompt (plus max_tokens) does not fit the context."""
-        room = engine.context_length - prompt_tokens
+        context = self.engine.context_length
+        room = context - prompt_tokens
         if room < 1 or (max_tokens or 0) > room:
             wanted = f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens or 1})"
-            raise HTTPException(400, f"{wanted} exceeds the model's context of {engine.context_length} tokens")
+            raise HTTPException(400, f"{wanted} exceeds the model's context of {context} tokens")
         return room
 
-    def options_for(request: ChatCompletionRequest, prompt_tokens):
+    def options_for(self, request: ChatCompletionRequest, prompt_tokens):
         max_tokens = request.max_completion_tokens or request.max_tokens
-        room = room_after(prompt_tokens, max_tokens)
+        room = self.room_after(prompt_tokens, max_tokens)
         stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
         if len(stops) > 4 or not all(stops):
             raise HTTPException(400, "stop: at most 4 non-empty strings")
+        defaults = self.defaults
         return GenerationOptions(
             max_new_tokens=max_tokens or min(defaults.max_new_tokens, room),
             temperature=defaults.temperature if request.temperature is None else request.temperature,
@@ -172,59 +156,86 @@ def build_app(engine: ChatEngine, model_name="medicalgpt", api_key=None, default
             stop=tuple(stops),
         )
 
-    def encode(messages):
-        try:
-            return engine.encode(messages)
-        except ValueError as error:
-            raise HTTPException(400, f"messages: {error}") from error
+    async def complete(self, messages, options):
+        return await asyncio.wrap_future(self.batches.submit(messages, options))
 
-    @app.get("/v1/models")
-    async def list_models():
-        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "medicalgpt"}
-        return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest):
-        if request.model not in (None, model_name):
-            raise HTTPException(404, f"The model {request.model!r} does not exist; this server has {model_name!r}")
-        messages = [{"role": ROLES[m.role], "content": text_of(m.content)} for m in request.messages]
-        prompt_tokens = len(encode(messages))
-        options = options_for(request, prompt_tokens)
-        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if request.stream:
-            stream = engine.stream(messages, options)
-            usage = request.stream_options is not None and request.stream_options.include_usage
-            events = sse_events(stream, reply_id, created, model_name, usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        completion = await asyncio.wrap_future(batches.submit(messages, options))
-        return {
-            "id": reply_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": completion.text},
-                    "finish_reason": completion.finish_reason,
-                    "logprobs": None,
-                }
-            ],
-            "usage": usage_of(completion),
-        }
+router = APIRouter()
 
-    @app.post("/chat")
-    async def chat(request: ChatRequest):
-        messages = []
-        for question, answer in request.history:
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        messages.append({"role": "user", "content": request.input})
-        room = room_after(len(encode(messages)), None)
-        options = dataclasses.replace(defaults, max_new_tokens=min(defaults.max_new_tokens, room))
-        completion = await asyncio.wrap_future(batches.submit(messages, options))
-        return {"response": completion.text, "history": [*request.history, (request.input, completion.text)]}
 
+@router.get("/v1/models")
+async def list_models(request: Request):
+    card = {"id": request.app.state.service.model_name, "object": "model", "created": int(time.time())}
+    return {"object": "list", "data": [{**card, "owned_by": "medicalgpt"}]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    service = request.app.state.service
+    if body.model not in (None, service.model_name):
+        raise HTTPException(404, f"The model {body.model!r} does not exist; this server has {service.model_name!r}")
+    messages = [{"role": ROLES[m.role], "content": text_of(m.content)} for m in body.messages]
+    options = service.options_for(body, len(service.encode(messages)))
+    reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        events = sse_events(service.engine.stream(messages, options), reply_id, created, service.model_name, usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    completion = await service.complete(messages, options)
+    message = {"role": "assistant", "content": completion.text}
+    choice = {"index": 0, "message": message, "finish_reason": completion.finish_reason, "logprobs": None}
+    return {"id": reply_id, "object": "chat.completion", "created": created, "model": service.model_name,
+            "choices": [choice], "usage": usage_of(completion)}  # fmt: skip
+
+
+@router.post("/chat")
+async def chat(body: ChatRequest, request: Request):
+    """Upstream MedicalGPT's endpoint: {"input", "history": [[q, a], ...]} -> {"response", "history"}."""
+    service = request.app.state.service
+    messages = []
+    for question, answer in body.history:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": body.input})
+    room = service.room_after(len(service.encode(messages)), None)
+    options = dataclasses.replace(service.defaults, max_new_tokens=min(service.defaults.max_new_tokens, room))
+    completion = await service.complete(messages, options)
+    return {"response": completion.text, "history": [*body.history, (body.input, completion.text)]}
+
+
+def build_app(engine: ChatEngine, model_name="medicalgpt", api_key=None, defaults=None, max_batch_size=8):
+    """The FastAPI app. `defaults` (GenerationOptions) fill in what a request leaves out."""
+    app = FastAPI(title="MedicalGPT API", version="1.0")
+    app.state.service = ChatService(engine, model_name, defaults or GenerationOptions(), max_batch_size)
+    app.include_router(router)
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        given = request.headers.get("authorization", "").encode("utf-8", "replace")
+        if expected and not hmac.compare_digest(given, expected):
+            message = "Invalid or missing API key (send Authorization: Bearer KEY)"
+            return error_response(401, message, code="invalid_api_key")
+        return await call_next(request)
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
     return app
+
+
+async def invalid_request(request, error):
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+    return error_response(400, problems or "invalid request")
+
+
+async def http_error(request, error):
+    kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+    return error_response(error.status_code, str(error.detail), error_type=kind)
+
+
+async def server_error(request, error):
+    logger.exception("Request failed")
+    return error_response(500, f"internal error: {type(error).__name__}", error_type="server_error")
 
 
 def usage_of(completion):

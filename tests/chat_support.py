@@ -1,5 +1,6 @@
-"""What the inference, merge, server and gradio tests share: a LoRA adapter that learned four answers by heart
-(SFT through the real entry point, ~2 s), trained once per session, and a chat engine over it."""
+"""What the inference, merge, server and gradio tests share: a LoRA adapter that learned four answers by heart,
+and the second after the first in a two-turn chat (SFT through the real entry point, ~2 s), trained once per
+session, and a chat engine over it."""
 
 import socket
 
@@ -21,12 +22,16 @@ def qa_adapter(tmp_path_factory, tiny_model_dir):
         import supervised_finetuning
 
         root = tmp_path_factory.mktemp("qa-sft")
-        data = write_jsonl(root / "qa.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in QA_PAIRS])
+        (q1, a1), (q2, a2), *_ = QA_PAIRS
+        records = [{"instruction": q, "input": "", "output": a} for q, a in QA_PAIRS]
+        turns = [("user", q1), ("assistant", a1), ("user", q2), ("assistant", a2)]
+        records.append({"messages": [{"role": role, "content": text} for role, text in turns]})  # q2 after q1 too
+        data = write_jsonl(root / "qa.jsonl", records)
         out = root / "outputs-sft-qwen-v1"
         argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train"]
         argv += ["--template_name", "qwen", "--use_peft", "True", "--lora_rank", "16", "--lora_alpha", "32"]
         argv += ["--lora_dropout", "0", "--num_train_epochs", "60", "--learning_rate", "1e-2"]
-        argv += ["--per_device_train_batch_size", "4", "--save_strategy", "no", "--output_dir", str(out)]
+        argv += ["--per_device_train_batch_size", "5", "--save_strategy", "no", "--output_dir", str(out)]
         supervised_finetuning.main([*argv, *FAST_FLAGS])
         _cache["adapter"] = str(out)
     return _cache["adapter"]

@@ -19,6 +19,17 @@ CORPUS = [str(REPO / "data" / "pretrain" / "*.txt"), str(REPO / "data" / "finetu
 FAST_FLAGS = ["--bf16", "False", "--gradient_checkpointing", "False", "--report_to", "none", "--disable_tqdm", "True"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """Tokenised data is cached between runs (medicalgpt.training.to_dataset): here in a temporary folder, also for
+    the scripts the tests start as subprocesses, not in ~/.cache."""
+    import datasets
+
+    folder = str(tmp_path_factory.mktemp("hf-datasets-cache"))
+    os.environ["HF_DATASETS_CACHE"] = datasets.config.HF_DATASETS_CACHE = folder
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from medicalgpt.tiny_model import build_tiny_model

@@ -122,9 +122,7 @@ def test_answers_stream_in_the_stop_button_ends_generation_and_clear_forgets(bro
                                timeout=60_000)  # fmt: skip
         page.click('[data-testid="stop-button"]')
         page.wait_for_selector('[data-testid="stop-button"]', state="detached", timeout=30_000)
-        t0 = time.time()
-        assert engine._lock.acquire(timeout=30), "stop must end the generation, not leave it running"
-        print("LOCK WAIT", time.time() - t0)
+        assert engine._lock.acquire(timeout=5), "stop must end the generation, not leave it running"
         engine._lock.release()
         stopped = last_answer(page)
         time.sleep(1)

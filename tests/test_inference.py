@@ -1,5 +1,6 @@
 """inference.py and the shared generation engine (medicalgpt/chat.py)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,11 +28,12 @@ def engine(tmp_path_factory, tiny_model_dir):
     return qa_engine(tmp_path_factory, tiny_model_dir)
 
 
-def run(args, **kwargs):
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300, **kwargs)
+def run(args, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout,
+                          **kwargs)  # fmt: skip
 
 
-def test_tutorial_batch_command_after_sft_returns_the_trained_answers_in_input_order(tiny_model_dir, adapter, tmp_path):
+def test_tutorial_batch_command_after_sft_gives_the_trained_answers_in_input_order(tiny_model_dir, adapter, tmp_path):
     (q1, a1), (q2, a2), (q3, a3), (q4, a4) = QA_PAIRS
     records = [
         {"instruction": q2, "input": "", "id": 7},
@@ -41,8 +43,9 @@ def test_tutorial_batch_command_after_sft_returns_the_trained_answers_in_input_o
         {"conversations": [{"from": "human", "value": q1}]},
     ]
     data, output = write_jsonl(tmp_path / "input.jsonl", records), tmp_path / "output.jsonl"
-    result = run(["inference.py", "--base_model", tiny_model_dir, "--lora_model", adapter, "--data_file", str(data),
-                  "--output_file", str(output), "--template_name", "qwen", "--temperature", "0", "--batch_size", "2"])  # fmt: skip
+    tutorial = ["inference.py", "--base_model", tiny_model_dir, "--lora_model", adapter, "--data_file", str(data),
+                "--output_file", str(output), "--template_name", "qwen"]  # fmt: skip
+    result = run([*tutorial, "--temperature", "0", "--batch_size", "2"])
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     assert [{k: v for k, v in row.items() if k != "output"} for row in rows] == records
@@ -191,6 +194,7 @@ def test_interactive_chat_keeps_every_answer_in_the_history_and_clear_forgets(en
     ]
     assert "".join(shown).count("Assistant: ") == 3 and "History cleared." in "".join(shown)
     assert a1 in "".join(shown) and a3 in "".join(shown)
+    assert "Warm " in shown and "rest." in shown, "the answer is written piece by piece as it streams"
 
 
 def test_tutorial_interactive_command_streams_on_the_terminal(tiny_model_dir, adapter):
@@ -215,17 +219,25 @@ def test_too_long_history_forgets_the_oldest_exchange(engine):
         engine.stream(user(long_question * 2), options)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
 def test_use_vllm_without_vllm_says_what_to_install(tmp_path):
     import inference
     from medicalgpt.training import UsageError
 
-    pytest.importorskip("medicalgpt")
-    if __import__("importlib").util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is installed")
     data = tmp_path / "q.txt"
     data.write_text("hi\n", encoding="utf-8")
     with pytest.raises(UsageError, match="pip install vllm"):
         inference.main(["--base_model", "unused", "--data_file", str(data), "--use_vllm", "True"])
+
+
+def test_a_full_model_passed_as_lora_model_is_a_clear_error(tiny_model_dir, tmp_path):
+    import inference
+    from medicalgpt.training import UsageError
+
+    data = tmp_path / "q.txt"
+    data.write_text("hi\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="not a LoRA adapter directory"):
+        inference.main(["--base_model", tiny_model_dir, "--lora_model", tiny_model_dir, "--data_file", str(data)])
 
 
 def test_4bit_loading_generates(tiny_model_dir, adapter):
@@ -234,3 +246,13 @@ def test_4bit_loading_generates(tiny_model_dir, adapter):
     assert any("4bit" in type(module).__name__ for module in engine.model.modules())
     completion = engine.generate([user(QA_PAIRS[0][0])], GenerationOptions(temperature=0, max_new_tokens=5))[0]
     assert completion.completion_tokens >= 1
+
+
+def test_batch_benchmark_prints_both_figures(tiny_model_dir, capsys):
+    from bench import batch_inference
+
+    result = batch_inference.main(["--model", tiny_model_dir, "--num_prompts", "4", "--batch_size", "2",
+                                   "--max_new_tokens", "4"])  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == result and result["one_at_a_time"]["batch_size"] == 1 and result["batched"]["batch_size"] == 2
+    assert result["one_at_a_time"]["tokens"] > 0 and result["speedup"] > 0

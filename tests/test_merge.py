@@ -26,7 +26,7 @@ def logits(model, ids=IDS):
         return model(ids).logits
 
 
-def test_tutorial_merge_command_gives_the_adapter_logits_and_stops_at_the_end_of_turn(tiny_model_dir, adapter, tmp_path):
+def test_tutorial_merge_command_matches_the_adapter_logits_and_stops_at_end_of_turn(tiny_model_dir, adapter, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,22 +92,32 @@ def test_reward_model_adapter_merges_into_a_sequence_classifier(tiny_model_dir, 
     assert logits(merged).shape == (1, 1)
 
 
-def test_extended_vocabulary_adapter_merges_with_resized_embeddings(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("embeddings_in_adapter", [True, False])
+def test_extended_vocabulary_adapter_merges_with_grown_embeddings(tiny_model_dir, tmp_path, embeddings_in_adapter):
+    """After build_domain_tokenizer.py, training grows the embeddings (medicalgpt.vocab); the merge grows them the
+    same way, so the new tokens' rows match whether the adapter saved them (modules_to_save) or not."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.add_tokens(["肺结节", "甲状腺结节"])
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"],
-                        init_lora_weights=False, task_type="CAUSAL_LM")  # fmt: skip
-    peft_model = get_peft_model(base, config)
-    with torch.no_grad():
-        peft_model.base_model.model.model.embed_tokens.modules_to_save["default"].weight[-2:] = torch.randn(2, 64)
+    from medicalgpt.vocab import INIT_FILE, resize_embeddings_for_tokenizer
+
     extended = tmp_path / "outputs-pt-extended"
-    peft_model.save_pretrained(extended)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    parts = [tokenizer.encode(term, add_special_tokens=False) for term in ("肺结节", "甲状腺结节")]
+    tokenizer.add_tokens(["肺结节", "甲状腺结节"])
     tokenizer.save_pretrained(extended)
+    tokens = [{"id": len(tokenizer) - 2 + i, "base_ids": ids} for i, ids in enumerate(parts)]
+    (extended / INIT_FILE).write_text(json.dumps({"tokens": tokens, "base_vocab_size": len(tokenizer) - 2}))
+    tokenizer = AutoTokenizer.from_pretrained(extended)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert resize_embeddings_for_tokenizer(base, tokenizer) == 2  # what pretraining.py does after loading
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM",
+                        modules_to_save=["embed_tokens"] if embeddings_in_adapter else None)  # fmt: skip
+    peft_model = get_peft_model(base, config)
+    if embeddings_in_adapter:
+        with torch.no_grad():
+            peft_model.base_model.model.model.embed_tokens.modules_to_save["default"].weight[-2:] = torch.randn(2, 64)
+    peft_model.save_pretrained(extended)
     ids = torch.tensor([[5, 17, len(tokenizer) - 1, len(tokenizer) - 2, 7]])
     expected = logits(peft_model, ids)
 

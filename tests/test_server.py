@@ -3,6 +3,7 @@
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -197,7 +198,7 @@ def test_16_concurrent_clients_all_get_their_own_answer_in_shared_batches(client
     assert sum(calls) == 12 and len(calls) < 12, f"waiting requests must share batches: {calls}"
 
 
-def test_tutorial_server_command_serves_on_loopback_with_the_key_from_the_environment(tiny_model_dir, tmp_path_factory):
+def test_tutorial_server_command_serves_on_loopback_with_the_key_from_env(tiny_model_dir, tmp_path_factory):
     adapter = qa_adapter(tmp_path_factory, tiny_model_dir)
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MEDICALGPT_API_KEY": KEY}
@@ -222,3 +223,88 @@ def test_tutorial_server_command_serves_on_loopback_with_the_key_from_the_enviro
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_vllm_script_dry_run_prints_the_server_command(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "TENSOR_PARALLEL_SIZE": "2", "PORT": "9001", "SERVED_MODEL_NAME": "med"}
+    merged = subprocess.run(["sh", "vllm_deployment.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stdout.splitlines()[0] == (
+        "python -m vllm.entrypoints.openai.api_server --model merged-sft-qwen-v1 --served-model-name med "
+        "--host 127.0.0.1 --port 9001 --tensor-parallel-size 2"
+    )
+    lora_env = {**env, "BASE_MODEL": "Qwen/Qwen2.5-0.5B-Instruct", "LORA_MODEL": "outputs sft"}
+    lora = subprocess.run(["sh", "vllm_deployment.sh"], cwd=REPO, env=lora_env, capture_output=True, text=True)
+    assert "--enable-lora --lora-modules 'med-lora=outputs sft'" in lora.stdout
+    assert '"model": "med-lora"' in lora.stdout
+    if shutil.which("shellcheck"):
+        check = subprocess.run(["shellcheck", "vllm_deployment.sh"], cwd=REPO, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout
+
+
+FAKE_VLLM = """
+import http.server, json, os, time
+time.sleep(1.5)  # loading the model: the health endpoint is not up yet
+class Handler(http.server.BaseHTTPRequestHandler):
+    def reply(self, body):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+    def do_GET(self):
+        self.reply({})
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.reply({"choices": [{"message": {"content": "fake answer for " + request["model"]}}]})
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"""
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="curl is not installed")
+def test_vllm_script_waits_for_health_before_the_sample_request(tmp_path):
+    """vLLM needs a GPU: a stand-in server that is slow to come up checks the script's own logic."""
+    fake = tmp_path / "fake_vllm.py"
+    fake.write_text(FAKE_VLLM)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{fake}"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "PORT": str(free_port()), "HEALTH_TIMEOUT": "60"}
+    process = subprocess.Popen(["sh", "vllm_deployment.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("Serving "):
+                break
+        output = "".join(lines)
+        assert "Waiting for" in output and "fake answer for medicalgpt" in output, output
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_latency_benchmark_prints_its_figures(tiny_model_dir, capsys):
+    from bench import server_latency
+
+    result = server_latency.main(["--model", tiny_model_dir, "--clients", "3", "--requests_per_client", "2",
+                                  "--max_tokens", "4"])  # fmt: skip
+    assert json.loads(capsys.readouterr().out) == result
+    assert result["requests"] == 6 and 0 < result["latency_p50_s"] <= result["latency_p95_s"]
+
+
+def test_a_client_that_hangs_up_mid_stream_ends_the_generation(server, engine, monkeypatch):
+    monkeypatch.setattr(engine, "stop_ids", [len(engine.tokenizer) + 1000])  # never ends by itself
+    body = {"messages": ask("随便说点什么"), "max_tokens": 3000, "temperature": 1.0, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=headers, timeout=60) as response:
+        for line in response.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # the first piece of text: hang up
+    deadline = time.time() + 10
+    while not engine._lock.acquire(timeout=0.1):
+        assert time.time() < deadline, "the generation must stop when its client is gone"
+    engine._lock.release()
+    monkeypatch.undo()
+    reply = httpx.post(f"{server}/chat", json={"input": QA_PAIRS[0][0]}, headers=headers, timeout=60)
+    assert reply.json()["response"] == QA_PAIRS[0][1]

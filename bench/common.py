@@ -1,0 +1,34 @@
+"""Shared by the bench scripts: the model to measure and a few prompts."""
+
+import glob
+import json
+import os
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = os.path.join(REPO, "models", "tiny-qwen")
+
+
+def model_path(path=None):
+    """--model, else models/tiny-qwen (make tiny-model), else a tiny model built now in a temporary folder."""
+    if path:
+        return path
+    if os.path.isfile(os.path.join(TINY_MODEL, "config.json")):
+        return TINY_MODEL
+    from medicalgpt.tiny_model import build_tiny_model
+
+    corpus = [os.path.join(REPO, "data", "pretrain", "*.txt"), os.path.join(REPO, "data", "finetune", "*.jsonl")]
+    return build_tiny_model(tempfile.mkdtemp(prefix="bench-tiny-"), corpus)
+
+
+def sample_questions(count):
+    """`count` questions from the SFT sample data (repeated when there are fewer)."""
+    questions = []
+    for path in sorted(glob.glob(os.path.join(REPO, "data", "finetune", "*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if isinstance(record.get("instruction"), str):
+                    questions.append((record["instruction"] + "\n" + (record.get("input") or "")).strip())
+    questions = questions or ["小孩发烧怎么办？", "What helps a sore throat?"]
+    return [questions[i % len(questions)] for i in range(count)]
