@@ -34,12 +34,12 @@ quickstart: tiny-model
 	mkdir -p $(QUICKSTART)
 	PYTHON=$(abspath $(PY)) MODEL=$(TINY_MODEL) PREFIX=$(QUICKSTART)/ ORPO=1 SUMMARY=1 \
 	EXTRA_ARGS="$(QUICK)" \
-	EXTRA_ARGS_PT="--max_steps 30 --block_size 128" \
-	EXTRA_ARGS_SFT="--max_steps 40 --model_max_length 512 --flash_attn False" \
+	EXTRA_ARGS_PT="--max_steps 20 --block_size 128 --learning_rate 1e-2" \
+	EXTRA_ARGS_SFT="--max_steps 30 --model_max_length 512 --flash_attn False --learning_rate 1e-2" \
 	EXTRA_ARGS_RM="--max_steps 20" \
 	EXTRA_ARGS_PPO="--total_episodes 48 --response_length 32 --per_device_train_batch_size 4 --use_peft True \
 		--learning_rate 1e-3 --eval_steps 4 --max_eval_samples 8 --logging_steps 1" \
-	EXTRA_ARGS_DPO="--max_steps 20" \
+	EXTRA_ARGS_DPO="--max_steps 20 --learning_rate 5e-3" \
 	EXTRA_ARGS_ORPO="--max_steps 20 --orpo_beta 1.0" \
 	bash run_pipeline.sh
 	@echo "Outputs and loss curves are in $(QUICKSTART)/"
