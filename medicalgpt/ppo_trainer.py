@@ -352,7 +352,7 @@ class PPOTrainer:
         """checkpoint-N with models, optimizer, scheduler and state; written to a temporary folder, then renamed,
         so an interrupted save never leaves a half-written checkpoint."""
         final = os.path.join(self.config.output_dir, f"checkpoint-{self.update}")
-        partial = final + ".partial"
+        partial = os.path.join(self.config.output_dir, ".partial", f"checkpoint-{self.update}")
         state = self.gathered_state()
         if self.accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)

@@ -1,5 +1,7 @@
 """What every training script does around its trainer: logging, argument fix-ups, data loading, resuming."""
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -111,9 +113,27 @@ def _take(records, limit):
     return records[:limit] if records is not None and limit is not None else records
 
 
-def to_dataset(records):
-    """Normalised records -> datasets.Dataset (the `source` column is kept for error messages)."""
-    return None if records is None else datasets.Dataset.from_list(records)
+def to_dataset(records, overwrite=False):
+    """Normalised records -> datasets.Dataset (the `source` column is kept for error messages).
+
+    The records are saved once in the datasets cache (`HF_DATASETS_CACHE`), in a folder named by a hash of their
+    content, so the tokenising `.map`s that follow are cached beside them and reused by the next run on the same
+    data. `overwrite` (--overwrite_cache) rewrites the folder, dropping those cached maps."""
+    if not records:
+        return None if records is None else datasets.Dataset.from_list(records)
+    content = json.dumps(records, ensure_ascii=False, sort_keys=True, default=str)
+    digest = hashlib.sha256(content.encode("utf-8")).hexdigest()[:20]
+    folder = os.path.join(datasets.config.HF_DATASETS_CACHE, "medicalgpt", f"records-{digest}")
+    if overwrite and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # the other ranks reuse what rank 0 rewrote
+        shutil.rmtree(folder, ignore_errors=True)
+    if not os.path.isdir(folder):
+        staging = f"{folder}.partial-{os.getpid()}"
+        datasets.Dataset.from_list(records).save_to_disk(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # written meanwhile by another process: keep theirs
+            shutil.rmtree(staging, ignore_errors=True)
+    return datasets.load_from_disk(folder)
 
 
 def build_template(data_args, tokenizer):
@@ -161,7 +181,7 @@ def with_atomic_checkpoints(trainer_class):
             if self.args.should_save:
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
                 os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-                rotate_checkpoints(output_dir, self.args.save_total_limit, self.state.best_model_checkpoint, True)
+                rotate_checkpoints(output_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
             self.accelerator.wait_for_everyone()
 
     AtomicCheckpointTrainer.__name__ = trainer_class.__name__

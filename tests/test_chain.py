@@ -92,11 +92,12 @@ def test_two_nodes_on_loopback_and_accelerate_launch_are_one_data_parallel_group
     assert global_step(tmp_path / "two-nodes") == global_step(tmp_path / "accelerate") == steps // 2
 
 
-def wait_for(path, timeout=240):
+def wait_for_checkpoint(output_dir, step, timeout=240):
+    """Until a checkpoint at or past `step` exists (older ones are rotated away while the run goes on)."""
     deadline = time.time() + timeout
-    while not path.exists():
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.2)
+    while not any(int(d.name.split("-")[1]) >= step for d in output_dir.glob("checkpoint-*")):
+        assert time.time() < deadline, f"no checkpoint past {step} in {output_dir}"
+        time.sleep(0.05)
 
 
 def complete_checkpoints(output_dir):
@@ -126,7 +127,7 @@ def test_sigkilled_run_resumes_from_its_last_whole_checkpoint(stage, tiny_model_
     command = [sys.executable, *kill_resume_argv(stage, 500, models, data, out)]
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     process = subprocess.Popen(command, cwd=REPO, env=ENV, start_new_session=True, **quiet)
-    wait_for(out / "checkpoint-3")
+    wait_for_checkpoint(out, 3)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     last = complete_checkpoints(out)[-1]

@@ -168,7 +168,7 @@ def test_ppo_resumes_from_its_last_checkpoint(rlhf_setup, tmp_path):
     common = ["--num_ppo_epochs", "1", "--save_strategy", "steps", "--save_steps", "1"]
     ppo_training.main(ppo_argv(rlhf_setup, out, "--total_episodes", "16", *common))
     assert (out / "checkpoint-2" / "policy" / "adapter_model.safetensors").exists()
-    assert not list(out.glob("*.partial"))
+    assert not list((out / ".partial").glob("checkpoint-*")), "nothing left half-written"
     first_run = json.loads((out / "trainer_state.json").read_text())["log_history"]
     ppo_training.main(ppo_argv(rlhf_setup, out, "--total_episodes", "24", *common))
     resumed = json.loads((out / "trainer_state.json").read_text())
