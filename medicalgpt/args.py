@@ -148,6 +148,13 @@ class SupervisedArguments:
     train_on_inputs: bool = field(
         default=False, metadata={"help": "Learn every token, prompts included, not only the assistant turns."}
     )
+    chunked_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Compute the loss from chunks of the learned tokens, never the whole [tokens x vocab] logits "
+            "(medicalgpt/losses.py). Default: on when training on CPU; on GPU trl's fused LM head does the same."
+        },
+    )
 
 
 @dataclass

@@ -84,16 +84,28 @@ def tokenize_conversation(record, template, tokenizer, max_length=None, train_on
 def prepare_sft_dataset(
     dataset, template, tokenizer, max_length, train_on_inputs=False, system_prompt=None, num_proc=None, desc_suffix=""
 ):
-    """Dataset of normalised SFT records -> {"input_ids", "labels"}; reports truncated and skipped conversations."""
+    """Dataset of normalised SFT records -> {"input_ids", "labels"}; reports truncated and skipped conversations.
+    Batched, and cached when the dataset is backed by files (`training.to_dataset`): tokenised once per data and
+    settings."""
 
-    def tokenize(record):
-        return tokenize_conversation(record, template, tokenizer, max_length, train_on_inputs, system_prompt)
+    def tokenize(batch):
+        records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        out = [
+            tokenize_conversation(record, template, tokenizer, max_length, train_on_inputs, system_prompt)
+            for record in records
+        ]
+        return {key: [row[key] for row in out] for key in ("input_ids", "labels", "dropped_turns")}
 
     dataset = dataset.map(
-        tokenize, num_proc=num_proc, remove_columns=dataset.column_names, desc=f"Tokenising conversations{desc_suffix}"
+        tokenize,
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=dataset.column_names,
+        desc=f"Tokenising conversations{desc_suffix}",
     )
-    dropped = [n for n, ids in zip(dataset["dropped_turns"], dataset["input_ids"]) if n and ids]
-    too_long = sum(1 for ids in dataset["input_ids"] if not ids)
+    lengths = sequence_lengths(dataset)
+    dropped = [n for n, length in zip(dataset["dropped_turns"], lengths) if n and length]
+    too_long = lengths.count(0)
     if dropped:
         logger.warning(
             "%d conversations were longer than model_max_length=%d: their last %d turns in all were dropped.",
@@ -105,8 +117,18 @@ def prepare_sft_dataset(
             "Raise --model_max_length to keep them.",
             too_long, max_length,
         )  # fmt: skip
-        dataset = dataset.filter(lambda ids: len(ids) > 0, input_columns="input_ids", desc="Skipping too-long")
+        dataset = dataset.filter(
+            lambda batch: [len(ids) > 0 for ids in batch], input_columns="input_ids", batched=True,
+            num_proc=num_proc, desc="Skipping too-long",
+        )  # fmt: skip
     return dataset.remove_columns("dropped_turns")
+
+
+def sequence_lengths(dataset, column="input_ids"):
+    """Token counts of a tokenised dataset, read from its Arrow data (no Python lists of token ids)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")[column]).to_pylist()
 
 
 def format_label_mask(input_ids, labels, tokenizer, start="[LEARN]", end="[/LEARN]"):

@@ -90,7 +90,8 @@ def _cell(value):
 
 def read_timings(path):
     with open(path, encoding="utf-8") as f:
-        return {name: float(seconds) for name, seconds in (line.rstrip("\n").split("\t") for line in f if line.strip())}
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    return {name: float(seconds) for name, seconds in rows}
 
 
 def main(argv=None):
