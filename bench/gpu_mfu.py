@@ -73,7 +73,7 @@ def batches(examples, batching, attention, seq_len, batch_size, steps):
 
     from medicalgpt.packing import PackedRowsCollator
 
-    rows = pack_dataset(datasets.Dataset.from_list(examples), seq_len, "bfd")
+    rows = pack_dataset(datasets.Dataset.from_list(examples), seq_len, "bfd").shuffle(seed=0)  # as the Trainer does
     out = []
     for step in range(steps):
         chunk = [rows[i] for i in range(step * batch_size, (step + 1) * batch_size)]
