@@ -93,7 +93,7 @@ def main(argv=None):
     prepare_args(config, model_args, lora_args)
     train_records, eval_records = load_stage_records(data_args, config, stage="sft")
     tokenizer = load_tokenizer(model_args)
-    template = build_template(data_args, tokenizer)
+    template = build_template(data_args.template_name, tokenizer)
     prompts = [
         prepare_rl_prompts(records or [], template, tokenizer, rl_args.max_source_length, data_args.system_prompt)
         for records in (train_records, eval_records)

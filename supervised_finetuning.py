@@ -85,7 +85,7 @@ def main(argv=None):
     choice_items = choice_args.load_items(data_args.skip_invalid_examples)  # --choice_eval_file, scored in training
 
     tokenizer = load_tokenizer(model_args)
-    template = build_template(data_args, tokenizer)
+    template = build_template(data_args.template_name, tokenizer)
     with training_args.main_process_first(desc="tokenising"):
         train_dataset, eval_dataset = (
             None if records is None else prepare_sft_dataset(

@@ -23,6 +23,7 @@ from transformers import StoppingCriteria, TextIteratorStreamer
 from medicalgpt.args import TORCH_DTYPES, ModelArguments
 from medicalgpt.modeling import load_model, load_model_with_adapter, load_tokenizer, read_adapter_base
 from medicalgpt.preprocess import leading_bos
+from medicalgpt.training import build_template
 
 logger = logging.getLogger(__name__)
 
@@ -112,17 +113,6 @@ class Completion:
 
 class PromptTooLongError(ValueError):
     """The prompt plus max_new_tokens does not fit the model's context."""
-
-
-def build_template(template_name, tokenizer):
-    """--template_name from template.py, else the tokenizer's own chat template; a usage error when neither works."""
-    from medicalgpt.training import UsageError
-    from template import get_conv_template, template_from_tokenizer
-
-    try:
-        return get_conv_template(template_name) if template_name else template_from_tokenizer(tokenizer)
-    except ValueError as error:
-        raise UsageError(str(error)) from error
 
 
 def load_chat_engine(args: ChatArguments):

@@ -136,13 +136,14 @@ def to_dataset(records, overwrite=False):
     return datasets.load_from_disk(folder)
 
 
-def build_template(data_args, tokenizer):
-    """--template_name from template.py, else the tokenizer's own chat template."""
+def build_template(template_name, tokenizer):
+    """--template_name from template.py, else the tokenizer's own chat template; a usage error when neither works."""
     from template import get_conv_template, template_from_tokenizer
 
-    return (
-        get_conv_template(data_args.template_name) if data_args.template_name else template_from_tokenizer(tokenizer)
-    )
+    try:
+        return get_conv_template(template_name) if template_name else template_from_tokenizer(tokenizer)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
 
 
 def prepare_preference_data(data_args, training_args, pref_args, tokenizer):
@@ -150,7 +151,7 @@ def prepare_preference_data(data_args, training_args, pref_args, tokenizer):
     from medicalgpt.preprocess import prepare_preference_dataset
 
     train_records, eval_records = load_stage_records(data_args, training_args, stage="preference")
-    template = build_template(data_args, tokenizer)
+    template = build_template(data_args.template_name, tokenizer)
     with training_args.main_process_first(desc="tokenising"):
         return tuple(
             None if records is None else prepare_preference_dataset(

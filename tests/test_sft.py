@@ -219,3 +219,25 @@ def test_qlora_4bit_trains_the_adapter(tiny_model_dir, tmp_path):
     supervised_finetuning.main([*argv, "--save_strategy", "no", *FAST_FLAGS])
     adapter = load_file(out / "adapter_model.safetensors")
     assert any(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)
+
+
+def test_unknown_template_is_a_usage_error_listing_the_known_ones(tiny_model_dir, tmp_path):
+    from medicalgpt.training import UsageError
+
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "头痛？", "output": "休息。"}])
+    with pytest.raises(UsageError, match="qwen"):
+        supervised_finetuning.main(
+            [
+                "--model_name_or_path",
+                tiny_model_dir,
+                "--train_file_dir",
+                str(data),
+                "--do_train",
+                "--template_name",
+                "qwen25",
+                "--output_dir",
+                str(tmp_path / "out"),
+                *FAST_FLAGS,
+            ]
+        )
+    assert not (tmp_path / "out").exists()
