@@ -21,6 +21,7 @@ from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, Prefer
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
 from medicalgpt.training import (
+    end_training,
     find_resume_checkpoint,
     prepare_args,
     prepare_preference_data,
@@ -62,7 +63,7 @@ def main(argv=None):
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    trainer.end()
+    end_training(trainer.accelerator, trainer.model_wrapped)
     logger.info("Outputs in %s", training_args.output_dir)
 
 

@@ -34,6 +34,7 @@ from medicalgpt.rewards import RewardModelScorer, stop_token_ids
 from medicalgpt.training import (
     UsageError,
     build_template,
+    end_training,
     find_resume_checkpoint,
     load_stage_records,
     prepare_args,
@@ -123,6 +124,7 @@ def run_ppo(config, model_args, lora_args, rl_args, tokenizer, prompts, stops):
         save_metrics(trainer.accelerator, config.output_dir, "train", metrics)
     if config.do_eval and prompts[1]:
         save_metrics(trainer.accelerator, config.output_dir, "eval", trainer.evaluate())
+    end_training(trainer.accelerator, trainer.model)
 
 
 def run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, stops):
@@ -146,7 +148,7 @@ def run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, 
         trainer.save_model()
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
-    trainer.end()
+    end_training(trainer.accelerator, trainer.model_wrapped)
 
 
 def save_metrics(accelerator, output_dir, split, metrics):

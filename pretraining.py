@@ -24,6 +24,7 @@ from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
 from medicalgpt.preprocess import IGNORE_INDEX, prepare_pretraining_dataset
 from medicalgpt.training import (
+    end_training,
     find_resume_checkpoint,
     load_stage_records,
     prepare_args,
@@ -82,7 +83,7 @@ def main(argv=None):
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    trainer.end()
+    end_training(trainer.accelerator, trainer.model_wrapped)
     logger.info("Outputs in %s", training_args.output_dir)
 
 

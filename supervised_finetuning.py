@@ -35,6 +35,7 @@ from medicalgpt.parser import parse_args
 from medicalgpt.preprocess import format_label_mask, prepare_sft_dataset
 from medicalgpt.training import (
     build_template,
+    end_training,
     find_resume_checkpoint,
     load_stage_records,
     prepare_args,
@@ -140,7 +141,7 @@ def main(argv=None):
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    trainer.end()
+    end_training(trainer.accelerator, trainer.model_wrapped)
     logger.info("Outputs in %s", training_args.output_dir)
 
 

@@ -9,6 +9,7 @@ import sys
 
 import datasets
 import transformers
+from torch.nn.parallel import DistributedDataParallel
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from medicalgpt.data import DataValidationError, find_data_files, load_records
@@ -160,6 +161,16 @@ def prepare_preference_data(data_args, training_args, pref_args, tokenizer):
             )
             for split, records in (("train", train_records), ("eval", eval_records))
         )  # fmt: skip
+
+
+def end_training(accelerator, *wrapped_models):
+    """Finish the trackers and leave the process group, freeing DDP's reducers first. Freed later, when main()
+    returns, a reducer can drop the last reference to the gloo group with the GIL held; the group's destructor then
+    waits forever for a worker thread that needs the GIL (pytorch/pytorch#56297), and torchrun never exits."""
+    for model in wrapped_models:
+        if isinstance(model, DistributedDataParallel):
+            del model.reducer, model.logger
+    accelerator.end_training()
 
 
 def with_atomic_checkpoints(trainer_class):

@@ -84,6 +84,23 @@ def test_torchrun_two_processes_halve_the_optimizer_steps(script, tiny_model_dir
     assert steps[1] >= 4 and steps[2] == math.ceil(steps[1] / 2)
 
 
+def test_end_training_frees_ddp_reducers_before_leaving_the_process_group(tmp_path):
+    """A reducer freed after the group is destroyed joins gloo's threads with the GIL held and can hang torchrun."""
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    from medicalgpt.training import end_training
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1))
+    ddp(torch.ones(3, 2)).sum().backward()
+    end_training(types.SimpleNamespace(end_training=dist.destroy_process_group), ddp)
+    assert not hasattr(ddp, "reducer") and not hasattr(ddp, "logger")
+    assert not dist.is_initialized()
+
+
 def test_rerun_resumes_from_the_last_checkpoint(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": f"问题{i}", "output": f"回答{i}"} for i in range(8)])
     out = tmp_path / "out"
