@@ -268,8 +268,10 @@ class ConversationTemplate(_PromptMethods):
     def _think_turn(self, prompt: str, reply: dict | None, is_last: bool, after_last_query: bool) -> tuple[str, str]:
         """Qwen3: the answer after the last user query gets a <think> block; earlier answers lose their reasoning.
 
-        Thinking mode learns the (possibly empty) think block; no-thinking mode drops reasoning and puts the empty
-        think block into the prompt of the last exchange, like Qwen3's generation prompt with enable_thinking=False.
+        Both modes render a conversation as the official template does (enable_thinking changes only its generation
+        prompt). Thinking mode learns the (possibly empty) think block. No-thinking mode puts the empty think block
+        into the prompt of a last answer that has no reasoning, like Qwen3's generation prompt with
+        enable_thinking=False; a last answer that does carry reasoning keeps it, as the official template does.
         """
         if reply is None:
             return prompt + ("" if self.thinking else EMPTY_THINK), ""
@@ -277,9 +279,9 @@ class ConversationTemplate(_PromptMethods):
             reasoning, answer = "", format_tool_calls(reply["content"])
         else:
             reasoning, answer = _split_reasoning(reply["content"])
-        if after_last_query and is_last and not self.thinking:
+        if after_last_query and is_last and not self.thinking and not reasoning:
             prompt, answer = prompt + EMPTY_THINK, answer.lstrip("\n")
-        elif after_last_query and (is_last or reasoning) and self.thinking:
+        elif after_last_query and (is_last or reasoning):
             answer = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + answer.lstrip("\n")
         return prompt, answer + self.stop_str
 
@@ -381,7 +383,7 @@ register_conv_template(_chatml("intern2", "You are an AI assistant whose name is
 # Qwen3, thinking mode: matches the official template (trl's qwen3.jinja); the last answer has a <think> block.
 register_conv_template(_chatml("qwen3", "", thinking=True))
 
-# Qwen3 with enable_thinking=False: the empty think block ends the last prompt, reasoning is dropped.
+# Qwen3 with enable_thinking=False: the empty think block ends the last prompt (an answer's reasoning is kept).
 register_conv_template(_chatml("qwen3_nothink", "", thinking=False))
 
 # Llama-2-chat (Meta): "[INST] <<SYS>>\nS\n<</SYS>>\n\nq1 [/INST] a1</s><s>[INST] q2 [/INST] a2</s>".

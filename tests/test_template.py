@@ -235,12 +235,24 @@ def test_qwen3_reasoning_matches_official_template(case):
     assert get_conv_template("qwen3").render(messages) == expected
 
 
-def test_qwen3_nothink_drops_reasoning():
+@pytest.mark.parametrize("case", QWEN3_REASONING)
+def test_qwen3_nothink_reasoning_matches_official_template(case):
+    messages = QWEN3_REASONING[case]
+    official_messages = [{**m, "role": "tool"} if m["role"] == "observation" else m for m in messages]
+    complete = messages[-1]["role"] == "assistant"
+    expected = expected_official("qwen3_nothink", official_messages, None, complete)
+    assert get_conv_template("qwen3_nothink").render(messages) == expected
+
+
+def test_qwen3_nothink_keeps_reasoning_of_the_last_answer():
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nanswer"}]
-    plain = [messages[0], {"role": "assistant", "content": "answer"}]
     nothink = get_conv_template("qwen3_nothink")
-    assert nothink.render(messages) == expected_official("qwen3_nothink", plain, None, True)
+    assert nothink.render(messages) == expected_official("qwen3_nothink", messages, None, True)
     assert nothink.render_turns(messages) == [
+        ("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", "<think>\nhmm\n</think>\n\nanswer<|im_end|>")
+    ]
+    plain = [messages[0], {"role": "assistant", "content": "answer"}]  # no reasoning: the empty block is prompt
+    assert nothink.render_turns(plain) == [
         ("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n", "answer<|im_end|>")
     ]
 
