@@ -119,13 +119,27 @@ class PPOTrainer:
         self.model = PolicyAndValue(policy, critic)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        steps = self.num_updates * config.num_ppo_epochs * config.num_mini_batches
-        scheduler = get_scheduler(config.lr_scheduler_type, optimizer, config.get_warmup_steps(steps), steps)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.scheduler = self._build_scheduler()
         for frozen in (ref_policy, reward_model):
             if frozen is not None:
                 frozen.to(self.accelerator.device).eval()
         self.update, self.log_history, self.writer = 0, [], self._build_writer()
+
+    def _build_scheduler(self):
+        """The LR schedule over all optimizer steps, stepped by `optimize` once per optimizer step on every rank.
+        Not passed to `accelerator.prepare`: its wrapper (accelerate 1.15 `AcceleratedScheduler`) steps a schedule
+        num_processes times per optimizer step, which ended the LR after 1/N of the run under N processes. It is
+        built on the innermost torch optimizer, the one whose param_groups' lr the step reads, also under DeepSpeed
+        (which may have replaced ours, e.g. by DeepSpeedCPUAdam with an offloaded optimizer)."""
+        config = self.config
+        optimizer = self.optimizer
+        while not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
+        steps = self.num_updates * config.num_ppo_epochs * config.num_mini_batches
+        scheduler = get_scheduler(config.lr_scheduler_type, optimizer, config.get_warmup_steps(steps), steps)
+        self.accelerator.register_for_checkpointing(scheduler)
+        return scheduler
 
     @property
     def unwrapped(self):
@@ -249,7 +263,8 @@ class PPOTrainer:
                         if self.accelerator.sync_gradients and config.max_grad_norm:
                             self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                         self.optimizer.step()
-                        self.scheduler.step() if self.accelerator.sync_gradients else None
+                        if self.accelerator.sync_gradients and not self.optimizer.step_was_skipped:
+                            self.scheduler.step()
                         self.optimizer.zero_grad()
                     stats.append(step_stats)
         return {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}

@@ -150,17 +150,22 @@ def test_tutorial_ppo_command_saves_a_policy_that_loads(sft_adapter_dir, rm_adap
     assert changed, "PPO must change the policy's weights"
 
 
-def test_ppo_under_torchrun_halves_the_updates(rlhf_setup, tmp_path):
-    updates = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"ppo-{nproc}"
-        argv = ppo_argv(rlhf_setup, out, "--total_episodes", "16", "--num_ppo_epochs", "1", "--save_strategy", "no")
-        argv[argv.index("--per_device_train_batch_size") + 1] = "4"
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-        result = run([*launcher, "--master_port", str(29700 + nproc), "ppo_training.py", *argv])
-        assert result.returncode == 0, result.stderr[-3000:]
-        updates[nproc] = json.loads((out / "trainer_state.json").read_text())["global_step"]
-    assert updates == {1: 4, 2: 2}
+def test_ppo_under_torchrun_follows_the_one_process_lr_schedule(rlhf_setup, tmp_path):
+    """Same global batch (1 x 4 and 2 x 2 prompts): the same 4 updates of 2 optimizer steps each, and the same LR at
+    every update. accelerate's scheduler wrapper once stepped the LR twice per step under 2 processes (0 by update 2);
+    ranks training alone would take 8 updates."""
+    argv = ["--total_episodes", "16", "--num_ppo_epochs", "2", "--learning_rate", "1e-3", "--save_strategy", "no"]
+    one = tmp_path / "ppo-1"
+    ppo_training.main(ppo_argv(rlhf_setup, one, *argv, "--per_device_train_batch_size", "4"))
+    two = tmp_path / "ppo-2"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29702"]
+    two_argv = ppo_argv(rlhf_setup, two, *argv, "--per_device_train_batch_size", "2")
+    result = run([*launcher, "ppo_training.py", *two_argv])
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [round(1e-3 * (1 - 2 * update / 8), 6) for update in (1, 2, 3, 4)]  # linear decay over 8 steps
+    assert logged(one, "lr") == expected
+    assert logged(two, "lr") == expected
+    assert json.loads((two / "trainer_state.json").read_text())["global_step"] == 4
 
 
 def test_ppo_resumes_from_its_last_checkpoint(rlhf_setup, tmp_path):
