@@ -12,8 +12,9 @@ Data (`.json`/`.jsonl`, found recursively): alpaca (`instruction`, `input`, `out
 `history`), sharegpt (`conversations` of `from`/`value`, tool calls included) or OpenAI `messages`. Every file is
 validated before the model loads: errors name `file:line`. `--template_name` picks a template from template.py;
 without it the tokenizer's own chat template is used. Every assistant turn and its end-of-turn token is learned,
-nothing else (`--train_on_inputs` learns everything); conversations longer than `--model_max_length` lose whole
-turns from the end, never part of one. Any option of trl's SFTConfig works (`--neftune_noise_alpha`, ...).
+nothing else (`--train_on_inputs` learns everything). Conversations longer than `--model_max_length` lose whole
+turns from the end; a first exchange that alone is too long is truncated (its answer cut, learning no end-of-turn
+token), or skipped with `--overlong drop`. Any option of trl's SFTConfig works (`--neftune_noise_alpha`, ...).
 
 Speed and memory: conversations are packed into rows where the attention kernel keeps them apart (`--packing`,
 medicalgpt/packing.py), and the loss never builds the whole [tokens x vocab] logits (trl's fused LM head, or
@@ -92,7 +93,7 @@ def main(argv=None):
             None if records is None else prepare_sft_dataset(
                 to_dataset(records, overwrite=data_args.overwrite_cache), template, tokenizer,
                 training_args.max_length, sft_args.train_on_inputs, data_args.system_prompt,
-                data_args.preprocessing_num_workers, f" ({split})",
+                data_args.preprocessing_num_workers, f" ({split})", sft_args.overlong,
             )
             for split, records in (("train", train_records), ("eval", eval_records))
         )  # fmt: skip

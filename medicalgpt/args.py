@@ -145,6 +145,13 @@ class SupervisedArguments:
         default=None,
         metadata={"help": "Longest tokenised conversation; later turns that do not fit are dropped (see README)."},
     )
+    overlong: str = field(
+        default="truncate",
+        metadata={
+            "help": "A first exchange longer than --model_max_length: truncate (keep the prompt's head and the "
+            "answer's start; a cut answer learns no end-of-turn token) or drop (skip the conversation)."
+        },
+    )
     train_on_inputs: bool = field(
         default=False, metadata={"help": "Learn every token, prompts included, not only the assistant turns."}
     )
@@ -155,6 +162,10 @@ class SupervisedArguments:
             "(medicalgpt/losses.py). Default: on when training on CPU; on GPU trl's fused LM head does the same."
         },
     )
+
+    def __post_init__(self):
+        if self.overlong not in ("truncate", "drop"):
+            raise ValueError(f"--overlong must be truncate or drop, got {self.overlong!r}")
 
 
 @dataclass

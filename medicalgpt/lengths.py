@@ -1,8 +1,8 @@
 """Token lengths of validated records as training will tokenise them: the distribution, what truncation would cut,
 the supervised (learned) tokens lost, and records rendered with their label masks. Used by validate_jsonl.py.
 
-SFT records go through `preprocess.tokenize_conversation` (the exact SFT tokenisation and its rule: whole turns are
-dropped from the end to fit `model_max_length`, a conversation whose first turn alone is too long is skipped).
+SFT records go through `preprocess.tokenize_conversation` (the exact SFT tokenisation and its default rule: whole
+turns are dropped from the end to fit `model_max_length`, a first exchange that alone is too long is cut).
 Preference records go through `preprocess.tokenize_preference` (the prompt keeps its last `max_source_length`
 tokens, each response its first `max_target_length`). Pretraining text is packed into blocks: nothing is cut.
 """
@@ -24,7 +24,8 @@ class LengthReport:
     stage: str
     lengths: list[int] = field(default_factory=list)  # tokens per record, untruncated
     truncated: int = 0  # records that training would cut
-    skipped: int = 0  # SFT records dropped whole: their first turn alone is too long
+    skipped: int = 0  # SFT records dropped whole: nothing of their first turn fits
+    cut_answers: int = 0  # SFT records whose first exchange is cut to fit (--overlong truncate)
     dropped_turns: int = 0  # SFT turns dropped from the ends of conversations
     supervised: int = 0  # learned tokens before truncation
     lost: int = 0  # learned tokens truncation would remove
@@ -63,6 +64,7 @@ def _measure_conversation(report, record, template, tokenizer, max_length, syste
         cut = tokenize_conversation(record, template, tokenizer, max_length, system_prompt=system)
         report.truncated += 1
         report.skipped += not cut["input_ids"]
+        report.cut_answers += cut["truncated"]
         report.dropped_turns += cut["dropped_turns"] if cut["input_ids"] else 0
         report.lost += learned - _learned(cut["labels"])
 
@@ -93,7 +95,8 @@ def summarize(report: LengthReport, limits: str) -> list[str]:
         return lines
     share = 100 * report.lost / report.supervised if report.supervised else 0.0
     detail = (
-        f" ({report.dropped_turns} turns dropped from their ends, {report.skipped} records skipped whole)"
+        f" ({report.dropped_turns} turns dropped from their ends, {report.cut_answers} first exchanges cut, "
+        f"{report.skipped} records skipped whole)"
         if report.stage == "sft"
         else ""
     )

@@ -63,7 +63,7 @@ def test_truncation_drops_whole_turns_never_part_of_an_answer(tiny_tokenizer):
     assert learned_spans(first_turn_only["input_ids"], first_turn_only["labels"], tiny_tokenizer) == [
         "先测体温，多喝水。<|im_end|>"
     ]
-    too_long = tokenize_conversation(CONVERSATION, template, tiny_tokenizer, max_length=10)
+    too_long = tokenize_conversation(CONVERSATION, template, tiny_tokenizer, max_length=10, overlong="drop")
     assert too_long["input_ids"] == [] and too_long["dropped_turns"] == 2
 
 

@@ -166,9 +166,11 @@ def test_validate_jsonl_token_statistics_plot_and_masks(tiny_model_dir, tiny_tok
     out = capsys.readouterr().out
     lengths = sorted([a_prompt + a_answer + b_prompt + b_answer, c_prompt + c_answer])
     assert f"sft token lengths over 2 records: min {lengths[0]}, median {lengths[1]}" in out
+    # the long first answer is cut at the limit after at most half of it for the prompt (--overlong truncate)
+    c_kept = limit - min(c_prompt, limit // 2)
     assert (f"sft at model_max_length {limit}: 2 of 2 records would be truncated (1 turns dropped from their ends, "
-            f"1 records skipped whole); {b_answer + c_answer} of {a_answer + b_answer + c_answer} supervised tokens "
-            "lost") in out  # fmt: skip
+            f"1 first exchanges cut, 0 records skipped whole); {b_answer + c_answer - c_kept} of "
+            f"{a_answer + b_answer + c_answer} supervised tokens lost") in out  # fmt: skip
     # the end-of-turn token is learned; --show applies the truncation: the dropped turn is not shown
     assert out.endswith("<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n[LEARN]你好！<|im_end|>[/LEARN]\n")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(plot.parent) == ["lengths.png"]
