@@ -19,6 +19,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from medicalgpt.args import LegacyArguments
+from medicalgpt.device import fit_to_device
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -42,6 +43,7 @@ def parse_args(config_class, *dataclass_types, argv=None):
         legacy = _build(LegacyArguments, values)
         _apply_legacy_flags(legacy, values)
         _default_to_cpu(values)
+        fit_to_device(values, argv)  # bf16 and gradient checkpointing where they help (medicalgpt/device.py)
         config = _build(config_class, values)
         others = [_build(cls, {**values, **_shared_values(cls, config)}) for cls in dataclass_types]
     except ValueError as error:

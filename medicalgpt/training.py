@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from medicalgpt.data import DataValidationError, find_data_files, load_records
+from medicalgpt.device import describe_choice
 
 logger = logging.getLogger("medicalgpt")
 
@@ -57,6 +58,7 @@ def prepare_args(training_args, model_args, lora_args=None):
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and under DDP without extra flags.
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    logger.info(describe_choice(training_args))
     logger.info("Model arguments: %s", model_args)
     if lora_args is not None:
         logger.info("LoRA arguments: %s", lora_args)
