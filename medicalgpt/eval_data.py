@@ -19,7 +19,7 @@ import re
 import string
 
 from medicalgpt.data import DataValidationError, Issue
-from medicalgpt.readers import read_units
+from medicalgpt.readers import InputNotFoundError, read_units
 from medicalgpt.text_metrics import is_chinese
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def load_eval_items(path, task, max_samples=None, skip_invalid=False):
     error raises DataValidationError listing them all, unless skip_invalid: then bad records are skipped, counted
     and logged."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise InputNotFoundError(f"{path}: no such file")
     if not path.lower().endswith((".json", ".jsonl")):
         raise DataValidationError([Issue(path, 0, "error", "", "expected a .jsonl or .json file")])
     check = {"choice": _choice_item, "qa": _qa_item}[task]

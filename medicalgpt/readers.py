@@ -20,6 +20,11 @@ _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 
 
+class InputNotFoundError(FileNotFoundError):
+    """A file or folder the user named is missing or holds no data: a one-line error (medicalgpt.training.run_cli),
+    unlike a FileNotFoundError from the program's own files, which keeps its traceback."""
+
+
 def find_data_files(paths: str | list[str], stage: str | None) -> list[str]:
     """Data files among `paths` (files, or directories searched recursively, each sorted), without duplicates.
     stage None accepts every stage's extensions."""
@@ -33,13 +38,13 @@ def find_data_files(paths: str | list[str], stage: str | None) -> list[str]:
             found = glob.glob(pattern, recursive=True)
             found = sorted(f for f in found if f.lower().endswith(extensions) and os.path.isfile(f))
             if not found:
-                raise FileNotFoundError(f"{path}: no {' '.join(extensions)} files in this directory or below")
+                raise InputNotFoundError(f"{path}: no {' '.join(extensions)} files in this directory or below")
         elif os.path.isfile(path):
             if not path.lower().endswith(extensions):
                 raise ValueError(f"{path}: not a {stage or 'data'} file (expected {' '.join(extensions)})")
             found = [path]
         else:
-            raise FileNotFoundError(f"{path}: no such file or directory")
+            raise InputNotFoundError(f"{path}: no such file or directory")
         files += [f for f in found if f not in seen]
         seen.update(found)
     return files
