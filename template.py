@@ -374,6 +374,11 @@ register_conv_template(
 # Generic ChatML (Qwen1.5/Qwen2 style), no system block for an empty system prompt.
 register_conv_template(_chatml("chatml", "You are a helpful assistant."))
 
+# SmolLM2-Instruct (Hugging Face): ChatML with SmolLM's default system prompt; an empty system message is kept.
+register_conv_template(
+    _chatml("smollm2", "You are a helpful AI assistant named SmolLM, trained by Hugging Face", keep_empty_system=True)
+)
+
 # Yi-Chat: ChatML without a default system prompt.
 register_conv_template(_chatml("yi", ""))
 
