@@ -26,6 +26,7 @@ from transformers import AutoModelForSequenceClassification
 
 from medicalgpt.args import ModelArguments
 from medicalgpt.chat import build_template, parse_cli, setup_logging
+from medicalgpt.model_paths import check_model_path
 from medicalgpt.modeling import ADAPTER_CONFIG, load_model_with_adapter, load_tokenizer, read_adapter_base
 from medicalgpt.training import UsageError, run_cli
 
@@ -149,6 +150,7 @@ def main(argv=None):
     if not adapter or not read_adapter_base(adapter):
         raise UsageError(f"--peft_model_path must be a LoRA adapter directory (with {ADAPTER_CONFIG}): {adapter!r}")
     base = args.base_model_name_or_path or args.base_model or read_adapter_base(adapter)
+    check_model_path(base, named_by=None if base != read_adapter_base(adapter) else adapter)
     output = os.path.normpath(args.output_dir)
     if os.path.isdir(output) and os.listdir(output) and not args.overwrite_output_dir:
         raise UsageError(f"{output} is not empty: choose a new --output_dir or pass --overwrite_output_dir")

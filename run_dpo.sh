@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# DPO on the SFT output (outputs-sft-qwen-v1) when it exists, else on MODEL.
+# DPO on MODEL when set; else on the SFT output (outputs-sft-qwen-v1) when it exists (said on stderr), else on
+# Qwen/Qwen2.5-0.5B-Instruct.
 # Overrides: MODEL SFT_OUTPUT DATA_DIR OUTPUT_DIR TEMPLATE, and the launcher's (scripts/launch.sh).
 [ -z "${BASH_VERSION:-}" ] && exec bash "$0" "$@"
 set -euo pipefail
@@ -13,7 +14,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-outputs-dpo-qwen-v1}
 TEMPLATE=${TEMPLATE:-qwen}
 
 launch dpo_training.py \
-    --model_name_or_path "$(first_existing "$SFT_OUTPUT" "$MODEL")" \
+    --model_name_or_path "$(pick_model "$MODEL_GIVEN" "$SFT_OUTPUT" "$MODEL")" \
     --template_name "$TEMPLATE" \
     --train_file_dir "$DATA_DIR" \
     --validation_file_dir "$DATA_DIR" \

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Stage 4: PPO on the SFT output with the RM output (outputs-sft-qwen-v1, outputs-rm-qwen-v1).
-# Overrides: MODEL (used when an output is missing) SFT_OUTPUT RM_OUTPUT DATA_DIR OUTPUT_DIR TEMPLATE, and the
-# launcher's (scripts/launch.sh).
+# Stage 4: PPO. The policy: MODEL when set, else the SFT output (outputs-sft-qwen-v1) when it exists; the reward
+# model: REWARD_MODEL when set, else the RM output (outputs-rm-qwen-v1) when it exists; else Qwen2.5-0.5B-Instruct.
+# A previous stage's output chosen this way is said on stderr.
+# Overrides: MODEL REWARD_MODEL SFT_OUTPUT RM_OUTPUT DATA_DIR OUTPUT_DIR TEMPLATE, and the launcher's
+# (scripts/launch.sh).
 [ -z "${BASH_VERSION:-}" ] && exec bash "$0" "$@"
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,8 +17,8 @@ OUTPUT_DIR=${OUTPUT_DIR:-outputs-ppo-qwen-v1}
 TEMPLATE=${TEMPLATE:-qwen}
 
 launch ppo_training.py \
-    --sft_model_path "$(first_existing "$SFT_OUTPUT" "$MODEL")" \
-    --reward_model_path "$(first_existing "$RM_OUTPUT" "$MODEL")" \
+    --sft_model_path "$(pick_model "$MODEL_GIVEN" "$SFT_OUTPUT" "$MODEL")" \
+    --reward_model_path "$(pick_model "${REWARD_MODEL:-}" "$RM_OUTPUT" "$MODEL" REWARD_MODEL)" \
     --template_name "$TEMPLATE" \
     --torch_dtype bfloat16 \
     --train_file_dir "$DATA_DIR" \

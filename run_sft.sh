@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stage 2: supervised fine-tuning. Trains on the merged PT model (merged-pt-qwen-v1) when it exists, else on MODEL.
+# Stage 2: supervised fine-tuning, on MODEL when set; else on the merged PT model (merged-pt-qwen-v1) when it exists
+# (said on stderr), else on Qwen/Qwen2.5-0.5B-Instruct.
 # Overrides: MODEL DATA_DIR OUTPUT_DIR TEMPLATE PT_MERGED, and the launcher's (scripts/launch.sh).
 [ -z "${BASH_VERSION:-}" ] && exec bash "$0" "$@"
 set -euo pipefail
@@ -13,7 +14,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-outputs-sft-qwen-v1}
 TEMPLATE=${TEMPLATE:-qwen}
 
 launch supervised_finetuning.py \
-    --model_name_or_path "$(first_existing "$PT_MERGED" "$MODEL")" \
+    --model_name_or_path "$(pick_model "$MODEL_GIVEN" "$PT_MERGED" "$MODEL")" \
     --train_file_dir "$DATA_DIR" \
     --validation_file_dir "$DATA_DIR" \
     --per_device_train_batch_size 4 \

@@ -21,6 +21,7 @@ import torch
 from transformers import StoppingCriteria, TextIteratorStreamer
 
 from medicalgpt.args import TORCH_DTYPES, ModelArguments
+from medicalgpt.model_paths import check_model_path
 from medicalgpt.modeling import load_model, load_model_with_adapter, load_tokenizer, read_adapter_base
 from medicalgpt.preprocess import leading_bos
 from medicalgpt.training import build_template
@@ -118,6 +119,7 @@ class PromptTooLongError(ValueError):
 def load_chat_engine(args: ChatArguments):
     """Tokenizer, template, model (+ the LoRA adapter, merged) -> a ChatEngine, on the GPU when there is one."""
     model_args = args.model_arguments()
+    check_chat_paths(args)
     if args.lora_model and not read_adapter_base(args.lora_model):
         from medicalgpt.training import UsageError
 
@@ -130,6 +132,14 @@ def load_chat_engine(args: ChatArguments):
     else:
         model = load_model(model_args)
     return ChatEngine(model, tokenizer, template, system_prompt=args.system_prompt)
+
+
+def check_chat_paths(args):
+    """--base_model, --lora_model and --tokenizer_path exist (or are loadable hub ids); else one line says which."""
+    for flag, path in (("--base_model", args.base_model), ("--lora_model", args.lora_model),
+                       ("--tokenizer_path", args.tokenizer_path)):  # fmt: skip
+        if path:
+            check_model_path(path, flag)
 
 
 def tokenizer_source(args):
@@ -339,7 +349,9 @@ def parse_cli(dataclass_types, argv=None, description=None):
     """HfArgumentParser over `dataclass_types`; a bad value exits with argparse's message, not a traceback."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_types, description=description, allow_abbrev=False)
+    from medicalgpt.parser import help_options
+
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False, **help_options(description))
     try:
         return parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:

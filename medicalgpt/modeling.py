@@ -14,13 +14,17 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from medicalgpt.model_paths import check_model_path, recorded_base_path, resolve_adapter_base
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
+MODEL_FLAG = "--model_name_or_path"  # named in a model-path error when the path was not typed after another flag
 
 
 def read_adapter_base(path):
-    """The base model an adapter directory was trained on, or None when `path` is not an adapter directory."""
+    """The base model an adapter directory was trained on, or None when `path` is not an adapter directory. A relative
+    base (older adapters) is resolved from here or beside the adapter (medicalgpt.model_paths)."""
     config_file = os.path.join(path, ADAPTER_CONFIG) if path else None
     if not config_file or not os.path.isfile(config_file):
         return None
@@ -28,14 +32,27 @@ def read_adapter_base(path):
         base = json.load(f).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{config_file}: no base_model_name_or_path; pass the base model explicitly.")
-    return base
+    return resolve_adapter_base(path, base)
+
+
+def check_paths(model_args, path, flag=None):
+    """`path` (and, for an adapter directory, the base it names) can be loaded; else a one-line ModelPathError."""
+    check_model_path(path, flag, model_args.cache_dir, model_args.model_revision)
+    base = read_adapter_base(path)
+    if base:
+        check_model_path(base, cache_dir=model_args.cache_dir, revision=model_args.model_revision, named_by=path)
 
 
 def load_tokenizer(model_args, path=None):
     """The tokenizer of `path` (default: --tokenizer_name_or_path, else the model); an adapter directory's own
     tokenizer is preferred, since the stage that wrote it may have changed it (vocabulary, chat template)."""
+    flag = None if path else "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else MODEL_FLAG
     path = path or model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if not path:
+        raise ValueError("--model_name_or_path is required")
+    check_model_path(path, flag, model_args.cache_dir, model_args.model_revision)
     if read_adapter_base(path) and not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        check_paths(model_args, path)
         path = read_adapter_base(path)
     tokenizer = AutoTokenizer.from_pretrained(
         path,
@@ -104,6 +121,7 @@ def load_model(model_args, path=None, model_class=AutoModelForCausalLM, **model_
     path = path or model_args.model_name_or_path
     if not path:
         raise ValueError("--model_name_or_path is required")
+    check_paths(model_args, path, MODEL_FLAG)
     adapter_base = read_adapter_base(path)
     dtype = resolve_dtype(model_args.torch_dtype)
     kwargs = dict(
@@ -147,8 +165,10 @@ def load_model_with_adapter(
 
     With `tokenizer`, the base model's embeddings first grow to fit it, new rows initialised exactly as the training
     scripts initialised them (medicalgpt.vocab), so an adapter trained after a vocabulary extension fits."""
+    check_model_path(adapter_path, cache_dir=model_args.cache_dir)  # its recorded base matters only in a chain
     inner = read_adapter_base(adapter_path)
-    if inner and read_adapter_base(inner):
+    base = model_args.model_name_or_path
+    if inner and read_adapter_base(inner) and not _same_path(inner, base):
         model = load_model_with_adapter(model_args, inner, model_class, tokenizer, **model_kwargs)
     else:
         model = load_model(model_args, model_class=model_class, **model_kwargs)
@@ -158,6 +178,12 @@ def load_model_with_adapter(
             resize_embeddings_for_tokenizer(model, tokenizer)
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
     return merge_adapter(model, adapter_path, quantized=quantized)
+
+
+def _same_path(a, b):
+    """Whether two model paths name the same folder (an adapter's recorded base given again as the base model: it
+    loads whole, chain included, and must not be merged a second time)."""
+    return bool(a and b) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
 
 
 def merge_adapter(model, adapter_path, quantized=False):
@@ -204,7 +230,8 @@ def split_names(text):
 
 def wrap_with_lora(model, lora_args, training_args, base_path, task_type="CAUSAL_LM"):
     """LoRA (QLoRA on a 4/8-bit model) or, without --use_peft, the model itself for full fine-tuning.
-    `base_path` is what the adapter will name as its base: the path the model was loaded from."""
+    `base_path` is what the adapter will name as its base: the path the model was loaded from (a folder is recorded
+    as an absolute path, so the adapter loads from any working directory)."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
@@ -223,7 +250,7 @@ def wrap_with_lora(model, lora_args, training_args, base_path, task_type="CAUSAL
         model = PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
     else:
         model = get_peft_model(model, build_lora_config(lora_args, task_type))
-    model.peft_config["default"].base_model_name_or_path = base_path
+    model.peft_config["default"].base_model_name_or_path = recorded_base_path(base_path)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()
     trainable, total = model.get_nb_trainable_parameters()

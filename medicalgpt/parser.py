@@ -8,9 +8,12 @@ transformers 5 dropped (`LegacyArguments`), an unknown flag or config key reject
 GPU is present, and fields shared between our dataclasses and the trainer's config parsed once.
 """
 
+import argparse
 import dataclasses
+import inspect
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -24,12 +27,18 @@ from medicalgpt.device import fit_to_device
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-def parse_args(config_class, *dataclass_types, argv=None):
-    """Parse `argv` into (config, *dataclass instances) in the order given; exits with a message on bad input."""
+def parse_args(config_class, *dataclass_types, argv=None, description=None):
+    """Parse `argv` into (config, *dataclass instances) in the order given; exits with a message on bad input.
+    `--help` shows `description` (default: the calling script's docstring), then the script's own options, then the
+    trainer's (`config_class`), then upstream's legacy flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if description is None:
+        description = inspect.currentframe().f_back.f_globals.get("__doc__")
     shared = {f.name for f in dataclasses.fields(config_class)}
-    parsed_types = [config_class] + [_without_fields(cls, shared) for cls in dataclass_types] + [LegacyArguments]
-    parser = HfArgumentParser(parsed_types, allow_abbrev=False)
+    ours = [_without_fields(cls, shared) for cls in dataclass_types]
+    training = f"training ({config_class.__name__}: the trainer's options, as transformers / trl document them)"
+    parsed_types = [*map(_as_group, ours), _as_group(config_class, training), _as_group(LegacyArguments)]
+    parser = HfArgumentParser(parsed_types, allow_abbrev=False, **help_options(description, config_file=True))
     _allow_bare_bool_flags(parser)
     try:
         argv = expand_config_file(argv)
@@ -50,6 +59,59 @@ def parse_args(config_class, *dataclass_types, argv=None):
         _fail(str(error))
     config.overwrite_output_dir = legacy.overwrite_output_dir
     return (config, *others)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` that reads: the description laid out as written (examples keep their line breaks), each option once
+    (`--model_name_or_path VALUE`, not also its dashed alias) and one `(default: ...)`, added only where the help text
+    does not already state its default."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=40, width=119)
+
+    def _format_action_invocation(self, action):  # argparse's hook for the "-x, --xx XX" column
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        names = []  # each spelling once: --model_name_or_path, not also HfArgumentParser's --model-name-or-path
+        for name in action.option_strings:
+            if name.replace("-", "_").lstrip("_") not in [n.replace("-", "_").lstrip("_") for n in names]:
+                names.append(name)
+        if action.nargs == 0:
+            return ", ".join(names)
+        value = "[BOOL]" if action.nargs == "?" and action.const is True else "VALUE"
+        if action.choices:
+            value = "{" + ",".join(map(str, action.choices)) + "}"
+        return f"{', '.join(names)} {value}{' ...' if action.nargs in ('+', '*') else ''}"
+
+    def _get_help_string(self, action):  # the hook argparse's ArgumentDefaultsHelpFormatter overrides, too
+        text = action.help or ""
+        negation = action.nargs == 0 and action.const is False  # --no_x: its default is --x's
+        if not action.option_strings or action.default in (None, argparse.SUPPRESS) or "default" in text.lower():
+            return text
+        if negation:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def help_options(description, config_file=False):
+    """HfArgumentParser keyword arguments for readable help: a one-line usage instead of every flag listed."""
+    usage = "%(prog)s [run.yaml] [--option VALUE ...]" if config_file else "%(prog)s [--option VALUE ...]"
+    return dict(description=description, usage=usage, formatter_class=HelpFormatter)
+
+
+GROUP_TITLES = {
+    "ModelArguments": "model",
+    "DataArguments": "data",
+    "LoraArguments": "LoRA / QLoRA",
+    "LegacyArguments": "upstream flags, accepted for compatibility",
+}
+
+
+def _as_group(cls, title=None):
+    """`cls` with HfArgumentParser's `_argument_group_name` (see its docstring): its options are one --help section."""
+    name = cls.__name__
+    title = title or GROUP_TITLES.get(name) or re.sub(r"(?<!^)(?=[A-Z])", " ", name.removesuffix("Arguments")).lower()
+    return type(name, (cls,), {"_argument_group_name": title, "__doc__": cls.__doc__})
 
 
 def _allow_bare_bool_flags(parser):

@@ -71,15 +71,37 @@ def prepare_args(training_args, model_args, lora_args=None):
 
 def find_resume_checkpoint(training_args):
     """The checkpoint to resume from: --resume_from_checkpoint, else the last one in output_dir (unless
-    --overwrite_output_dir)."""
+    --overwrite_output_dir). When that checkpoint ends a finished run whose step budget has not grown, the run is
+    complete: it says so and exits 0 (SystemExit) before training, leaving output_dir as it is."""
     if training_args.resume_from_checkpoint:
         return training_args.resume_from_checkpoint
     if getattr(training_args, "overwrite_output_dir", False) or not os.path.isdir(training_args.output_dir):
         return None
     checkpoint = get_last_checkpoint(training_args.output_dir)
+    if checkpoint and _run_is_complete(checkpoint, training_args):
+        logger.warning(
+            "%s: this run is complete (%s); nothing to train. Raise --max_steps / --num_train_epochs to train "
+            "further, or pass --overwrite_output_dir to start again.", training_args.output_dir, checkpoint,
+        )  # fmt: skip
+        raise SystemExit(0)
     if checkpoint:
         logger.info("Resuming from %s", checkpoint)
     return checkpoint
+
+
+def _run_is_complete(checkpoint, training_args):
+    """Whether `checkpoint` reached its run's step budget and the budget asked for now is not larger: --max_steps
+    when given, else the budget the run computed (trainer_state.json `max_steps`) at no more epochs than now."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return False
+    step = state.get("global_step") or 0
+    if training_args.max_steps > 0:
+        return step >= training_args.max_steps
+    epochs_grew = training_args.num_train_epochs > (state.get("num_train_epochs") or training_args.num_train_epochs)
+    return bool(state.get("max_steps")) and step >= state["max_steps"] and not epochs_grew
 
 
 def load_hub_records(data_args, stage):

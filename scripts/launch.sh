@@ -13,15 +13,23 @@ MASTER_PORT=${MASTER_PORT:-29500}
 DEEPSPEED=${DEEPSPEED:-}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 
-# first_existing DIR... : the first argument that is a directory, else the last argument.
-first_existing() {
-    for candidate in "$@"; do
-        if [ -d "$candidate" ]; then
-            echo "$candidate"
-            return
-        fi
-    done
-    echo "${@: -1}"
+# MODEL as the caller set it (empty when not set), before a run_*.sh gives it its default.
+MODEL_GIVEN=${MODEL:-}
+
+# pick_model EXPLICIT PREVIOUS DEFAULT [NAME] : the model a stage starts from. An explicit choice (the variable NAME,
+# default MODEL) always wins; else PREVIOUS, the previous stage's output, when it exists (said on stderr: a stale
+# output is never used unseen); else DEFAULT.
+pick_model() {
+    local explicit=$1 previous=$2 default=$3 name=${4:-MODEL}
+    if [ -n "$explicit" ]; then
+        echo "$explicit"
+    elif [ -d "$previous" ]; then
+        echo "$(basename "$0"): $name is not set: using the previous stage's output $previous" \
+            "(set $name=... to choose another model)" >&2
+        echo "$previous"
+    else
+        echo "$default"
+    fi
 }
 
 # launch SCRIPT ARGS... : python (one process) or torchrun (several), plus --deepspeed and EXTRA_ARGS.

@@ -35,8 +35,10 @@ def workspace(tmp_path):
     return tmp_path
 
 
-def run_stage(workspace, script, model, **env):
-    environment = {**ENV, "MODEL": model, "PYTHON": sys.executable, "EXTRA_ARGS": "--max_steps 2", **env}
+def run_stage(workspace, script, model=None, **env):
+    """A run_*.sh; without `model`, MODEL is unset and the script picks up the previous stage's output."""
+    environment = {**ENV, "PYTHON": sys.executable, "EXTRA_ARGS": "--max_steps 2", **env}
+    environment = {**environment, "MODEL": model} if model else {k: v for k, v in environment.items() if k != "MODEL"}
     result = subprocess.run(["sh", script], cwd=workspace, env=environment, capture_output=True, text=True,
                             timeout=600)  # fmt: skip
     assert result.returncode == 0, f"{script} failed:\n{result.stderr[-4000:]}"
@@ -50,13 +52,14 @@ def test_run_scripts_pick_up_the_previous_stage_output(workspace, tiny_model_dir
                  "--output_dir", "merged-pt-qwen-v1"], cwd=workspace)  # fmt: skip
     assert merge.returncode == 0, merge.stderr[-3000:]
 
-    run_stage(workspace, "run_sft.sh", tiny_model_dir)
-    assert adapter_base(workspace / "outputs-sft-qwen-v1") == "merged-pt-qwen-v1"
-    run_stage(workspace, "run_rm.sh", tiny_model_dir)
-    assert adapter_base(workspace / "outputs-rm-qwen-v1") == "outputs-sft-qwen-v1"
-    run_stage(workspace, "run_dpo.sh", tiny_model_dir)
-    assert adapter_base(workspace / "outputs-dpo-qwen-v1") == "outputs-sft-qwen-v1"
-    ppo = run_stage(workspace, "run_ppo.sh", tiny_model_dir, EXTRA_ARGS="--max_steps 2 --response_length 16")
+    sft = run_stage(workspace, "run_sft.sh")
+    assert "MODEL is not set: using the previous stage's output merged-pt-qwen-v1" in sft.stderr
+    assert adapter_base(workspace / "outputs-sft-qwen-v1") == str(workspace / "merged-pt-qwen-v1")  # absolute
+    run_stage(workspace, "run_rm.sh")
+    assert adapter_base(workspace / "outputs-rm-qwen-v1") == str(workspace / "outputs-sft-qwen-v1")
+    run_stage(workspace, "run_dpo.sh")
+    assert adapter_base(workspace / "outputs-dpo-qwen-v1") == str(workspace / "outputs-sft-qwen-v1")
+    ppo = run_stage(workspace, "run_ppo.sh", EXTRA_ARGS="--max_steps 2 --response_length 16")
     assert "--sft_model_path outputs-sft-qwen-v1 --reward_model_path outputs-rm-qwen-v1" in ppo.stderr
     assert global_step(workspace / "outputs-ppo-qwen-v1") == 2
     run_stage(workspace, "run_orpo.sh", tiny_model_dir)
