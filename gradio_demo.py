@@ -4,7 +4,9 @@
     # then open http://localhost:7860
 
 The page has a stop button (while an answer streams) and a clear button (the bin in the chat's corner) that starts
-a new conversation. It listens on 127.0.0.1:7860 (`--host 0.0.0.0` to open it to the network, `--port`);
+a new conversation. When the conversation outgrows the model's context, its oldest exchanges are left out of what
+the model sees and a notice says so (as in `inference.py --interactive`); the chat itself stays as it is.
+It listens on 127.0.0.1:7860 (`--host 0.0.0.0` to open it to the network, `--port`);
 `--share True` asks gradio for a public link (off by default).
 """
 
@@ -12,7 +14,15 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from medicalgpt.chat import ChatArguments, PromptTooLongError, load_chat_engine, parse_cli, setup_logging
+from medicalgpt.chat import (
+    ChatArguments,
+    PromptTooLongError,
+    dropped_note,
+    fit_context,
+    load_chat_engine,
+    parse_cli,
+    setup_logging,
+)
 from medicalgpt.training import run_cli
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -35,28 +45,48 @@ def content_text(content):
     return "".join(content_text(part) for part in content or [])
 
 
+def history_messages(history):
+    """gradio's chat history as user/assistant messages: answered exchanges only (a question left without an answer,
+    e.g. one too long for the model, is not sent again)."""
+    turns = [
+        {"role": turn["role"], "content": content_text(turn["content"])}
+        for turn in history
+        if turn.get("role") in ("user", "assistant")
+    ]
+    return [
+        turn
+        for i, turn in enumerate(turns)
+        if turn["role"] == "assistant" or (i + 1 < len(turns) and turns[i + 1]["role"] == "assistant")
+    ]
+
+
+def respond(engine, options, message, history, notify):
+    """Stream the answer to `message` after `history`. As inference.py does, a conversation longer than the model's
+    context loses its oldest exchanges and `notify` says so; a message too long on its own is only reported: the
+    chat, its clear button and the send button stay as they are."""
+    messages = history_messages(history) + [{"role": "user", "content": content_text(message)}]
+    try:
+        messages, dropped = fit_context(engine, messages, options.max_new_tokens)
+    except PromptTooLongError as error:
+        notify(f"{error}. Shorten the message.")
+        return
+    if dropped:
+        notify(dropped_note(engine, dropped))
+    answer = ""
+    for piece in engine.stream(messages, options):  # a stop click closes this generator, which ends the generation
+        answer += piece
+        yield answer
+
+
 def build_demo(engine, options, title="MedicalGPT"):
     """The gradio ChatInterface over `engine`; every session shares it (its lock serialises generation)."""
     import gradio as gr
 
-    def respond(message, history):
-        messages = [
-            {"role": turn["role"], "content": content_text(turn["content"])}
-            for turn in history
-            if turn.get("role") in ("user", "assistant")
-        ]
-        messages.append({"role": "user", "content": content_text(message)})
-        try:
-            stream = engine.stream(messages, options)
-        except PromptTooLongError as error:
-            raise gr.Error(f"{error}. Clear the conversation to go on.") from error
-        answer = ""
-        for piece in stream:  # a stop click closes this generator, which ends the generation
-            answer += piece
-            yield answer
+    def chat(message, history):
+        yield from respond(engine, options, message, history, notify=gr.Warning)
 
     return gr.ChatInterface(
-        respond,
+        chat,
         title=title,
         description="Answers come from a language model and may be wrong; they are no medical advice.",
         textbox=gr.Textbox(placeholder="Ask a question", submit_btn=True, stop_btn=True),

@@ -5,8 +5,10 @@
         --data_file input.jsonl --output_file output.jsonl --template_name qwen --batch_size 8
     python inference.py --base_model merged-sft-qwen-v1 --data_file questions.txt --temperature 0   # greedy
 
-Interactive: answers stream as they are generated; the whole conversation is the context of each answer. Type
-`clear` to start over, `exit` (or Ctrl-D) to quit; Ctrl-C stops an answer.
+Interactive: answers stream as they are generated; the whole conversation is the context of each answer (when it
+no longer fits the model's context, its oldest exchanges are left out, and you are told). Type `clear` to start
+over, `exit` (or Ctrl-D) to quit; Ctrl-C stops an answer. Lines pasted at once are one message; so is everything
+typed between two lines that hold only three double quotes.
 
 Batch: `--data_file` is `.txt` (one prompt per line) or `.jsonl` (`prompt`, `instruction`+`input`, `question`,
 `messages` or `conversations` records; see medicalgpt/prompts.py), checked line by line before the model loads.
@@ -23,7 +25,15 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from medicalgpt.chat import ChatArguments, PromptTooLongError, load_chat_engine, parse_cli, setup_logging
+from medicalgpt.chat import (
+    ChatArguments,
+    PromptTooLongError,
+    dropped_note,
+    fit_context,
+    load_chat_engine,
+    parse_cli,
+    setup_logging,
+)
 from medicalgpt.data import DataValidationError, Issue
 from medicalgpt.prompts import load_prompt_records
 from medicalgpt.training import UsageError, run_cli
@@ -31,6 +41,8 @@ from medicalgpt.training import UsageError, run_cli
 logger = logging.getLogger("medicalgpt")
 EXIT_COMMANDS = ("exit", "quit", ":exit", ":quit", "/exit")
 CLEAR_COMMANDS = ("clear", ":clear", "/clear")
+BLOCK_QUOTE = '"""'  # a line of its own starts and ends a multi-line message
+PASTE_WAIT_S = 0.02  # how long after a line more pasted input may take to arrive
 
 
 @dataclass
@@ -42,13 +54,43 @@ class InferenceArguments:
     use_vllm: bool = field(default=False, metadata={"help": "Batch mode with vLLM (GPU; pip install vllm)."})
 
 
-def chat_loop(engine, options, read=input, write=sys.stdout.write):
+def input_is_pending(stream=None):
+    """Whether more typed or pasted input is already waiting on the terminal (a paste arrives all at once; a terminal
+    in line mode hands it over one line per read). False when the input is not a terminal: a pipe gives one message
+    per line."""
+    stream = stream or sys.stdin
+    if not stream.isatty():
+        return False
+    import select
+
+    return bool(select.select([stream], [], [], PASTE_WAIT_S)[0])
+
+
+def read_message(read=input, pending=input_is_pending):
+    """One user message: a line, with the lines pasted together with it; or, between two lines of three double
+    quotes, everything typed."""
+    first = read("User: ")
+    if first.strip() == BLOCK_QUOTE:
+        lines = []
+        while (line := read("... ")).strip() != BLOCK_QUOTE:
+            lines.append(line)
+        return "\n".join(lines)
+    lines = [first]
+    while pending():
+        lines.append(read(""))
+    return "\n".join(lines)
+
+
+def chat_loop(engine, options, read=input, write=sys.stdout.write, pending=input_is_pending):
     """The terminal chat: streams each answer and keeps the full history (questions and answers)."""
-    write("Chat with the model. 'clear' forgets the conversation, 'exit' quits; Ctrl-C stops an answer.\n")
+    write(
+        "Chat with the model. 'clear' forgets the conversation, 'exit' quits; Ctrl-C stops an answer. Pasted lines "
+        f"are one message; so is what you type between two lines of {BLOCK_QUOTE}.\n"
+    )
     history = []
     while True:
         try:
-            query = read("User: ")
+            query = read_message(read, pending)
         except (EOFError, KeyboardInterrupt):
             write("\n")
             return
@@ -60,18 +102,15 @@ def chat_loop(engine, options, read=input, write=sys.stdout.write):
             continue
         if not query.strip():
             continue
-        messages, stream = history + [{"role": "user", "content": query}], None
-        while stream is None:
-            try:
-                stream = engine.stream(messages, options)
-            except PromptTooLongError as error:
-                if len(messages) == 1:
-                    write(f"Error: {error}\n")
-                    break
-                messages = messages[2:]  # forget the oldest exchange
-                write("(the conversation is too long for the model: its oldest exchange is forgotten)\n")
-        if stream is None:
+        try:
+            conversation = history + [{"role": "user", "content": query}]
+            messages, dropped = fit_context(engine, conversation, options.max_new_tokens)
+        except PromptTooLongError as error:
+            write(f"Error: {error}. Shorten the message.\n")
             continue
+        if dropped:
+            write(f"({dropped_note(engine, dropped)})\n")
+        stream = engine.stream(messages, options)
         write("Assistant: ")
         answer = ""
         try:

@@ -142,6 +142,31 @@ def check_chat_paths(args):
             check_model_path(path, flag)
 
 
+def fit_context(engine, messages, max_new_tokens, system_prompt=None):
+    """(the messages that fit the model's context with max_new_tokens to spare, how many of the oldest exchanges were
+    left out). One behaviour for the terminal and the browser: the oldest user/assistant exchanges go first, a
+    leading system message stays; PromptTooLongError when the last message alone does not fit."""
+    system = list(messages[:1]) if messages and messages[0].get("role") == "system" else []
+    turns, dropped = list(messages[len(system) :]), 0
+    while True:
+        try:
+            engine.check_length(len(engine.encode(system + turns, system_prompt)), max_new_tokens)
+            return system + turns, dropped
+        except PromptTooLongError:
+            if len(turns) <= 1:
+                raise
+            turns, dropped = turns[2:], dropped + 1
+
+
+def dropped_note(engine, dropped):
+    """What the user is told when fit_context left exchanges out."""
+    exchanges = "exchange is" if dropped == 1 else f"{dropped} exchanges are"
+    return (
+        f"The conversation no longer fits the model's context of {engine.context_length} tokens: its oldest "
+        f"{exchanges} left out of what the model sees."
+    )
+
+
 def tokenizer_source(args):
     """--tokenizer_path, else the adapter directory when it holds a tokenizer (it may be extended), else the base."""
     if args.tokenizer_path:

@@ -319,3 +319,91 @@ def test_training_help_lists_our_options_before_the_trainers_and_each_spelling_o
     assert sections[-1] == "upstream flags, accepted for compatibility:"
     assert "  --model_name_or_path VALUE " in text and "--model-name-or-path" not in text
     assert "(default: none). (default: None)" not in text
+
+
+# -- one behaviour on context overflow (terminal and browser), multi-line paste -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, tiny_model_dir):
+    from tests.chat_support import qa_engine
+
+    return qa_engine(tmp_path_factory, tiny_model_dir)
+
+
+class Seen:
+    """An engine wrapper that records the conversations it is asked to continue."""
+
+    def __init__(self, engine):
+        self.engine, self.conversations = engine, []
+
+    def stream(self, messages, options):
+        self.conversations.append(messages)
+        return self.engine.stream(messages, options)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def test_gradio_drops_the_oldest_exchange_says_so_and_keeps_the_chat(engine):
+    from gradio_demo import respond
+    from medicalgpt.chat import GenerationOptions
+
+    options = GenerationOptions(temperature=0, max_new_tokens=30)
+    long_question = "发烧 " * 1000  # ~3000 tokens of a 4096-token context
+    history = [{"role": "user", "content": long_question}, {"role": "assistant", "content": "多喝水。"}]
+    seen, notes = Seen(engine), []
+    answers = list(respond(seen, options, long_question, history, notes.append))
+    assert seen.conversations == [[{"role": "user", "content": long_question}]]
+    assert notes == [f"The conversation no longer fits the model's context of {engine.context_length} tokens: its "
+                     "oldest exchange is left out of what the model sees."]  # fmt: skip
+    assert answers and answers[-1] == "".join(engine.stream(seen.conversations[0], options))
+
+    notes.clear()
+    assert list(respond(seen, options, long_question * 2, history, notes.append)) == []  # no answer, no exception
+    assert len(seen.conversations) == 1 and notes[0].endswith("Shorten the message.")
+
+
+def test_gradio_history_leaves_out_a_question_that_got_no_answer():
+    from gradio_demo import history_messages
+
+    history = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+               {"role": "user", "content": "too long"}, {"role": "user", "content": [{"type": "text", "text": "q2"}]},
+               {"role": "assistant", "content": "a2"}]  # fmt: skip
+    kept = [(m["role"], m["content"]) for m in history_messages(history)]
+    assert kept == [("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")]
+
+
+def test_lines_pasted_into_the_terminal_are_one_message():
+    """On a real pseudo-terminal: three lines arrive at once (a paste), then a line typed later."""
+    import pty
+
+    from inference import input_is_pending, read_message
+
+    master, slave = pty.openpty()
+    terminal = open(slave, encoding="utf-8")
+    try:
+        os.write(master, "头痛三天\n伴有发热\n怎么办？\n".encode())
+
+        def read(prompt):
+            line = terminal.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\n")
+
+        pending = lambda: input_is_pending(terminal)  # noqa: E731
+        assert read_message(read, pending) == "头痛三天\n伴有发热\n怎么办？"
+        os.write(master, b"next\n")
+        assert read_message(read, pending) == "next"
+    finally:
+        terminal.close()
+        os.close(master)
+
+
+def test_a_triple_quote_block_is_one_message_and_piped_lines_stay_separate():
+    from inference import read_message
+
+    lines = iter(['"""', "第一行", "", "第三行", '"""'])
+    assert read_message(lambda prompt: next(lines), pending=lambda: False) == "第一行\n\n第三行"
+    lines = iter(["one", "two"])
+    assert read_message(lambda prompt: next(lines), pending=lambda: False) == "one"

@@ -179,6 +179,9 @@ class Recorder:
         self.seen.append([dict(m) for m in messages])
         return self.engine.stream(messages, options)
 
+    def __getattr__(self, name):  # encode, check_length, context_length: the engine's
+        return getattr(self.engine, name)
+
 
 def test_interactive_chat_keeps_every_answer_in_the_history_and_clear_forgets(engine):
     import inference
@@ -213,8 +216,10 @@ def test_too_long_history_forgets_the_oldest_exchange(engine):
     recorder, shown = Recorder(engine), []
     options = GenerationOptions(temperature=0, max_new_tokens=30)
     inference.chat_loop(recorder, options, read=lambda prompt: next(lines), write=shown.append)
-    assert [len(messages) for messages in recorder.seen] == [1, 3, 1, 3, 1]  # tries, then drops an exchange
-    assert "oldest exchange is forgotten" in "".join(shown) and "Error: the prompt (" in "".join(shown)
+    assert [len(messages) for messages in recorder.seen] == [1, 1]  # the first exchange left out; the third too long
+    assert recorder.seen[1] == user(long_question)
+    assert "its oldest exchange is left out of what the model sees" in "".join(shown)
+    assert "Error: the prompt (" in "".join(shown) and "Shorten the message." in "".join(shown)
     with pytest.raises(PromptTooLongError):
         engine.stream(user(long_question * 2), options)
 
