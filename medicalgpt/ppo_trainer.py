@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from transformers import GenerationConfig, TrainingArguments, get_scheduler, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -57,12 +57,31 @@ class PPOConfig(TrainingArguments):
     merge_policy: bool = field(default=False, metadata={"help": "Save the policy merged into full weights."})
 
 
+def deepspeed_plugin(config):
+    """accelerate's DeepSpeed plugin for --deepspeed (or `accelerate launch` with a DeepSpeed config), with concrete
+    batch sizes: accelerate fills "auto" ones from a prepared DataLoader, and PPO prepares none. One micro-batch is
+    per_device_train_batch_size sequences; DeepSpeed steps the optimizer every gradient_accumulation_steps of them."""
+    plugin = getattr(config, "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    values = plugin.deepspeed_config
+    values["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
+    values["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+    values["train_batch_size"] = (
+        config.per_device_train_batch_size * config.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", 1))
+    )
+    if values.get("gradient_clipping") == "auto":
+        values["gradient_clipping"] = config.max_grad_norm
+    return plugin
+
+
 class PolicyAndValue(torch.nn.Module):
     """Both trained models in one module, so that DDP/DeepSpeed wrap and synchronise them together."""
 
     def __init__(self, policy, critic):
         super().__init__()
         self.policy, self.critic = policy, critic
+        self.config = policy.config  # accelerate sizes DeepSpeed's "auto" ZeRO-3 buckets from config.hidden_size
 
     def forward(self, input_ids, attention_mask):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -101,8 +120,9 @@ class PPOTrainer:
         set_seed(config.seed)
         mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
         self.accelerator = Accelerator(
-            cpu=config.use_cpu, mixed_precision=mixed, gradient_accumulation_steps=config.gradient_accumulation_steps
-        )
+            cpu=config.use_cpu, mixed_precision=mixed, gradient_accumulation_steps=config.gradient_accumulation_steps,
+            deepspeed_plugin=deepspeed_plugin(config),
+        )  # fmt: skip
         self.local_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
         self.local_batch *= config.num_mini_batches
         self.global_batch = self.local_batch * self.accelerator.num_processes
@@ -140,6 +160,11 @@ class PPOTrainer:
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, config.get_warmup_steps(steps), steps)
         self.accelerator.register_for_checkpointing(scheduler)
         return scheduler
+
+    @property
+    def deepspeed(self):
+        """Whether the models run in a DeepSpeed engine, whose optimizer state is sharded over the ranks."""
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     @property
     def unwrapped(self):
@@ -373,9 +398,15 @@ class PPOTrainer:
             shutil.rmtree(partial, ignore_errors=True)
             for name in ("policy", "critic"):
                 getattr(self.unwrapped, name).save_pretrained(os.path.join(partial, name), state_dict=state[name])
-            torch.save(self.optimizer.state_dict(), os.path.join(partial, "optimizer.pt"))
+            if not self.deepspeed:
+                torch.save(self.optimizer.state_dict(), os.path.join(partial, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(partial, "scheduler.pt"))
             self.write_state(partial)
+        if self.deepspeed:  # every rank writes its optimizer shard (collective)
+            self.accelerator.wait_for_everyone()
+            self.model.save_checkpoint(os.path.join(partial, "deepspeed"), exclude_frozen_parameters=True)
+            self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             rotate_checkpoints(self.config.output_dir, self.config.save_total_limit)
@@ -398,13 +429,16 @@ class PPOTrainer:
         from peft import PeftModel, set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        for name in ("policy", "critic"):
+        if self.deepspeed:  # trained weights and this rank's optimizer shard
+            self.model.load_checkpoint(os.path.join(folder, "deepspeed"), load_module_strict=False)
+        for name in ("policy", "critic") if not self.deepspeed else ():
             model, saved = getattr(self.unwrapped, name), os.path.join(folder, name)
             if isinstance(model, PeftModel):
                 set_peft_model_state_dict(model, load_file(os.path.join(saved, "adapter_model.safetensors")))
             else:
                 model.load_state_dict(type(model).from_pretrained(saved).state_dict())
-        self.optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+        if not self.deepspeed:
+            self.optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
         self.scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
         with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)

@@ -145,13 +145,33 @@ def _untrained(weight, ids: list[int], rows: int) -> set[int]:
     return {i for i in ids if norms[i] <= limit}
 
 
+def _check_zero3_embeddings(tokenizer, rows, sources) -> int:
+    """Under ZeRO-3 the rows cannot be read or written here: a tokenizer larger than the model is a usage error, and
+    rows the extension listed are taken as they are (initialised by the run that grew them)."""
+    if len(tokenizer) > rows:
+        from medicalgpt.training import UsageError
+
+        raise UsageError(
+            f"The tokenizer has {len(tokenizer) - rows} tokens more than the model's embeddings: grow them in a run "
+            "without DeepSpeed ZeRO-3 (e.g. a short PT run, or ZeRO-2), then train that output under ZeRO-3."
+        )
+    if sources:
+        logger.warning("ZeRO-3: the embedding rows of the %d extension tokens are used as loaded.", len(sources))
+    return 0
+
+
 def resize_embeddings_for_tokenizer(model, tokenizer) -> int:
     """Grow the model's embeddings to the tokenizer and initialise the new tokens' rows from their sub-tokens (see
     the module docstring). Returns how many rows were initialised (0: nothing to do)."""
     import torch
 
-    rows = model.get_input_embeddings().weight.shape[0]
+    embeddings = model.get_input_embeddings().weight
+    # Under DeepSpeed ZeRO-3 each rank holds a slice (shape 0 here): the real size is ds_shape. Read as 0 rows, every
+    # row counted as new and was overwritten with the mean of nothing (NaN) -- tests/test_scaleout.py.
+    rows = embeddings.ds_shape[0] if hasattr(embeddings, "ds_shape") else embeddings.shape[0]
     sources, base_size = _load_sources(tokenizer)
+    if hasattr(embeddings, "ds_shape"):
+        return _check_zero3_embeddings(tokenizer, rows, sources)
     inside = [i for i in sources if i < min(rows, len(tokenizer))]  # listed tokens in rows the model already has
     fresh = _untrained(model.get_input_embeddings().weight, inside, rows) if inside else set()
     if len(fresh) < len(inside):
