@@ -13,7 +13,8 @@
 #   SERVED_MODEL_NAME [medicalgpt]  the model id clients ask for (the adapter is SERVED_MODEL_NAME-lora)
 #   HOST [127.0.0.1]  PORT [8000]  TENSOR_PARALLEL_SIZE [1]  MAX_MODEL_LEN [the model's]
 #   VLLM_API_KEY                 when set, vLLM requires `Authorization: Bearer $VLLM_API_KEY`
-#   PYTHON [python]  HEALTH_TIMEOUT [900 s to load the model]
+#   PYTHON [python: the active environment's; vLLM needs a CUDA GPU and `pip install vllm`]
+#   HEALTH_TIMEOUT [900 s to load the model]
 #
 # The same API from Python, with the official client (pip install openai):
 #   from openai import OpenAI
@@ -87,8 +88,11 @@ BODY=$(printf '{"model": "%s", "messages": [{"role": "user", "content": "%s"}], 
 if [ "$DRY_RUN" = 1 ]; then
     print_command "$PYTHON" "$@"
     echo "# then, once $URL/health answers 200:"
-    print_command curl -sS "$URL/v1/chat/completions" -H "Content-Type: application/json" \
-        -H "Authorization: Bearer \$VLLM_API_KEY" -d "$BODY"
+    # The key stays a variable the reader's shell expands: double quotes, printed as they are.
+    # shellcheck disable=SC2016
+    printf '%s -H "Authorization: Bearer ${VLLM_API_KEY:-EMPTY}" %s\n' \
+        "$(print_command curl -sS "$URL/v1/chat/completions" -H "Content-Type: application/json")" \
+        "$(print_command -d "$BODY")"
     exit 0
 fi
 
@@ -97,6 +101,10 @@ if ! command -v curl >/dev/null 2>&1; then
     exit 1
 fi
 
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "vllm_deployment.sh: no '$PYTHON' here: activate the environment that has vLLM, or set PYTHON=" >&2
+    exit 1
+fi
 print_command "$PYTHON" "$@"
 "$PYTHON" "$@" &
 SERVER_PID=$!
@@ -106,7 +114,13 @@ echo "Waiting for $URL/health (loading the model can take minutes) ..."
 waited=0
 until curl -fsS -o /dev/null "$URL/health" 2>/dev/null; do
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-        echo "vllm_deployment.sh: the vLLM server exited before it was ready; see its log above" >&2
+        if ! "$PYTHON" -c "import vllm" >/dev/null 2>&1; then
+            echo "vllm_deployment.sh: vLLM is not installed for $PYTHON: pip install vllm (on a CUDA GPU machine;" \
+                "it pins its own torch and transformers, so a separate virtual environment is best: then" \
+                "PYTHON=/that/venv/bin/python). fastapi_server_demo.py serves the same API without vLLM." >&2
+        else
+            echo "vllm_deployment.sh: the vLLM server exited before it was ready; see its log above" >&2
+        fi
         exit 1
     fi
     if [ "$waited" -ge "$HEALTH_TIMEOUT" ]; then

@@ -79,7 +79,8 @@ def resolve_attention(model_args):
         return None
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    logger.warning("--flash_attn needs CUDA and the flash-attn package (pip install flash-attn); using sdpa instead.")
+    if int(os.environ.get("RANK", "0")) == 0:  # said once, not by every data-parallel rank
+        logger.warning("--flash_attn needs CUDA and the flash-attn package (pip install flash-attn); using sdpa.")
     return "sdpa"
 
 
@@ -132,8 +133,9 @@ def load_model(model_args, path=None, model_class=AutoModelForCausalLM, **model_
         device_map=resolve_device_map(model_args.device_map),
         quantization_config=build_quantization_config(model_args, dtype),
     )
-    if resolve_attention(model_args):
-        kwargs["attn_implementation"] = resolve_attention(model_args)
+    attention = resolve_attention(model_args)
+    if attention:
+        kwargs["attn_implementation"] = attention
     kwargs.update(model_kwargs)
     if adapter_base and read_adapter_base(adapter_base):
         model = load_model(model_args, adapter_base, model_class, **model_kwargs)  # a chain of adapters
@@ -155,6 +157,7 @@ def fit_embeddings_to_adapter_tokenizer(model, adapter_path, model_args):
     tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=model_args.trust_remote_code)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         resize_embeddings_for_tokenizer(model, tokenizer)
+        say_rows_come_from_adapter(adapter_path)
 
 
 def load_model_with_adapter(
@@ -175,9 +178,22 @@ def load_model_with_adapter(
         if tokenizer is not None:
             from medicalgpt.vocab import resize_embeddings_for_tokenizer
 
-            resize_embeddings_for_tokenizer(model, tokenizer)
+            if resize_embeddings_for_tokenizer(model, tokenizer):
+                say_rows_come_from_adapter(adapter_path)
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
     return merge_adapter(model, adapter_path, quantized=quantized)
+
+
+def say_rows_come_from_adapter(adapter_path):
+    """After the resize's "rows initialised" warning: when the adapter saved trained embeddings, those replace the
+    initialised rows in the merge, and the user is told so."""
+    with open(os.path.join(adapter_path, ADAPTER_CONFIG), encoding="utf-8") as f:
+        saved = set(json.load(f).get("modules_to_save") or []) & {"embed_tokens", "lm_head"}
+    if saved:
+        logger.warning(
+            "... and then replaced: %s saved its trained %s, which the merge loads over those initial rows.",
+            adapter_path, " and ".join(sorted(saved)),
+        )  # fmt: skip
 
 
 def _same_path(a, b):

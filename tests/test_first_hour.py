@@ -407,3 +407,24 @@ def test_a_triple_quote_block_is_one_message_and_piped_lines_stay_separate():
     assert read_message(lambda prompt: next(lines), pending=lambda: False) == "第一行\n\n第三行"
     lines = iter(["one", "two"])
     assert read_message(lambda prompt: next(lines), pending=lambda: False) == "one"
+
+
+# -- vllm_deployment.sh ---------------------------------------------------------------------------------------------
+
+
+def test_vllm_dry_run_leaves_the_api_key_for_the_readers_shell():
+    env = {**ENV, "DRY_RUN": "1", "VLLM_API_KEY": "secret"}
+    result = subprocess.run(["sh", "vllm_deployment.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    curl = result.stdout.splitlines()[-1]
+    assert '-H "Authorization: Bearer ${VLLM_API_KEY:-EMPTY}"' in curl and "secret" not in curl
+    expanded = subprocess.run(["sh", "-c", f"set -- {curl}; for a; do echo \"$a\"; done"], env=env,
+                              capture_output=True, text=True).stdout.splitlines()  # fmt: skip
+    assert "Authorization: Bearer secret" in expanded  # pasted into a shell, the key is filled in
+
+
+def test_vllm_script_without_vllm_says_how_to_install_it():
+    env = {**ENV, "PYTHON": sys.executable, "PORT": "9", "HEALTH_TIMEOUT": "30"}
+    result = subprocess.run(["sh", "vllm_deployment.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert f"vLLM is not installed for {sys.executable}: pip install vllm (on a CUDA GPU machine" in result.stderr

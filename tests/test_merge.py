@@ -93,7 +93,8 @@ def test_reward_model_adapter_merges_into_a_sequence_classifier(tiny_model_dir, 
 
 
 @pytest.mark.parametrize("embeddings_in_adapter", [True, False])
-def test_extended_vocabulary_adapter_merges_with_grown_embeddings(tiny_model_dir, tmp_path, embeddings_in_adapter):
+def test_extended_vocabulary_adapter_merges_with_grown_embeddings(tiny_model_dir, tmp_path, embeddings_in_adapter,
+                                                                  caplog):  # fmt: skip
     """After build_domain_tokenizer.py, training grows the embeddings (medicalgpt.vocab); the merge grows them the
     same way, so the new tokens' rows match whether the adapter saved them (modules_to_save) or not."""
     from peft import LoraConfig, get_peft_model
@@ -128,6 +129,8 @@ def test_extended_vocabulary_adapter_merges_with_grown_embeddings(tiny_model_dir
     assert merged.get_input_embeddings().weight.shape[0] == len(tokenizer)
     assert len(AutoTokenizer.from_pretrained(out)) == len(tokenizer)
     torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-5, atol=1e-5)
+    replaced = "and then replaced: " in caplog.text  # the rows' initialisation is not what the merge keeps
+    assert replaced == embeddings_in_adapter
 
 
 def test_template_name_gives_a_tokenizer_without_one_a_chat_template_and_stop_token(tiny_model_dir, adapter, tmp_path):
