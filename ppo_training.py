@@ -30,7 +30,7 @@ from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import expand_config_file, parse_args
 from medicalgpt.ppo_trainer import PPOConfig, PPOTrainer
 from medicalgpt.preprocess import prepare_rl_prompts
-from medicalgpt.rewards import RewardModelScorer, stop_token_ids
+from medicalgpt.rewards import RewardModelScorer, closing_ids, stop_token_ids
 from medicalgpt.training import (
     UsageError,
     build_template,
@@ -101,14 +101,15 @@ def main(argv=None):
     ]
     logger.info("RL prompts: %d for training, %d for evaluation.", len(prompts[0]), len(prompts[1]))
     stops = stop_token_ids(tokenizer, template)
+    closing = closing_ids(tokenizer, template)  # the reward model reads the template's full rendering
     if rl_args.rl_algorithm == "ppo":
-        run_ppo(config, model_args, lora_args, rl_args, tokenizer, prompts, stops)
+        run_ppo(config, model_args, lora_args, rl_args, tokenizer, prompts, stops, closing)
     else:
-        run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, stops)
+        run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, stops, closing)
     logger.info("Outputs in %s", config.output_dir)
 
 
-def run_ppo(config, model_args, lora_args, rl_args, tokenizer, prompts, stops):
+def run_ppo(config, model_args, lora_args, rl_args, tokenizer, prompts, stops, closing=()):
     use_peft = lora_args.use_peft or lora_args.peft_path
     policy = wrap_with_lora(load_model(model_args), lora_args, config, model_args.model_name_or_path)
     critic = load_reward_model(model_args, rl_args, tokenizer)
@@ -117,7 +118,7 @@ def run_ppo(config, model_args, lora_args, rl_args, tokenizer, prompts, stops):
         critic = wrap_with_lora(critic, lora_args, config, rl_args.reward_model_path, task_type="SEQ_CLS")
     else:
         reference, reward = frozen(load_model(model_args)), frozen(load_reward_model(model_args, rl_args, tokenizer))
-    trainer = PPOTrainer(config, policy, critic, tokenizer, prompts[0], prompts[1], stops, reference, reward)
+    trainer = PPOTrainer(config, policy, critic, tokenizer, prompts[0], prompts[1], stops, reference, reward, closing)
     if config.do_train:
         metrics = trainer.train(resume_from=find_resume_checkpoint(config))
         trainer.save_policy()
@@ -127,7 +128,7 @@ def run_ppo(config, model_args, lora_args, rl_args, tokenizer, prompts, stops):
     end_training(trainer.accelerator, trainer.model)
 
 
-def run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, stops):
+def run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, stops, closing=()):
     """RLOO or GRPO through trl, scored by the same reward model (and the same missing-stop penalty)."""
     from datasets import Dataset
     from trl import GRPOTrainer, RLOOTrainer
@@ -138,7 +139,7 @@ def run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, 
         config.max_steps = math.ceil(rl_args.total_episodes * config.num_generations / per_step)
     policy = wrap_with_lora(load_model(model_args), lora_args, config, model_args.model_name_or_path)
     scorer = RewardModelScorer(frozen(load_reward_model(model_args, rl_args, tokenizer)), tokenizer, stops,
-                               rl_args.missing_eos_penalty)  # fmt: skip
+                               rl_args.missing_eos_penalty, closing)  # fmt: skip
     datasets = [Dataset.from_dict({"prompt": tokenizer.batch_decode(p)}) if p else None for p in prompts]
     trainer_class = with_atomic_checkpoints(RLOOTrainer if rl_args.rl_algorithm == "rloo" else GRPOTrainer)
     trainer = trainer_class(model=policy, reward_funcs=scorer, args=config, train_dataset=datasets[0],

@@ -24,7 +24,9 @@ from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, Prefer
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
 from medicalgpt.preprocess import to_reward_features
+from medicalgpt.rewards import closing_ids
 from medicalgpt.training import (
+    build_template,
     end_training,
     find_resume_checkpoint,
     prepare_args,
@@ -45,8 +47,10 @@ def main(argv=None):
     training_args.max_length = pref_args.max_source_length + pref_args.max_target_length
     prepare_args(training_args, model_args, lora_args)
     tokenizer = load_tokenizer(model_args)
+    suffix_ids = closing_ids(tokenizer, build_template(data_args.template_name, tokenizer))
+    training_args.max_length += len(suffix_ids)  # trl drops longer pairs; the suffix is not counted in the limits
     train_dataset, eval_dataset = (
-        None if dataset is None else to_reward_features(dataset, data_args.preprocessing_num_workers)
+        None if dataset is None else to_reward_features(dataset, data_args.preprocessing_num_workers, suffix_ids)
         for dataset in prepare_preference_data(data_args, training_args, pref_args, tokenizer)
     )
 

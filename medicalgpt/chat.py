@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, TextIteratorStreamer
+from transformers import GenerationConfig, StoppingCriteria, TextIteratorStreamer
 
 from medicalgpt.args import TORCH_DTYPES, ModelArguments
 from medicalgpt.model_paths import check_model_path
@@ -192,6 +192,9 @@ class ChatEngine:
         self.system_prompt = system_prompt
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids, self.stop_strings = self._template_stops()
+        # generate() fills what a call leaves unset from the model's generation_config (Qwen2.5-Instruct's sets
+        # top_k 20, top_p 0.8, repetition_penalty 1.05): emptied, so only the options a request or flag names apply.
+        self.model.generation_config = GenerationConfig()
         self.context_length = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         self._lock = threading.Lock()  # one model.generate at a time
         self._tokenizer_lock = threading.Lock()
@@ -244,8 +247,8 @@ class ChatEngine:
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
         )
-        if options.temperature > 0:
-            kwargs.update(temperature=options.temperature, top_p=options.top_p)
+        if options.temperature > 0:  # top_k 0: transformers' global default would be 50
+            kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=0)
         stops = [*self.stop_strings, *options.stop]
         if stops:
             kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)

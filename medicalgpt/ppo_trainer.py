@@ -12,6 +12,7 @@ which makes early value estimates far better than a random head's. Without LoRA 
 """
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -22,10 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator, DistributedType
-from transformers import GenerationConfig, TrainingArguments, get_scheduler, set_seed
+from transformers import TrainingArguments, get_scheduler, set_seed
 from transformers.trainer_utils import rotate_checkpoints
 
-from medicalgpt import ppo
+from medicalgpt import ppo, rollout
+from medicalgpt.rewards import reward_model_input, score_sequences
 
 logger = logging.getLogger("medicalgpt")
 
@@ -55,6 +57,33 @@ class PPOConfig(TrainingArguments):
     num_mini_batches: int = field(default=1, metadata={"help": "Minibatches (optimizer steps) per pass."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards before GAE."})
     merge_policy: bool = field(default=False, metadata={"help": "Save the policy merged into full weights."})
+    local_rollout_forward_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Sequences per no-grad forward (and generate call) in a rollout; bounds its memory "
+                  "(default: per_device_train_batch_size)."},
+    )  # fmt: skip
+    use_vllm: bool = field(
+        default=False, metadata={"help": "Sample rollouts with vLLM, colocated on the GPUs (pip install vllm)."}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "GPU memory share vLLM reserves with --use_vllm (training keeps the rest)."}
+    )
+    target_kl: float | None = field(
+        default=None, metadata={"help": "Adaptive KL: steer --kl_coef so the KL per response nears this (off: None)."}
+    )
+    kl_horizon: int = field(default=10000, metadata={"help": "Episodes over which adaptive KL corrects its error."})
+    kl_estimator: str = field(
+        default="k1", metadata={"help": "Per-token KL estimate: k1 (log-ratio) or k3 (unbiased, never negative)."}
+    )
+    normalize_reward: bool = field(
+        default=False, metadata={"help": "Normalise scores by their running mean and standard deviation."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        from medicalgpt.rollout import check_rollout_options
+
+        check_rollout_options(self)
 
 
 def deepspeed_plugin(config):
@@ -83,10 +112,17 @@ class PolicyAndValue(torch.nn.Module):
         self.policy, self.critic = policy, critic
         self.config = policy.config  # accelerate sizes DeepSpeed's "auto" ZeRO-3 buckets from config.hidden_size
 
-    def forward(self, input_ids, attention_mask):
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    def forward(self, input_ids, attention_mask, logits_to_keep=0):
+        logits = causal_logits(self.policy, input_ids, attention_mask, logits_to_keep)
         return logits, token_values(self.critic, input_ids, attention_mask)
+
+
+def causal_logits(model, input_ids, attention_mask, logits_to_keep=0):
+    """A causal LM's logits for left-padded sequences; only the last `logits_to_keep` positions when non-zero."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=logits_to_keep
+    ).logits
 
 
 def token_values(model, input_ids, attention_mask):
@@ -113,8 +149,10 @@ def left_pad(sequences, pad_token_id):
 
 class PPOTrainer:
     def __init__(self, config, policy, critic, tokenizer, train_prompts, eval_prompts, stop_token_ids,
-                 ref_policy=None, reward_model=None):  # fmt: skip
+                 ref_policy=None, reward_model=None, closing_ids=()):  # fmt: skip
         self.config, self.tokenizer, self.stop_token_ids = config, tokenizer, stop_token_ids
+        self.closing_ids = list(closing_ids)  # what the template renders after a stop token (rewards.closing_ids)
+        self.shaping = rollout.RewardShaping(config)
         self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
         self.ref_policy, self.reward_model = ref_policy, reward_model
         set_seed(config.seed)
@@ -209,67 +247,105 @@ class PPOTrainer:
 
     @torch.no_grad()
     def generate(self, prompts, greedy=False):
-        """Left-padded queries and their responses, each truncated after its first stop token."""
+        """Left-padded queries and their responses, each truncated after its first stop token; sampled from exactly
+        softmax(logits / temperature), the distribution the loss scores (medicalgpt/rollout.py); with vLLM under
+        --use_vllm (evaluation's greedy decoding stays on the policy)."""
         queries, query_mask = left_pad(prompts, self.tokenizer.pad_token_id)
         queries, query_mask = queries.to(self.accelerator.device), query_mask.to(self.accelerator.device)
+        if self.config.use_vllm and not greedy:
+            responses = rollout.vllm_responses(self._vllm_engine(), queries, query_mask, self.tokenizer.pad_token_id)
+        else:
+            responses = self._policy_generate(queries, query_mask, greedy)
+        responses = ppo.truncate_after_stop(responses, self.stop_token_ids, self.tokenizer.pad_token_id)
+        return queries, query_mask, responses
+
+    @property
+    def rollout_micro_batch(self):
+        return self.config.local_rollout_forward_batch_size or self.config.per_device_train_batch_size
+
+    def _policy_generate(self, queries, query_mask, greedy):
+        temperature = None if greedy else self.config.temperature
+        generation = rollout.sampling_config(
+            self.config.response_length, self.stop_token_ids, self.tokenizer.pad_token_id, temperature
+        )
         policy = self.unwrapped.policy
         policy.eval()
-        sampling = (
-            {} if greedy else {"do_sample": True, "temperature": self.config.temperature, "top_k": 0, "top_p": 1.0}
-        )
-        generation = GenerationConfig(
-            max_new_tokens=self.config.response_length, eos_token_id=self.stop_token_ids,
-            pad_token_id=self.tokenizer.pad_token_id, **sampling,
-        )  # fmt: skip
         with self.accelerator.autocast():
-            output = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation)
+            responses = rollout.generate_responses(policy, queries, query_mask, generation, self.rollout_micro_batch)
         policy.train()
-        responses = ppo.truncate_after_stop(
-            output[:, queries.shape[1] :], self.stop_token_ids, self.tokenizer.pad_token_id
-        )
-        return queries, query_mask, responses
+        return responses
+
+    def _vllm_engine(self):
+        """The colocated vLLM engine, built on first use; the policy's weights are pushed to it once per update."""
+        if getattr(self, "_vllm", None) is None:
+            longest = max(map(len, self.train_prompts + self.eval_prompts)) + self.config.response_length
+            self._vllm = rollout.build_vllm_generator(
+                self.unwrapped.policy, self.accelerator, self.tokenizer, self.config, self.stop_token_ids, longest
+            )
+            self._vllm_update = None
+        if self._vllm_update != self.update:
+            self._vllm.sync_weights()
+            self._vllm_update = self.update
+        return self._vllm
 
     @torch.no_grad()
     def score(self, queries, query_mask, responses):
-        """Reward-model scores of query + response at the last real token, and whether a stop token came."""
+        """Reward-model scores of the conversations' full renderings (prompt, response up to its stop token, the
+        template's closing suffix), read where the reward model was trained to be read (medicalgpt/rewards.py);
+        minus --missing_eos_penalty for responses that never stopped. Also the response mask and the stops."""
         mask, has_stop = ppo.response_mask(responses, self.stop_token_ids)
-        input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
+        sequences = [
+            reward_model_input(q[m.bool()].tolist(), r[: n.item()].tolist(), self.stop_token_ids,
+                                       self.closing_ids)[0]
+            for q, m, r, n in zip(queries, query_mask, responses, mask.sum(1))
+        ]  # fmt: skip
         with self._reward() as reward_model, self.accelerator.autocast():
-            values = token_values(reward_model, input_ids, attention_mask)
-        last = queries.shape[1] + mask.sum(1) - 1
-        scores = values[torch.arange(len(values)), last]
+            scores = score_sequences(
+                reward_model, sequences, self.tokenizer.pad_token_id, self.rollout_micro_batch
+            )
         if self.config.missing_eos_penalty is not None:
             scores = scores - self.config.missing_eos_penalty * (~has_stop).float()
         return scores, mask, has_stop
 
     @torch.no_grad()
     def rollout(self, prompts):
-        """Everything one PPO update needs, computed without gradients."""
+        """Everything one PPO update needs, computed without gradients, `rollout_micro_batch` sequences at a time."""
         queries, query_mask, responses = self.generate(prompts)
         scores, mask, has_stop = self.score(queries, query_mask, responses)
         input_ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask], 1)
         context = queries.shape[1]
-        with self.accelerator.autocast():
-            logits, values = self.model(input_ids, attention_mask)
-            with self._reference() as reference:
-                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-                ref_logits = reference(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-                ).logits
-        logprobs = ppo.logprobs_from_logits(logits[:, context - 1 : -1], responses, self.config.temperature)
-        ref_logprobs = ppo.logprobs_from_logits(ref_logits[:, context - 1 : -1], responses, self.config.temperature)
+        logprobs, values, ref_logprobs = self._rollout_logprobs(input_ids, attention_mask, responses)
         mask_f = mask.float()
         logprobs = logprobs.masked_fill(mask == 0, ppo.INVALID_LOGPROB)
         ref_logprobs = ref_logprobs.masked_fill(mask == 0, ppo.INVALID_LOGPROB)
         values = values[:, context - 1 : -1] * mask_f
-        rewards, kl = ppo.compute_rewards(scores, logprobs, ref_logprobs, mask_f, self.config.kl_coef)
+        kl_coef = self.shaping.kl_coef
+        shaped_scores = self.shaping.normalize(scores, self.accelerator.gather(scores))
+        rewards, kl = ppo.compute_rewards(
+            shaped_scores, logprobs, ref_logprobs, mask_f, kl_coef, self.shaping.kl_estimator
+        )
+        self.shaping.after_update(self.accelerator.gather(kl.sum(1)).mean().item(), self.global_batch)
         if self.config.whiten_rewards:
             rewards = ppo.masked_whiten(rewards, mask_f, shift_mean=False)
         advantages, returns = ppo.compute_gae(rewards, values, mask_f, self.config.gamma, self.config.lam)
         advantages = ppo.masked_whiten(advantages, mask_f)
         return dict(input_ids=input_ids, attention_mask=attention_mask, responses=responses, mask=mask_f,
                     logprobs=logprobs, values=values, advantages=advantages, returns=returns, scores=scores,
-                    kl=kl, has_stop=has_stop, context=context)  # fmt: skip
+                    kl=kl, has_stop=has_stop, context=context, kl_coef=kl_coef)  # fmt: skip
+
+    def _rollout_logprobs(self, input_ids, attention_mask, responses):
+        """Policy and reference log-probs of the response tokens, and the critic's values (micro-batched)."""
+        temperature, micro = self.config.temperature, self.rollout_micro_batch
+        with self.accelerator.autocast():
+            logprobs, values = rollout.response_logprobs(
+                self.model, input_ids, attention_mask, responses, temperature, micro
+            )
+            with self._reference() as reference:
+                reference_logits = functools.partial(causal_logits, reference)
+                ref_logprobs, _ = rollout.response_logprobs(
+                    reference_logits, input_ids, attention_mask, responses, temperature, micro
+                )
+        return logprobs, values, ref_logprobs
 
     def optimize(self, batch):
         """num_ppo_epochs x num_mini_batches optimizer steps on one rollout batch; returns mean statistics."""
@@ -347,12 +423,13 @@ class PPOTrainer:
         ], dim=1)  # fmt: skip
         means = self.accelerator.gather(per_response).mean(0).tolist()
         score, kl, length, stop_rate = means
-        reward = score - self.config.kl_coef * kl
+        reward = score - batch["kl_coef"] * kl
         lr = self.scheduler.get_last_lr()[0]
         return {
             "score": score,
             "kl": kl,
             "reward": reward,
+            "kl_coef": batch["kl_coef"],
             "response_length": length,
             "stop_rate": stop_rate,
             "lr": lr,
@@ -421,7 +498,8 @@ class PPOTrainer:
                 for name in ("policy", "critic")}  # fmt: skip
 
     def write_state(self, folder):
-        state = {"global_step": self.update, "max_steps": self.num_updates, "log_history": self.log_history}
+        state = {"global_step": self.update, "max_steps": self.num_updates, "log_history": self.log_history,
+                 "reward_shaping": self.shaping.state_dict()}  # fmt: skip
         with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(state, f, indent=2)
 
@@ -443,6 +521,8 @@ class PPOTrainer:
         with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)
         self.update, self.log_history = state["global_step"], state["log_history"]
+        if "reward_shaping" in state:  # adaptive KL coefficient and running reward moments
+            self.shaping.load_state_dict(state["reward_shaping"])
         logger.info("Resuming from %s (update %d of %d)", folder, self.update, self.num_updates)
 
     def save_policy(self):
