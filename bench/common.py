@@ -32,3 +32,22 @@ def sample_questions(count):
                     questions.append((record["instruction"] + "\n" + (record.get("input") or "")).strip())
     questions = questions or ["小孩发烧怎么办？", "What helps a sore throat?"]
     return [questions[i % len(questions)] for i in range(count)]
+
+
+def load_average():
+    """The 1-minute load average: timings taken while other jobs share the cores are not comparable."""
+    return round(os.getloadavg()[0], 2)
+
+
+def pinned_threads_env(env, threads):
+    """`env` with the math libraries' thread pools pinned to `threads` (the same for every contender)."""
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    return {**env, **{name: str(threads) for name in names}}
+
+
+def median_and_spread(values):
+    """(median, min, max) of a list of numbers."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return median, ordered[0], ordered[-1]

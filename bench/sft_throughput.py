@@ -1,16 +1,31 @@
-"""SFT speed on CPU: padded, padding-free and packed batches over one epoch of upstream's 1K medical SFT file.
+"""SFT speed on equal work: upstream MedicalGPT, this project change by change, and LLaMA-Factory, on one CPU.
 
-    python bench/sft_throughput.py                                   # 1-4 minutes a batching on 2 cores
-    MEDICALGPT_UPSTREAM=~/src/MedicalGPT python bench/sft_throughput.py    # + upstream's script, same model and flags
-    python bench/sft_throughput.py --modes packed --model models/small --data my.jsonl
+    python bench/sft_throughput.py --contenders ours --limit 64 --repeats 1        # a quick check, ~2 minutes
+    MEDICALGPT_UPSTREAM=~/src/MedicalGPT python bench/sft_throughput.py \\
+        --contenders upstream,llamafactory,ours --repeats 3                          # the full table
 
-Each batching runs supervised_finetuning.py in its own process on a tiny Qwen2-shaped model (hidden 256, 4 layers,
-built here unless --model is given): batch 8, max length 512, full fine-tuning in float32, one epoch. Printed as JSON:
-for each run, the Trainer's train_runtime, the process's wall time, real (non-padding) tokens per second of training,
-the padding fraction of the tokens processed, and peak memory (RSS). With MEDICALGPT_UPSTREAM pointing at a checkout
-of shibing624/MedicalGPT (it needs `pip install loguru scikit-learn`), its training/supervised_finetuning.py runs
-with the same flags, and the ratios of its times to ours are printed. Also: tokenising the file, cold and cached.
-Measure on an idle machine (the load average is printed with each run).
+Equal work: every contender trains on the same conversations (upstream's 1K medical SFT file, those that fit in
+--max_length tokens with every template, so nobody truncates or skips), on the same model (a Qwen2-shaped tiny model,
+hidden 256, 2 layers, built here unless --model is given), with LoRA on all linear layers (rank 8), batch 8,
+one epoch, float32, no bf16 autocast, no gradient checkpointing, the same system prompt. Each run counts, from the
+batches its Trainer actually trains on, the real (non-padding) tokens, the learned tokens (labels other than -100)
+and the learned spans (answers); the table says how far each contender is from the first one ("equal work").
+
+One row per change, so each gain is attributed:
+  upstream            upstream's training/supervised_finetuning.py (MEDICALGPT_UPSTREAM: a checkout of
+                      shibing624/MedicalGPT; it needs `pip install loguru`)
+  ours_padded         padded batches, full logits loss          (--packing False --chunked_loss False)
+  ours_padding_free   one flattened row per batch               (--packing False --padding_free True ...)
+  ours_packed         conversations packed into rows            (--chunked_loss False)
+  ours_chunked        packed rows + chunked loss: our defaults
+  llamafactory_*      LLaMA-Factory 0.9.5: _unpacked batches, and _packing / _neat_packing (its packing on);
+                      the same YAML otherwise. It pins older libraries: `sh bench/setup_llamafactory.sh` installs
+                      it into bench/.venv-llamafactory (git-ignored); --llamafactory_python to use another.
+
+Runs are interleaved (each repeat visits every contender, in a rotated order) and repeated (--repeats), each in its
+own process with OMP_NUM_THREADS pinned (--threads). Printed: a table of medians with their spread (min-max), real
+tokens/s (real tokens / median training seconds), optimizer steps, peak RSS and the load average around each run,
+then everything as JSON. Timings taken while other jobs share the cores are noisy: read the load average.
 """
 
 import argparse
@@ -24,159 +39,284 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "..", "shared", "data", "upstream", "sft", "medical_sft_1K_format.jsonl")
-MODES = {
-    "padded": ["--packing", "False"],
-    "padding_free": ["--packing", "False", "--padding_free", "True"],
-    "packed": [],  # the default
+LLAMAFACTORY_PYTHON = os.path.join(REPO, "bench", ".venv-llamafactory", "bin", "python")
+SYSTEM_PROMPT = "You are a helpful assistant."  # upstream's qwen template default, given to the others explicitly
+OURS = {
+    "ours_padded": ["--packing", "False", "--chunked_loss", "False"],
+    "ours_padding_free": ["--packing", "False", "--padding_free", "True", "--chunked_loss", "False"],
+    "ours_packed": ["--packing", "True", "--chunked_loss", "False"],
+    "ours_chunked": ["--packing", "True", "--chunked_loss", "True"],
 }
+LLAMAFACTORY = {
+    "llamafactory_unpacked": {"packing": False},
+    "llamafactory_packing": {"packing": True},
+    "llamafactory_neat_packing": {"packing": True, "neat_packing": True},
+}
+GROUPS = {"upstream": ["upstream"], "ours": list(OURS), "llamafactory": list(LLAMAFACTORY)}
 
 
-def common_flags(model, data, output_dir):
-    return [
-        "--model_name_or_path", model, "--train_file_dir", data, "--template_name", "qwen", "--do_train",
-        "--per_device_train_batch_size", "8", "--model_max_length", "512", "--num_train_epochs", "1",
-        "--learning_rate", "2e-5", "--use_peft", "False", "--torch_dtype", "float32", "--bf16", "False",
-        "--gradient_checkpointing", "False", "--save_strategy", "no", "--logging_steps", "10", "--report_to", "none",
-        "--disable_tqdm", "True", "--output_dir", output_dir,
-    ]  # fmt: skip
+# --- in the child process: train once, count what the Trainer trained on --------------------------------------------
 
 
-def count_collated_tokens(collator_class, method, counts):
-    """Wrap a collator's `method` so every batch adds its processed and real (non-padding) tokens to `counts`."""
-    original = getattr(collator_class, method)
+def count_training_batches(counts, pad_token_id):
+    """Wrap transformers' Trainer so every training batch adds its real and learned tokens and learned spans to
+    `counts`, and train() records its optimizer steps and runtime. Public methods of the base class, which all three
+    contenders' trainers inherit (checked on transformers 5.23 and 5.6)."""
+    from transformers import Trainer
 
-    def collate(self, *args, **kwargs):
-        batch = original(self, *args, **kwargs)
-        counts["processed"] += batch["input_ids"].numel()
-        mask = batch.get("attention_mask")  # padding-free batches have none, and no padding
-        counts["real"] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        return batch
+    training_step, train = Trainer.training_step, Trainer.train
 
-    setattr(collator_class, method, collate)
+    def counted_step(self, model, inputs, *args, **kwargs):
+        # Padding is the pad token in every contender's batches (masks differ: LLaMA-Factory's packing marks its
+        # padding 1, its neat packing passes a 4D mask); the tiny model's pad token is not its end-of-turn token.
+        real, learned = inputs["input_ids"] != pad_token_id, inputs["labels"] != -100
+        counts["real"] += int(real.sum())
+        counts["learned"] += int(learned.sum())
+        counts["spans"] += int((learned[:, 1:] & ~learned[:, :-1]).sum() + learned[:, 0].sum())
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    def counted_train(self, *args, **kwargs):
+        result = train(self, *args, **kwargs)
+        counts["steps"], counts["train_s"] = self.state.global_step, result.metrics["train_runtime"]
+        return result
+
+    Trainer.training_step, Trainer.train = counted_step, counted_train
 
 
-def run_child(kind, argv):
-    """In the child process: train, then print {tokens, peak RSS}. `kind`: ours or upstream (a script path)."""
-    counts = {"processed": 0, "real": 0}
+def run_child(kind, model, argv):
+    """Train as `kind` (ours, upstream: a script path, or llamafactory: a YAML file), then print the counts."""
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    counts = {"real": 0, "learned": 0, "spans": 0, "steps": 0, "train_s": 0.0}
+    count_training_batches(counts, AutoTokenizer.from_pretrained(model).pad_token_id)
     if kind == "ours":
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
         import supervised_finetuning
 
-        count_collated_tokens(DataCollatorForLanguageModeling, "torch_call", counts)  # packed rows too
         supervised_finetuning.main(argv)
+    elif kind == "llamafactory":
+        import yaml
+        from llamafactory.train.tuner import run_exp
+
+        with open(argv[0], encoding="utf-8") as f:
+            run_exp(yaml.safe_load(f))
     else:
         import runpy
 
-        from transformers import DataCollatorForSeq2Seq
-
-        count_collated_tokens(DataCollatorForSeq2Seq, "__call__", counts)
-        sys.path.insert(0, os.path.dirname(kind))
         sys.argv = [kind, *argv]
         runpy.run_path(kind, run_name="__main__")
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("BENCH " + json.dumps({**counts, "peak_rss_mb": round(peak_mb)}), flush=True)
+    counts["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print("BENCH " + json.dumps(counts), flush=True)
 
 
-def measure(name, kind, argv, env):
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    child = [sys.executable, os.path.abspath(__file__), "--child", kind, "--", *argv]
-    done = subprocess.run(child, cwd=REPO, env=env, capture_output=True, text=True)
+# --- in the main process: equal data, one command per contender, interleaved runs -----------------------------------
+
+
+def select_conversations(data, model, max_length, limit, margin=8):
+    """The records of `data` whose whole conversation fits in `max_length - margin` tokens with our qwen template
+    (the margin covers the other contenders' extra newline / end token per turn), at most `limit` of them."""
+    from transformers import AutoTokenizer
+
+    from medicalgpt.data import load_records
+    from medicalgpt.preprocess import tokenize_conversation
+    from template import get_conv_template
+
+    tokenizer, template = AutoTokenizer.from_pretrained(model), get_conv_template("qwen")
+    with open(data, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for record in load_records([data], "sft", skip_invalid=True):
+        ids = tokenize_conversation(record, template, tokenizer, system_prompt=SYSTEM_PROMPT)["input_ids"]
+        if 0 < len(ids) <= max_length - margin:
+            kept.append(lines[int(record["source"].rsplit(":", 1)[1]) - 1])  # "path:line", counted from 1
+    return kept[:limit] if limit else kept
+
+
+def write_data(lines, work):
+    """The selected lines as one sharegpt file in its own folder (ours and upstream read folders), and LLaMA-Factory's
+    dataset_info.json beside it."""
+    folder = os.path.join(work, "data")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "sft.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    info = {
+        "bench_sft": {
+            "file_name": "data/sft.jsonl",
+            "formatting": "sharegpt",
+            "columns": {"messages": "conversations"},
+        }
+    }
+    with open(os.path.join(work, "dataset_info.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f)
+    return folder
+
+
+def shared_flags(args, model, data_dir, output_dir):
+    """The flags ours and upstream share (upstream's own names): the run the issue measured."""
+    return [
+        "--model_name_or_path", model, "--train_file_dir", data_dir, "--template_name", "qwen", "--do_train",
+        "--per_device_train_batch_size", str(args.batch_size), "--model_max_length", str(args.max_length),
+        "--num_train_epochs", "1", "--learning_rate", "2e-5", "--use_peft", "True", "--target_modules", "all",
+        "--lora_rank", "8", "--lora_alpha", "16", "--lora_dropout", "0.05", "--torch_dtype", "float32",
+        "--bf16", "False", "--gradient_checkpointing", "False", "--save_strategy", "no", "--logging_steps", "10",
+        "--report_to", "none", "--disable_tqdm", "True", "--output_dir", output_dir, "--seed", "42",
+    ]  # fmt: skip
+
+
+def llamafactory_config(args, model, work, output_dir, options):
+    """LLaMA-Factory's YAML for the same run; returns its path."""
+    import yaml
+
+    config = {
+        "model_name_or_path": model, "stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_target": "all",
+        "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "dataset": "bench_sft", "dataset_dir": work,
+        "template": "qwen", "default_system": SYSTEM_PROMPT, "cutoff_len": args.max_length, "overwrite_cache": True,
+        "per_device_train_batch_size": args.batch_size, "num_train_epochs": 1.0, "learning_rate": 2e-5,
+        "bf16": False, "fp16": False, "gradient_checkpointing": False, "disable_gradient_checkpointing": True,
+        "save_strategy": "no", "logging_steps": 10, "report_to": "none", "disable_tqdm": True, "seed": 42,
+        "output_dir": output_dir, "overwrite_output_dir": True, "plot_loss": False, **options,
+    }  # fmt: skip
+    path = output_dir + ".yaml"
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f)
+    return path
+
+
+def child_command(name, args, model, work, data_dir, output_dir):
+    """(python, kind, argv, extra PYTHONPATH) that trains contender `name` once into `output_dir`."""
+    flags = shared_flags(args, model, data_dir, output_dir)
+    if name in OURS:
+        return sys.executable, "ours", [*flags, "--system_prompt", SYSTEM_PROMPT, *OURS[name]], REPO
+    if name == "upstream":
+        upstream = os.path.abspath(os.path.expanduser(os.environ["MEDICALGPT_UPSTREAM"]))
+        script = os.path.join(upstream, "training", "supervised_finetuning.py")
+        # a validation folder, or upstream holds out validation_split_percentage of the training data
+        return sys.executable, script, [*flags, "--validation_file_dir", data_dir], upstream
+    config = llamafactory_config(args, model, work, output_dir, LLAMAFACTORY[name])
+    return args.llamafactory_python, "llamafactory", [config], ""
+
+
+def run_once(name, args, model, work, data_dir, env, index):
+    """One training run of `name` in its own process: its counts, seconds and the load average around it."""
+    output_dir = os.path.join(work, f"{name}-{index}")
+    python, kind, argv, path = child_command(name, args, model, work, data_dir, output_dir)
+    child_env = {**env, "PYTHONPATH": path, "DISABLE_VERSION_CHECK": "1"}
+    load_before, start = load_average(), time.perf_counter()
+    command = [python, os.path.abspath(__file__), "--child", kind, "--model", model, "--", *argv]
+    done = subprocess.run(command, cwd=work, env=child_env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
     if done.returncode or not lines:
-        return {"run": name, "error": (done.stderr or done.stdout)[-2000:]}
-    counts = json.loads(lines[-1][len("BENCH ") :])
-    output_dir = argv[argv.index("--output_dir") + 1]
-    with open(os.path.join(output_dir, "train_results.json"), encoding="utf-8") as f:
-        runtime = json.load(f)["train_runtime"]
+        print(f"{name}: failed\n{(done.stderr or done.stdout)[-3000:]}", file=sys.stderr)
+        return {"contender": name, "error": (done.stderr or done.stdout)[-1000:]}
+    run = {"contender": name, **json.loads(lines[-1][len("BENCH ") :]), "process_s": round(wall, 1)}
+    run["load_before_after"] = [load_before, load_average()]
+    print(f"{name} #{index}: {run['train_s']:.1f} s training, load {load_before} -> {load_average()}", flush=True)
+    return run
+
+
+def summarize(name, runs):
+    """One row of the table from the runs of one contender."""
+    median, low, high = median_and_spread([run["train_s"] for run in runs])
+    first = runs[0]
     return {
-        "run": name,
-        "train_runtime_s": round(runtime, 1),
-        "process_wall_s": round(wall, 1),
-        "real_tokens": counts["real"],
-        "processed_tokens": counts["processed"],
-        "padding_fraction": round(1 - counts["real"] / max(1, counts["processed"]), 4),
-        "real_tokens_per_s": round(counts["real"] / runtime),
-        "peak_rss_mb": counts["peak_rss_mb"],
-        "load_avg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-    }
+        "contender": name, "runs": len(runs), "real_tokens": first["real"], "learned_tokens": first["learned"],
+        "answers": first["spans"], "optimizer_steps": first["steps"], "median_train_s": round(median, 1),
+        "spread_s": [round(low, 1), round(high, 1)], "real_tokens_per_s": round(first["real"] / median),
+        "median_process_s": round(median_and_spread([run["process_s"] for run in runs])[0], 1),
+        "peak_rss_mb": round(median_and_spread([run["peak_rss_mb"] for run in runs])[0]),
+        "load_range": [min(min(run["load_before_after"]) for run in runs),
+                       max(max(run["load_before_after"]) for run in runs)],
+    }  # fmt: skip
 
 
-def tokenising_seconds(model, data):
-    """Seconds to validate and tokenise `data`: first run (empty cache), then a second run (cached)."""
-    from transformers import AutoTokenizer
+def print_table(rows, conversations):
+    reference = rows[0]
+    upstream = next((row for row in rows if row["contender"] == "upstream"), None)
+    header = f"{'contender':27}{'convs':>6}{'answers':>8}{'real tok':>10}{'learned':>9}{'vs first':>9}{'steps':>6}"
+    header += f"{'median s':>10}{'spread s':>14}{'real tok/s':>11}{'x upstream':>11}{'RSS MB':>8}{'load':>12}"
+    print(header)
+    for row in rows:
+        gap = (row["real_tokens"] - reference["real_tokens"]) / reference["real_tokens"]
+        versus = f"{row['real_tokens_per_s'] / upstream['real_tokens_per_s']:.2f}" if upstream else "-"
+        spread, load = "{}-{}".format(*row["spread_s"]), "{}-{}".format(*row["load_range"])
+        print(f"{row['contender']:27}{conversations:>6}{row['answers']:>8}{row['real_tokens']:>10}"
+              f"{row['learned_tokens']:>9}{gap:>+9.2%}{row['optimizer_steps']:>6}{row['median_train_s']:>10}{spread:>14}"
+              f"{row['real_tokens_per_s']:>11}{versus:>11}{row['peak_rss_mb']:>8}{load:>12}")  # fmt: skip
 
-    from medicalgpt.data import find_data_files, load_records
-    from medicalgpt.preprocess import prepare_sft_dataset
-    from medicalgpt.training import to_dataset
-    from template import get_conv_template
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    seconds = []
-    for _ in range(2):
-        start = time.perf_counter()
-        records = load_records(find_data_files(data, "sft"), "sft", skip_invalid=True)
-        prepare_sft_dataset(to_dataset(records), get_conv_template("qwen"), tokenizer, 512)
-        seconds.append(round(time.perf_counter() - start, 2))
-    return {"cold_s": seconds[0], "cached_s": seconds[1]}
+def contender_names(spec):
+    names = [name for part in spec.split(",") for name in GROUPS.get(part.strip(), [part.strip()])]
+    unknown = [name for name in names if name not in ("upstream", *OURS, *LLAMAFACTORY)]
+    if unknown:
+        raise SystemExit(f"--contenders: unknown {', '.join(unknown)}; known: {', '.join(GROUPS)} and the rows above")
+    return list(dict.fromkeys(names))
+
+
+def check_contenders(names, args):
+    """Leave out, with a note, contenders whose software is not installed."""
+    kept = []
+    for name in names:
+        if name == "upstream" and not os.environ.get("MEDICALGPT_UPSTREAM"):
+            print("upstream: skipped, set MEDICALGPT_UPSTREAM to a checkout of shibing624/MedicalGPT", file=sys.stderr)
+        elif name in LLAMAFACTORY and not os.path.isfile(args.llamafactory_python):
+            print(f"{name}: skipped, no {args.llamafactory_python} (see the README)", file=sys.stderr)
+        else:
+            kept.append(name)
+    return kept
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contenders", default="upstream,ours,llamafactory", help="rows or groups, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each contender, interleaved")
+    parser.add_argument("--limit", type=int, help="at most this many conversations (default: all that fit)")
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for every run")
+    parser.add_argument("--model", help="model folder (default: a hidden-256, 2-layer tiny model built now)")
+    parser.add_argument("--data", default=DATA, help="sharegpt .jsonl (default: upstream's 1K medical file)")
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--llamafactory_python", default=LLAMAFACTORY_PYTHON)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_known_args()
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder (default: a hidden-256, 4-layer tiny model built now)")
-    parser.add_argument("--data", default=DATA, help="SFT .jsonl file (default: upstream's 1K medical file)")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args, rest = parser.parse_known_args()
+    args, rest = parse_args()
     if args.child:
-        return run_child(args.child, rest[1:] if rest[:1] == ["--"] else rest)
-
-    sys.path.insert(0, REPO)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return run_child(args.child, args.model, rest[1:] if rest[:1] == ["--"] else rest)
+    names = check_contenders(contender_names(args.contenders), args)
     work = tempfile.mkdtemp(prefix="bench-sft-")
-    paths = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
-    env = {**os.environ, "HF_DATASETS_CACHE": os.path.join(work, "datasets-cache")}
-    env["PYTHONPATH"] = os.pathsep.join([REPO, *paths])
+    env = pinned_threads_env(os.environ, args.threads)
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=os.path.join(work, "cache"))
     os.environ["HF_DATASETS_CACHE"] = env["HF_DATASETS_CACHE"]
     model = args.model
     if not model:
         from medicalgpt.tiny_model import build_tiny_model
 
-        model = build_tiny_model(os.path.join(work, "model"), hidden_size=256, num_layers=4)
-    data = os.path.abspath(args.data)
-    data_dir = os.path.join(work, "data")  # upstream reads a folder
-    os.makedirs(data_dir)
-    os.symlink(data, os.path.join(data_dir, os.path.basename(data)))
-
-    results = {"data": data, "model": model, "cpu_threads": os.cpu_count(), "tokenising": {}, "runs": []}
-    results["tokenising"] = tokenising_seconds(model, data)
-    for mode in args.modes.split(","):
-        argv = common_flags(model, data, os.path.join(work, mode)) + MODES[mode]
-        results["runs"].append(measure(mode, "ours", argv, env))
-    upstream = os.environ.get("MEDICALGPT_UPSTREAM")
-    if upstream:
-        script = os.path.join(os.path.abspath(upstream), "training", "supervised_finetuning.py")
-        argv = common_flags(model, data_dir, os.path.join(work, "upstream"))
-        upstream_env = {**env, "PYTHONPATH": os.pathsep.join([os.path.dirname(script), *paths])}
-        results["runs"].append(measure("upstream", script, argv, upstream_env))
-    by_name = {run["run"]: run for run in results["runs"] if "error" not in run}
-    if "packed" in by_name:
-        packed = by_name["packed"]
-        results["tokenising"]["cold_fraction_of_packed_epoch"] = round(
-            results["tokenising"]["cold_s"] / packed["train_runtime_s"], 3
-        )
-        if "upstream" in by_name:
-            up = by_name["upstream"]
-            results["upstream_over_packed"] = {
-                "train_runtime": round(up["train_runtime_s"] / packed["train_runtime_s"], 2),
-                "process_wall": round(up["process_wall_s"] / packed["process_wall_s"], 2),
-                "real_tokens_per_s": round(packed["real_tokens_per_s"] / up["real_tokens_per_s"], 2),
-            }
+        model = build_tiny_model(os.path.join(work, "model"), hidden_size=256, num_layers=2)
+    lines = select_conversations(os.path.abspath(args.data), model, args.max_length, args.limit)
+    data_dir = write_data(lines, work)
+    print(f"{len(lines)} conversations, {args.threads} threads, work in {work}", flush=True)
+    runs = []
+    for repeat in range(args.repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs.append(run_once(name, args, model, work, data_dir, env, repeat))
+    rows = [summarize(name, [r for r in runs if r["contender"] == name and "error" not in r]) for name in names
+            if any(r["contender"] == name and "error" not in r for r in runs)]  # fmt: skip
+    print_table(rows, len(lines))
+    results = {"conversations": len(lines), "threads": args.threads, "model": model, "rows": rows, "runs": runs}
     print(json.dumps(results, indent=2, ensure_ascii=False))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, ensure_ascii=False)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, REPO)
+    from bench.common import load_average, median_and_spread, pinned_threads_env
+
     main()

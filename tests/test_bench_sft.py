@@ -1,0 +1,31 @@
+"""bench/sft_throughput.py: the counts that make its comparison one of equal work."""
+
+import torch
+from transformers import Trainer
+
+from bench import sft_throughput
+from bench.common import median_and_spread
+
+
+def test_training_batches_are_counted_without_padding(monkeypatch):
+    monkeypatch.setattr(Trainer, "training_step", lambda self, model, inputs, *args: torch.tensor(0.0))
+    monkeypatch.setattr(Trainer, "train", Trainer.train)  # restored after the test, like training_step
+    counts = {"real": 0, "learned": 0, "spans": 0}
+    sft_throughput.count_training_batches(counts, pad_token_id=0)
+    pad, ignore = 0, -100
+    batch = {  # two packed conversations then padding, and one padded conversation with two answers
+        "input_ids": torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, pad, pad], [5, 6, 7, 8, 9, 10, 11, pad, pad, pad]]),
+        "labels": torch.tensor([[ignore, ignore, 7, 8, ignore, ignore, 6, 7, ignore, ignore],
+                                [ignore, 6, ignore, ignore, 9, 10, ignore, ignore, ignore, ignore]]),
+        "attention_mask": torch.ones(2, 10, dtype=torch.long),  # LLaMA-Factory's packing marks padding 1
+    }  # fmt: skip
+    Trainer.training_step(None, None, batch)
+    assert counts == {"real": 15, "learned": 7, "spans": 4}
+
+
+def test_groups_expand_to_one_row_per_change():
+    assert sft_throughput.contender_names("upstream,ours,llamafactory") == [
+        "upstream", "ours_padded", "ours_padding_free", "ours_packed", "ours_chunked",
+        "llamafactory_unpacked", "llamafactory_packing", "llamafactory_neat_packing",
+    ]  # fmt: skip
+    assert median_and_spread([3.0, 1.0, 10.0, 2.0]) == (2.5, 1.0, 10.0)
