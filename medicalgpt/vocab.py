@@ -70,6 +70,24 @@ def learn_terms(texts: list[str], max_terms: int, min_frequency: int = 5) -> lis
     return [piece for piece, _ in pieces if len(piece) > 1 and piece.isalpha()]
 
 
+def filter_terms(terms: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """(terms worth adding, {reason: terms left out}). Added tokens match anywhere, even inside a word, so a
+    pure-ASCII term cannot help: a sub-word fragment such as a SentencePiece continuation piece ('pport') splits
+    every word that contains it ('support' -> 'su', 'pport'), and a whole English word is either one token with its
+    leading space already or splits off its space. A term without any letter (symbol runs, bare numbers) cuts
+    through numbers and punctuation the same way."""
+    kept, left_out = [], {"pure ASCII (would match inside English words)": [], "no letters (symbols, numbers)": []}
+    reasons = list(left_out)
+    for term in terms:
+        if term.isascii():
+            left_out[reasons[0]].append(term)
+        elif not any(unicodedata.category(char).startswith("L") for char in term):
+            left_out[reasons[1]].append(term)
+        else:
+            kept.append(term)
+    return kept, {reason: dropped for reason, dropped in left_out.items() if dropped}
+
+
 def extend_tokenizer(tokenizer, terms: list[str], limit: int | None = None) -> tuple[list[str], int, list[str]]:
     """Add the terms that are not one token yet (at most `limit`) as added tokens. Returns (added terms, how many
     already were one token, terms left out because they would not decode back: a byte-level decoder turns an added
