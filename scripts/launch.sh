@@ -4,7 +4,15 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC_PER_NODE=8 sh run_sft.sh    # on each node, its own rank
 #   DEEPSPEED=configs/ds_zero3.json NPROC_PER_NODE=8 sh run_sft.sh
 #   EXTRA_ARGS="--max_steps 2 --learning_rate 1e-5" sh run_sft.sh        # appended last: they win
-PYTHON=${PYTHON:-python}
+# PYTHON: the active environment's python (an activated venv or conda env); else the project's .venv, made by
+# `make install` / `make quickstart` (so `sh run_sft.sh` works without `source .venv/bin/activate`); else python.
+if [ -z "${PYTHON:-}" ]; then
+    if [ -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && [ -x .venv/bin/python ]; then
+        PYTHON=.venv/bin/python
+    else
+        PYTHON=python
+    fi
+fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

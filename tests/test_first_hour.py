@@ -228,13 +228,14 @@ def script_workspace(tmp_path):
     return tmp_path
 
 
-def launched(workspace, script, **env):
+def launched(workspace, script, python="true", **env):
     """The command line a run_*.sh would start (PYTHON=true runs nothing), and its other stderr lines."""
-    environment = {k: v for k, v in ENV.items() if k not in ("MODEL", "REWARD_MODEL")}
-    result = subprocess.run(["sh", script], cwd=workspace, env={**environment, "PYTHON": "true", **env},
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    unset = ("MODEL", "REWARD_MODEL", "PYTHON", "VIRTUAL_ENV", "CONDA_PREFIX")
+    environment = {k: v for k, v in ENV.items() if k not in unset} | ({"PYTHON": python} if python else {})
+    result = subprocess.run(["sh", script], cwd=workspace, env={**environment, **env}, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    command = next(line for line in result.stderr.splitlines() if line.startswith("+ true "))
+    command = next(line for line in result.stderr.splitlines() if line.startswith("+ "))[2:]
     return command.split(), [line for line in result.stderr.splitlines() if not line.startswith("+ ")]
 
 
@@ -258,6 +259,21 @@ def test_run_stage_explicit_model_wins_over_the_sft_output(script, script_worksp
     assert flag_value(command, "--model_name_or_path") == "my-model"
     command, notes = launched(script_workspace, script)
     assert flag_value(command, "--model_name_or_path") == "outputs-sft-qwen-v1" and len(notes) == 1
+
+
+def test_run_scripts_use_the_project_venv_when_no_environment_is_active(script_workspace):
+    venv_python = script_workspace / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text("#!/bin/sh\nexit 0\n")
+    venv_python.chmod(0o755)
+    command, _ = launched(script_workspace, "run_sft.sh", python=None)
+    assert command[:2] == [".venv/bin/python", "supervised_finetuning.py"]
+    active = script_workspace / "active-env"
+    active.mkdir()
+    shutil.copy(venv_python, active / "python")
+    path = f"{active}:{os.environ['PATH']}"
+    command, _ = launched(script_workspace, "run_sft.sh", python=None, VIRTUAL_ENV=str(active), PATH=path)
+    assert command[0] == "python"  # an activated environment's python is used as it is
 
 
 def test_run_ppo_policy_and_reward_model_each_have_their_explicit_override(script_workspace):
