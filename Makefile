@@ -35,12 +35,12 @@ $(VENV)/.installed-real: requirements-real.txt $(VENV)/.installed
 
 real-model: $(REAL_MODEL)/real_model.json
 
-$(REAL_MODEL)/real_model.json: $(VENV)/.installed-real
+$(REAL_MODEL)/real_model.json: | $(VENV)/.installed-real
 	$(PY) -m medicalgpt.real_model --output_dir $(REAL_MODEL)
 
 qwen-tokenizer: $(QWEN_VOCAB_MODEL)/qwen_tokenizer.json
 
-$(QWEN_VOCAB_MODEL)/qwen_tokenizer.json: $(VENV)/.installed-real
+$(QWEN_VOCAB_MODEL)/qwen_tokenizer.json: | $(VENV)/.installed-real
 	$(PY) -m medicalgpt.qwen_tokenizer --output_dir $(QWEN_VOCAB_MODEL) --model
 
 tiny-model: $(TINY_MODEL)/config.json
