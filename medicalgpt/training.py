@@ -91,7 +91,9 @@ def find_resume_checkpoint(training_args):
 
 def _run_is_complete(checkpoint, training_args):
     """Whether `checkpoint` reached its run's step budget and the budget asked for now is not larger: --max_steps
-    when given, else the budget the run computed (trainer_state.json `max_steps`) at no more epochs than now."""
+    when given, else the budget the run computed (trainer_state.json `max_steps`) at no more epochs than now. PPO's
+    own state records no epochs (its budget is --total_episodes): there only --max_steps tells; otherwise it resumes,
+    and a budget that has not grown leaves nothing to train."""
     try:
         with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
             state = json.load(f)
@@ -100,7 +102,9 @@ def _run_is_complete(checkpoint, training_args):
     step = state.get("global_step") or 0
     if training_args.max_steps > 0:
         return step >= training_args.max_steps
-    epochs_grew = training_args.num_train_epochs > (state.get("num_train_epochs") or training_args.num_train_epochs)
+    if "num_train_epochs" not in state:
+        return False
+    epochs_grew = training_args.num_train_epochs > state["num_train_epochs"]
     return bool(state.get("max_steps")) and step >= state["max_steps"] and not epochs_grew
 
 
