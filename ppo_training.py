@@ -13,7 +13,11 @@ Prompts are every assistant turn's full preceding context in SFT-format data, re
 model paths may be LoRA adapter directories. The policy is saved to output_dir as a LoRA adapter on the SFT model
 (or merged weights with --merge_policy True), loadable by inference.py. PPO knobs: --kl_coef, --cliprange,
 --cliprange_value, --vf_coef, --gamma, --lam, --num_ppo_epochs, --num_mini_batches, --temperature,
---whiten_rewards; see medicalgpt/ppo_trainer.py for how they are used.
+--whiten_rewards, --kl_estimator k3, --target_kl (adaptive KL), --normalize_reward; see medicalgpt/ppo_trainer.py
+for how they are used. Rollouts sample from exactly softmax(logits / --temperature), whatever the model's
+generation_config says; --local_rollout_forward_batch_size bounds their memory; --use_vllm samples them with vLLM
+on the training GPUs (medicalgpt/rollout.py). The reward model reads the template's full rendering of each
+conversation, as in reward training and as any tool reading it with the official chat template (rewards.py).
 """
 
 import dataclasses

@@ -268,12 +268,35 @@ class PPOTrainer:
         generation = rollout.sampling_config(
             self.config.response_length, self.stop_token_ids, self.tokenizer.pad_token_id, temperature
         )
-        policy = self.unwrapped.policy
-        policy.eval()
-        with self.accelerator.autocast():
-            responses = rollout.generate_responses(policy, queries, query_mask, generation, self.rollout_micro_batch)
-        policy.train()
+        with self._unwrapped_for_generation() as unwrapped:
+            policy = unwrapped.policy
+            policy.eval()
+            with self.accelerator.autocast():
+                responses = rollout.generate_responses(
+                    policy, queries, query_mask, generation, self.rollout_micro_batch
+                )
+            policy.train()
         return responses
+
+    @contextlib.contextmanager
+    def _unwrapped_for_generation(self):
+        """The unwrapped models; under DeepSpeed ZeRO-3 with every parameter gathered whole and ZeRO's fetch/release
+        hooks lifted while inside, as trl's unwrap_model_for_generation does for its trainers (it needs a
+        PreTrainedModel; this is its ZeRO-3 branch): generating from shards would fetch each layer again for every
+        new token. Costs one full copy of policy and critic per GPU during generation."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None or plugin.zero_stage != 3:
+            yield self.unwrapped
+            return
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        with deepspeed.zero.GatheredParameters(self.model.parameters()):
+            remove_hooks(self.model)
+            try:
+                yield self.unwrapped
+            finally:
+                add_hooks(self.model)
 
     def _vllm_engine(self):
         """The colocated vLLM engine, built on first use; the policy's weights are pushed to it once per update."""
@@ -300,9 +323,7 @@ class PPOTrainer:
             for q, m, r, n in zip(queries, query_mask, responses, mask.sum(1))
         ]  # fmt: skip
         with self._reward() as reward_model, self.accelerator.autocast():
-            scores = score_sequences(
-                reward_model, sequences, self.tokenizer.pad_token_id, self.rollout_micro_batch
-            )
+            scores = score_sequences(reward_model, sequences, self.tokenizer.pad_token_id, self.rollout_micro_batch)
         if self.config.missing_eos_penalty is not None:
             scores = scores - self.config.missing_eos_penalty * (~has_stop).float()
         return scores, mask, has_stop
@@ -493,7 +514,7 @@ class PPOTrainer:
         """Full policy and critic state dicts (collective: under DeepSpeed ZeRO-3 every rank must call it, and the
         shards are gathered; saving from rank 0 alone would hang or write empty tensors)."""
         self.accelerator.wait_for_everyone()
-        state = self.accelerator.get_state_dict(self.model)
+        state = self.accelerator.get_state_dict(self.model) or {}  # ZeRO-3: None but on rank 0, which saves
         return {name: {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
                 for name in ("policy", "critic")}  # fmt: skip
 

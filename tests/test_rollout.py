@@ -1,6 +1,7 @@
 """PPO rollouts: sampled from exactly the distribution the loss scores, log-probs in bounded memory, one reward-model
 scoring convention inside and outside the project, the optional KL / reward-normalisation maths, and --use_vllm."""
 
+import json
 import math
 
 import pytest
@@ -263,9 +264,7 @@ class FakeVLLMGeneration:
         return prompts, completions, None, None
 
 
-def test_vllm_rollouts_get_the_prompts_unpadded_and_fresh_weights_each_update(
-    tiny_model_dir, tmp_path, monkeypatch
-):
+def test_vllm_rollouts_get_the_prompts_unpadded_and_fresh_weights_each_update(tiny_model_dir, tmp_path, monkeypatch):
     from trl import import_utils
 
     monkeypatch.setattr(import_utils, "is_vllm_available", lambda: True)
@@ -291,3 +290,18 @@ def test_vllm_rollouts_get_the_prompts_unpadded_and_fresh_weights_each_update(
     pad = trainer.tokenizer.pad_token_id
     assert batch["responses"].tolist()[0] == [7, 8, stop] + [pad] * 5
     assert batch["mask"].sum(1).tolist() == [3, 2, 8, 3]
+
+
+def test_adaptive_kl_and_reward_normalisation_carry_from_rollout_to_rollout(tiny_model_dir, tmp_path):
+    trainer = build_trainer(tiny_model_dir, tmp_path, target_kl=0.001, kl_horizon=100, normalize_reward=True)
+    batch = trainer.rollout(trainer.train_prompts)
+    assert batch["kl_coef"] == 0.05, "the first rollout uses --kl_coef"
+    error = min(max(batch["kl"].sum(1).mean().item() / 0.001 - 1, -0.2), 0.2)
+    assert trainer.shaping.kl_coef == pytest.approx(0.05 * (1 + error * 4 / 100))
+    moments = trainer.shaping.moments
+    assert moments.count == 4 and moments.mean == pytest.approx(batch["scores"].mean().item(), abs=1e-6)
+    trainer.write_state(str(tmp_path))
+    resumed = build_trainer(tiny_model_dir, tmp_path / "again", target_kl=0.001, kl_horizon=100, normalize_reward=True)
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    resumed.shaping.load_state_dict(state["reward_shaping"])
+    assert resumed.shaping.state_dict() == trainer.shaping.state_dict()
