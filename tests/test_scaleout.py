@@ -2,6 +2,7 @@
 atomic checkpoints that keep --load_best_model_at_end and --save_total_limit working; where the weights go under
 DeepSpeed ZeRO-3 and FSDP; which errors are the user's."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -17,6 +18,16 @@ from tests.conftest import FAST_FLAGS, write_jsonl
 from tests.test_cli import run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (make install-deepspeed: deepspeed==0.19.8 builds for CPU)",
+)
+
+
+def deepspeed_run(script, argv, port, config="configs/ds_zero3.json"):
+    """`script` in 2 CPU processes under DeepSpeed (tests/deepspeed_cpu.py says what it lets through)."""
+    launcher = [*TORCHRUN, "--master_port", str(port), "tests/deepspeed_cpu.py", script]
+    return run([*launcher, *argv, "--deepspeed", config])
 
 
 def learning_rates(output_dir):
@@ -161,3 +172,81 @@ def test_run_cli_keeps_the_traceback_of_internal_errors(tmp_path):
 
     with pytest.raises(FileNotFoundError):
         run_cli(lost_checkpoint)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("config", ["configs/ds_zero2.json", "configs/ds_zero3.json"])
+def test_deepspeed_sft_trains_like_one_process(config, tiny_model_dir, sft_data, tmp_path):
+    """ZeRO-2 / ZeRO-3 over 2 processes x 2 examples and one process x 4: the same LR curve and, gathered into a
+    normal HF folder on save, the same weights (to float rounding: 1.7e-5 seen), far from the initial ones."""
+    from transformers import AutoModelForCausalLM
+
+    flags = ["--num_train_epochs", "1", "--learning_rate", "1e-2", "--save_strategy", "no"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    supervised_finetuning.main(sft_argv(tiny_model_dir, sft_data, one, *flags, "--per_device_train_batch_size", "4"))
+    argv = sft_argv(tiny_model_dir, sft_data, two, *flags, "--per_device_train_batch_size", "2")
+    result = deepspeed_run("supervised_finetuning.py", argv, 29741, config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert learning_rates(two) == learning_rates(one) == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    reference, sharded = (AutoModelForCausalLM.from_pretrained(out).state_dict() for out in (one, two))
+    for name, weight in reference.items():
+        torch.testing.assert_close(sharded[name], weight, atol=1e-4, rtol=0)  # Adam's steps: ~1e-2 each
+    assert max((reference[name] - initial[name]).abs().max() for name in initial) > 1e-2
+
+
+def lora_b_max(adapter_dir):
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    return max(weight.abs().max().item() for name, weight in weights.items() if "lora_B" in name)
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_reward_model_and_dpo_adapters_load(tiny_model_dir, tmp_path):
+    """LoRA on ZeRO-3-partitioned weights: the adapters are gathered whole on save, trained, and load."""
+    from transformers import AutoModelForSequenceClassification
+
+    from medicalgpt.args import ModelArguments
+    from medicalgpt.modeling import load_model
+
+    pairs = [{"prompt": f"问题{i}", "chosen": "请去看医生。", "rejected": "多喝热水。"} for i in range(8)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    common = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--template_name", "qwen",
+              "--do_train", "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+              "--use_peft", "True", "--save_strategy", "no", *FAST_FLAGS]  # fmt: skip
+    rm, dpo = tmp_path / "rm", tmp_path / "dpo"
+    for script, out, port in (("reward_modeling.py", rm, 29743), ("dpo_training.py", dpo, 29744)):
+        result = deepspeed_run(script, [*common, "--output_dir", str(out)], port)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+        assert lora_b_max(out) > 1e-3, f"{script}: the adapter trained"
+    assert "base_model.model.score.weight" in load_file(rm / "adapter_model.safetensors")
+    rm_args = ModelArguments(model_name_or_path=str(rm))
+    reward_model = load_model(rm_args, model_class=AutoModelForSequenceClassification, num_labels=1)
+    assert reward_model.score.weight.shape == (1, 64)
+    assert load_model(ModelArguments(model_name_or_path=str(dpo))).config.vocab_size > 0
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_ppo_saves_every_ranks_optimizer_shard_and_resumes(tiny_model_dir, tmp_path):
+    """PPO on accelerate's DeepSpeed plugin: generation from gathered weights, the same LR per update as one process,
+    each rank's optimizer shard in the checkpoint, and a resume that continues from it."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": f"{q}怎么办？", "output": "请去看医生。"}
+                                                    for q in ("头痛", "咳嗽", "发烧", "胃痛")])  # fmt: skip
+    out = tmp_path / "ppo"
+    argv = ["--sft_model_path", tiny_model_dir, "--reward_model_path", tiny_model_dir, "--template_name", "qwen",
+            "--train_file_dir", str(data), "--do_train", "--use_peft", "True", "--response_length", "8",
+            "--per_device_train_batch_size", "2", "--num_ppo_epochs", "1", "--learning_rate", "1e-3",
+            "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--output_dir", str(out),
+            "--bf16", "False", "--gradient_checkpointing", "False", "--report_to", "none"]  # fmt: skip
+    result = deepspeed_run("ppo_training.py", [*argv, "--total_episodes", "8"], 29745)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [entry["lr"] for entry in history] == [5e-4, 0.0]  # 2 updates of 4 prompts, 1 optimizer step each
+    shards = sorted(p.name for p in (out / "checkpoint-2" / "deepspeed" / "global_step2").glob("*optim_states.pt"))
+    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert lora_b_max(out) > 1e-4, "the policy adapter, gathered on save, trained"
+    resume = ["--total_episodes", "12", "--resume_from_checkpoint", str(out / "checkpoint-2")]
+    result = deepspeed_run("ppo_training.py", [*argv, *resume], 29746)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming from" in result.stderr and "(update 2 of 3)" in result.stderr
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
