@@ -62,6 +62,7 @@ def prepare_args(training_args, model_args, lora_args=None):
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and under DDP without extra flags.
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    check_sharding_device(training_args)
     logger.info(describe_choice(training_args))
     logger.info("Model arguments: %s", model_args)
     if lora_args is not None:
@@ -252,3 +253,19 @@ def with_atomic_checkpoints(trainer_class):
 
     AtomicCheckpointTrainer.__name__ = trainer_class.__name__
     return AtomicCheckpointTrainer
+
+
+def check_sharding_device(training_args):
+    """DeepSpeed and FSDP through accelerate 1.15 need accelerator devices. On CPU processes (`use_cpu`, the default
+    without a GPU) accelerate skips DeepSpeed, after transformers has already ZeRO-3-partitioned the model at load,
+    and ignores FSDP, training plain DDP without a word. Said before any model loads."""
+    if not training_args.use_cpu:
+        return
+    deepspeed = training_args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    fsdp = training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if deepspeed or fsdp:
+        name = "--deepspeed" if deepspeed else "--fsdp"
+        raise UsageError(
+            f"{name} (or an accelerate config that asks for it) needs GPUs: on CPU processes accelerate would run "
+            "plain data parallel instead. Leave it out (torchrun alone is data parallel on CPU), or run on GPUs."
+        )

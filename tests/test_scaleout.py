@@ -250,3 +250,23 @@ def test_deepspeed_zero3_ppo_saves_every_ranks_optimizer_shard_and_resumes(tiny_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming from" in result.stderr and "(update 2 of 3)" in result.stderr
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+
+@pytest.mark.parametrize("flag", [["--fsdp", "full_shard auto_wrap"], ["--deepspeed", "configs/ds_zero3.json"]])
+def test_sharding_on_cpu_processes_is_a_usage_error_not_silent_ddp(flag, tiny_model_dir, sft_data, tmp_path, capsys):
+    """accelerate 1.15 sets FSDP and DeepSpeed up only on accelerator devices: on CPU processes a run with them
+    would train plain DDP (FSDP) or fail after a ZeRO-3-partitioned load (DeepSpeed)."""
+    from medicalgpt.training import run_cli
+
+    if flag[0] == "--deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed")
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    argv = sft_argv(tiny_model_dir, sft_data, tmp_path / "out", "--max_steps", "1", *flag)
+    try:
+        assert run_cli(lambda: supervised_finetuning.main(argv)) == 1
+    finally:
+        unset_hf_deepspeed_config()  # the parsed --deepspeed config would make later loads in this process ZeRO-3
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {flag[0]} (or an accelerate config that asks for it) needs GPUs")
+    assert not (tmp_path / "out").exists()
