@@ -283,19 +283,19 @@ def test_inference_and_server_answer_and_stop_at_the_end_of_turn(real_engine):
     assert reply["usage"]["completion_tokens"] == completion.completion_tokens
 
 
-def test_merged_weights_give_the_adapters_logits(real_engine, real_sft, tmp_path):
+def test_merged_weights_give_the_adapters_logits(real_model_dir, real_sft, real_engine, tmp_path):
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     import merge_peft_adapter
 
     merge_peft_adapter.main(["--peft_model_path", real_sft["dir"], "--output_dir", str(tmp_path / "merged")])
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     ids = torch.tensor([real_engine.encode(QUESTION)])
+    base = AutoModelForCausalLM.from_pretrained(real_model_dir).eval()
     with torch.inference_mode():
-        expected, got = real_engine.model(ids).logits, merged(ids).logits
-        base = real_engine.model.get_base_model()
-        with real_engine.model.disable_adapter():
-            untrained = base(ids).logits
+        untrained = base(ids).logits
+        expected = PeftModel.from_pretrained(base, real_sft["dir"]).eval()(ids).logits  # the adapter, unmerged
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
     assert (expected - untrained).abs().max() > 1e-2  # the adapter changes the logits
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
