@@ -205,6 +205,8 @@ def main(argv=None):
     rows = [summarize_run(path, name, timings.get(name)) for name, path in named]
     if rows:
         print(format_table(rows))
+    if timings:
+        print(f"Total: {sum(timings.values()) / 60:.1f} minutes over {len(timings)} steps (--timings)")
     if args.plots:
         plots = [plot_run(path, name or os.path.basename(path), args.plots) for name, path in named]
         print(f"Loss curves: {', '.join(p for p in plots if p)}")
