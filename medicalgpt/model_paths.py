@@ -37,15 +37,20 @@ def check_model_path(path, flag=None, cache_dir=None, revision=None, named_by=No
     where = os.path.abspath(os.path.expanduser(path))
     if os.path.exists(path):
         raise ModelPathError(f"{subject}: {where} is a file; pass the model's folder (with config.json).")
+    if path.startswith("~") and os.path.isdir(where):
+        raise ModelPathError(f"{subject}: `~` is not expanded here; pass the full path, {where}.")
     if not looks_like_hub_id(path):
         raise ModelPathError(f"{subject}: no such folder ({where}). {_what_to_do(named_by)}")
     if _in_hub_cache(path, revision, cache_dir):
         return
     if _hub_offline():
+        advice = (
+            "Pass a local model folder, download it first (unset HF_HUB_OFFLINE), or point --cache_dir at the cache "
+            "that holds it."
+        )
         raise ModelPathError(
             f"{subject}: neither a folder here ({where}) nor a model in the hub cache ({_cache_location(cache_dir)}), "
-            "and HF_HUB_OFFLINE=1 forbids downloading it. Pass a local model folder, download it first (unset "
-            "HF_HUB_OFFLINE), or point --cache_dir at the cache that holds it."
+            f"and HF_HUB_OFFLINE=1 forbids downloading it. {_what_to_do(named_by) if named_by else advice}"
         )
     problem = _probe_hub(path, revision)
     if problem:
@@ -86,8 +91,8 @@ def flag_of(path):
 def _what_to_do(named_by):
     if named_by:
         return (
-            "The base moved or was deleted: pass the base model explicitly (--base_model / --model_name_or_path), "
-            "or set base_model_name_or_path in that file."
+            "If it was a folder, it has moved or been deleted: pass the base model explicitly (--base_model / "
+            "--model_name_or_path), or set base_model_name_or_path in that file."
         )
     return (
         "Pass a folder that exists (a model download, a training run's --output_dir) "
