@@ -43,7 +43,7 @@ def tokenised(tokenizer, train_on_inputs=False):
     template = get_conv_template("qwen")
     return [
         {key: value for key, value in tokenize_conversation(r, template, tokenizer, None, train_on_inputs).items()
-         if key != "dropped_turns"}
+         if key in ("input_ids", "labels")}
         for r in RECORDS
     ]  # fmt: skip
 
