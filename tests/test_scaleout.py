@@ -175,17 +175,17 @@ def test_run_cli_keeps_the_traceback_of_internal_errors(tmp_path):
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("config", ["configs/ds_zero2.json", "configs/ds_zero3.json"])
-def test_deepspeed_sft_trains_like_one_process(config, tiny_model_dir, sft_data, tmp_path):
-    """ZeRO-2 / ZeRO-3 over 2 processes x 2 examples and one process x 4: the same LR curve and, gathered into a
-    normal HF folder on save, the same weights (to float rounding: 1.7e-5 seen), far from the initial ones."""
+def test_deepspeed_zero3_sft_trains_like_one_process(tiny_model_dir, sft_data, tmp_path):
+    """ZeRO-3 over 2 processes x 2 examples and one process x 4: the same LR curve and, gathered into a normal HF
+    folder on save, the same weights (to float rounding: 1.7e-5 seen), far from the initial ones. (ZeRO-2 gives the
+    same, within 5e-8 of ZeRO-3's weights; left out to keep the suite short.)"""
     from transformers import AutoModelForCausalLM
 
     flags = ["--num_train_epochs", "1", "--learning_rate", "1e-2", "--save_strategy", "no"]
     one, two = tmp_path / "one", tmp_path / "two"
     supervised_finetuning.main(sft_argv(tiny_model_dir, sft_data, one, *flags, "--per_device_train_batch_size", "4"))
     argv = sft_argv(tiny_model_dir, sft_data, two, *flags, "--per_device_train_batch_size", "2")
-    result = deepspeed_run("supervised_finetuning.py", argv, 29741, config)
+    result = deepspeed_run("supervised_finetuning.py", argv, 29741)
     assert result.returncode == 0, result.stderr[-3000:]
     assert learning_rates(two) == learning_rates(one) == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
