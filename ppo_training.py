@@ -32,7 +32,7 @@ from transformers import AutoModelForSequenceClassification
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, RLArguments
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import expand_config_file, parse_args
-from medicalgpt.ppo_trainer import PPOConfig, PPOTrainer
+from medicalgpt.ppo_trainer import PPOConfig, PPOTrainer, prepare_frozen
 from medicalgpt.preprocess import prepare_rl_prompts
 from medicalgpt.rewards import RewardModelScorer, closing_ids, stop_token_ids
 from medicalgpt.training import (
@@ -148,6 +148,7 @@ def run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, 
     trainer_class = with_atomic_checkpoints(RLOOTrainer if rl_args.rl_algorithm == "rloo" else GRPOTrainer)
     trainer = trainer_class(model=policy, reward_funcs=scorer, args=config, train_dataset=datasets[0],
                             eval_dataset=datasets[1], processing_class=tokenizer)  # fmt: skip
+    scorer.model = prepare_frozen(scorer.model, trainer.accelerator)  # ZeRO-3: an engine, as trl's own reward models
     if config.do_train:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(config))
         trainer.save_model()

@@ -104,6 +104,20 @@ def deepspeed_plugin(config):
     return plugin
 
 
+def prepare_frozen(model, accelerator):
+    """A frozen model (reference policy, reward model) ready for inference: on the device; under DeepSpeed ZeRO-3,
+    where transformers partitioned it at load, in an inference engine of its own (trl's prepare_deepspeed, as trl
+    prepares its reference and reward models), since a bare partitioned model holds empty weights."""
+    if model is None:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(model, accelerator)
+    return model.to(accelerator.device).eval()
+
+
 class PolicyAndValue(torch.nn.Module):
     """Both trained models in one module, so that DDP/DeepSpeed wrap and synchronise them together."""
 
@@ -179,9 +193,7 @@ class PPOTrainer:
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.scheduler = self._build_scheduler()
-        for frozen in (ref_policy, reward_model):
-            if frozen is not None:
-                frozen.to(self.accelerator.device).eval()
+        self.ref_policy, self.reward_model = (prepare_frozen(m, self.accelerator) for m in (ref_policy, reward_model))
         self.update, self.log_history, self.writer = 0, [], self._build_writer()
 
     def _build_scheduler(self):
