@@ -65,7 +65,7 @@ quickstart: quickstart-$(MODEL)
 QS_DATA := $(QUICKSTART)/data
 REAL_QUICK := --torch_dtype float32 --bf16 False --gradient_checkpointing False --gradient_accumulation_steps 1 \
 	--preprocessing_num_workers 1 --logging_steps 1 --per_device_train_batch_size 2 --per_device_eval_batch_size 4 \
-	--report_to none --save_strategy no
+	--report_to none --save_strategy no --warmup_ratio 0
 quickstart-real: real-model
 	rm -rf $(QUICKSTART)
 	$(PY) -m medicalgpt.quickstart --output_dir $(QS_DATA)
