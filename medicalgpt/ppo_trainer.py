@@ -330,10 +330,9 @@ class PPOTrainer:
         minus --missing_eos_penalty for responses that never stopped. Also the response mask and the stops."""
         mask, has_stop = ppo.response_mask(responses, self.stop_token_ids)
         sequences = [
-            reward_model_input(q[m.bool()].tolist(), r[: n.item()].tolist(), self.stop_token_ids,
-                                       self.closing_ids)[0]
-            for q, m, r, n in zip(queries, query_mask, responses, mask.sum(1))
-        ]  # fmt: skip
+            reward_model_input(q[m.bool()].tolist(), r[:n].tolist(), self.stop_token_ids, self.closing_ids)[0]
+            for q, m, r, n in zip(queries, query_mask, responses, mask.sum(1).tolist())
+        ]
         with self._reward() as reward_model, self.accelerator.autocast():
             scores = score_sequences(reward_model, sequences, self.tokenizer.pad_token_id, self.rollout_micro_batch)
         if self.config.missing_eos_penalty is not None:

@@ -25,10 +25,12 @@ from medicalgpt import ppo
 def sampling_config(max_new_tokens, stop_token_ids, pad_token_id, temperature=None):
     """A GenerationConfig from scratch: plain sampling at `temperature` (greedy when None), stopping at
     `stop_token_ids`; no top-k, top-p, repetition penalty or any other logits processor."""
-    sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature}
+    sampling = {"do_sample": False}
+    if temperature is not None:  # top_k 0 and top_p 1 turn off truncation (transformers' global top_k is 50)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     return GenerationConfig(
         max_new_tokens=max_new_tokens, eos_token_id=list(stop_token_ids), pad_token_id=pad_token_id,
-        top_k=0, top_p=1.0, repetition_penalty=1.0, **sampling,
+        repetition_penalty=1.0, **sampling,
     )  # fmt: skip
 
 
