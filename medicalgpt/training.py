@@ -102,11 +102,11 @@ def _run_is_complete(output_dir, training_args):
     except (OSError, ValueError):
         return False
     step = state.get("global_step") or 0
-    if "max_steps" not in state:
+    if "max_steps" not in state or "num_train_epochs" not in state:  # not a transformers TrainerState: PPO's own
         return False
     if training_args.max_steps > 0:
         return step >= training_args.max_steps
-    epochs_grew = training_args.num_train_epochs > state.get("num_train_epochs", training_args.num_train_epochs)
+    epochs_grew = training_args.num_train_epochs > state["num_train_epochs"]
     return bool(state.get("max_steps")) and step >= state["max_steps"] and not epochs_grew
 
 
