@@ -288,6 +288,8 @@ def main():
     if args.child:
         return run_child(args.child, args.model, rest[1:] if rest[:1] == ["--"] else rest)
     names = check_contenders(contender_names(args.contenders), args)
+    if not os.path.isfile(args.data):
+        raise SystemExit(f"--data: no file {args.data} (upstream's data/finetune/medical_sft_1K_format.jsonl)")
     work = tempfile.mkdtemp(prefix="bench-sft-")
     env = pinned_threads_env(os.environ, args.threads)
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=os.path.join(work, "cache"))
