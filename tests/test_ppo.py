@@ -182,13 +182,52 @@ def test_ppo_resumes_from_its_last_checkpoint(rlhf_setup, tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
-def test_critic_free_modes_use_the_same_reward_model(algorithm, rlhf_setup, tmp_path):
+def test_critic_free_modes_use_the_same_reward_model(algorithm, rlhf_setup, tmp_path, monkeypatch):
+    """The reward trl logs is RewardModelScorer's, and RewardModelScorer scores a fixed completion exactly as a plain
+    AutoModelForSequenceClassification (the LoRA reward model merged with peft) scores its official rendering."""
+    calls = []
+
+    class RecordingScorer(ppo_training.RewardModelScorer):
+        def __call__(self, *args, **kwargs):
+            calls.append((self, super().__call__(*args, **kwargs)))
+            return calls[-1][1]
+
+    monkeypatch.setattr(ppo_training, "RewardModelScorer", RecordingScorer)
     out = tmp_path / algorithm
     argv = ppo_argv(rlhf_setup, out, "--rl_algorithm", algorithm, "--max_steps", "2", "--num_generations", "4",
                     "--save_strategy", "no", "--missing_eos_penalty", "1.0")  # fmt: skip
     argv[argv.index("--per_device_train_batch_size") + 1] = "4"
     ppo_training.main(argv)
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    rewards = [entry["rewards/reward_model/mean"] for entry in history if "rewards/reward_model/mean" in entry]
-    assert rewards and all(-2.0 < r < 5.0 for r in rewards)
+    logged = [entry["rewards/reward_model/mean"] for entry in history if "rewards/reward_model/mean" in entry]
+    assert logged == pytest.approx([sum(scores) / len(scores) for _, scores in calls], abs=1e-5)
     assert (out / "adapter_config.json").exists()
+
+    scorer = calls[0][0]
+    tokenizer = scorer.tokenizer
+    question = QUESTIONS[9]
+    chat = [{"role": "user", "content": question}, {"role": "assistant", "content": GOOD}]
+    prompt = tokenizer.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+    completion = tokenizer.encode(GOOD + "<|im_end|>", add_special_tokens=False)
+    plain = plain_reward_model(rlhf_setup["rm"])
+    rendering = tokenizer(tokenizer.apply_chat_template(chat, tokenize=False), return_tensors="pt")
+    with torch.no_grad():
+        expected = plain(**rendering).logits[0, 0].item()
+    assert scorer([prompt], None, [completion]) == pytest.approx([expected], abs=1e-5)
+    assert scorer([prompt], None, [completion[:-1]]) == pytest.approx(  # no stop: penalised, no closing "\n"
+        [plain(**tokenizer(prompt + GOOD, return_tensors="pt")).logits[0, 0].item() - 1.0], abs=1e-5
+    )
+
+
+def plain_reward_model(adapter_dir):
+    """A LoRA reward model as someone outside the project loads it: base model, adapter, merged."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
+    model.config.pad_token_id = ppo_training.load_tokenizer(
+        ppo_training.ModelArguments(model_name_or_path=adapter_dir)
+    ).pad_token_id
+    return model
