@@ -59,8 +59,8 @@ class PPOConfig(TrainingArguments):
     merge_policy: bool = field(default=False, metadata={"help": "Save the policy merged into full weights."})
     local_rollout_forward_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Sequences per no-grad forward (and generate call) in a rollout; bounds its memory "
-                  "(default: per_device_train_batch_size)."},
+        metadata={"help": "Sequences per no-grad forward in a rollout (policy, reference, critic, reward model); "
+                  "bounds its memory (default: per_device_train_batch_size)."},
     )  # fmt: skip
     use_vllm: bool = field(
         default=False, metadata={"help": "Sample rollouts with vLLM, colocated on the GPUs (pip install vllm)."}
@@ -284,9 +284,9 @@ class PPOTrainer:
             policy = unwrapped.policy
             policy.eval()
             with self.accelerator.autocast():
-                responses = rollout.generate_responses(
-                    policy, queries, query_mask, generation, self.rollout_micro_batch
-                )
+                # one generate call for the whole batch: it keeps one position's logits per step, and decoding
+                # the batch in micro-batches would multiply the sequential steps
+                responses = rollout.generate_responses(policy, queries, query_mask, generation, len(queries))
             policy.train()
         return responses
 

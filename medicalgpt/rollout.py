@@ -11,7 +11,8 @@ from exactly `softmax(logits / temperature)`, the distribution `ppo.selected_log
 Memory. Rollout forwards run `micro_batch` sequences at a time, compute logits only for the response positions
 (`logits_to_keep`), and reduce them at once to one log-prob per token (`ppo.selected_logprobs`: the chosen logit
 minus a chunked logsumexp). Peak memory then depends on the micro-batch, not on the rollout batch
-(bench/ppo_rollout_memory.py).
+(bench/ppo_rollout_memory.py). Generation needs no such bound (it keeps one position's logits per step): PPOTrainer
+decodes its whole batch in one `generate` call.
 """
 
 import contextlib

@@ -118,7 +118,7 @@ def test_rollout_logprobs_are_those_of_the_distribution_generation_sampled_from(
 
     policy.generate = recording_generate
     batch = trainer.rollout(trainer.train_prompts)
-    assert [chunk.shape[0] for chunk in sampled_from] == [2, 2], "two micro-batches of --local_rollout_forward_..."
+    assert [chunk.shape[0] for chunk in sampled_from] == [4], "one generate call for the batch"
     assert policy.generation_config.top_k == 5, "the model's own config is restored"
     width = max(chunk.shape[1] for chunk in sampled_from)
     scores = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[1])) for c in sampled_from])
