@@ -149,8 +149,8 @@ def _log_overlong(dataset, max_length):
     skipped = lengths.count(0)
     if truncated:
         logger.warning(
-            "%d conversations were truncated: their first exchange alone is longer than model_max_length=%d, so its "
-            "answer was cut (learning no end-of-turn token). --overlong drop skips them instead.",
+            "%d conversations were truncated: their first exchange alone is longer than model_max_length=%d, so it "
+            "was cut to fit (a cut answer learns no end-of-turn token). --overlong drop skips them instead.",
             truncated, max_length,
         )  # fmt: skip
     if dropped:
