@@ -70,6 +70,22 @@ def prepare_args(training_args, model_args, lora_args=None):
     logger.info("Training arguments: %s", training_args.to_json_string())
 
 
+def check_sharding_device(training_args):
+    """DeepSpeed and FSDP through accelerate 1.15 need accelerator devices. On CPU processes (`use_cpu`, the default
+    without a GPU) accelerate skips DeepSpeed, after transformers has already ZeRO-3-partitioned the model at load,
+    and ignores FSDP, training plain DDP without a word. Said before any model loads."""
+    if not training_args.use_cpu:
+        return
+    deepspeed = training_args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    fsdp = training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if deepspeed or fsdp:
+        name = "--deepspeed" if deepspeed else "--fsdp"
+        raise UsageError(
+            f"{name} (or an accelerate config that asks for it) needs GPUs: on CPU processes accelerate would run "
+            "plain data parallel instead. Leave it out (torchrun alone is data parallel on CPU), or run on GPUs."
+        )
+
+
 def find_resume_checkpoint(training_args):
     """The checkpoint to resume from: --resume_from_checkpoint, else the last one in output_dir (unless
     --overwrite_output_dir). When output_dir holds a finished run (its final trainer_state.json, written after the
@@ -254,19 +270,3 @@ def with_atomic_checkpoints(trainer_class):
 
     AtomicCheckpointTrainer.__name__ = trainer_class.__name__
     return AtomicCheckpointTrainer
-
-
-def check_sharding_device(training_args):
-    """DeepSpeed and FSDP through accelerate 1.15 need accelerator devices. On CPU processes (`use_cpu`, the default
-    without a GPU) accelerate skips DeepSpeed, after transformers has already ZeRO-3-partitioned the model at load,
-    and ignores FSDP, training plain DDP without a word. Said before any model loads."""
-    if not training_args.use_cpu:
-        return
-    deepspeed = training_args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    fsdp = training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if deepspeed or fsdp:
-        name = "--deepspeed" if deepspeed else "--fsdp"
-        raise UsageError(
-            f"{name} (or an accelerate config that asks for it) needs GPUs: on CPU processes accelerate would run "
-            "plain data parallel instead. Leave it out (torchrun alone is data parallel on CPU), or run on GPUs."
-        )
