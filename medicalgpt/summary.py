@@ -93,9 +93,10 @@ def summarize_run(output_dir, name=None, seconds=None):
     key, direction, points = figure(history, stage)
     runtime = next((entry["train_runtime"] for entry in history if "train_runtime" in entry), None)
     first, last = (points[0][1], points[-1][1]) if points else (None, None)
+    elapsed = seconds if seconds is not None else runtime
     return {
         "stage": stage,
-        "seconds": seconds if seconds is not None else runtime,
+        "seconds": None if elapsed is None else round(elapsed),
         "figure": f"{key} ({'down' if direction == DOWN else 'up'})" if key else None,
         "first": first,
         "last": last,
