@@ -102,6 +102,9 @@ class Recorder:
         self.seen.append(messages)
         return self.engine.stream(messages, options)
 
+    def __getattr__(self, name):  # everything else (fitting the context, encoding) is the engine's
+        return getattr(self.engine, name)
+
 
 def test_answers_stream_in_the_stop_button_ends_generation_and_clear_forgets(browser, tiny_model_dir):
     import gradio_demo

@@ -115,6 +115,21 @@ def test_device_map_data_parallel_ranks_each_take_their_gpu(on_cuda):
 
 
 def test_device_map_is_left_to_deepspeed_zero3(on_cuda):
+    """What transformers reports under ZeRO-2 and ZeRO-3 (runs without DeepSpeed installed)."""
+    import transformers.integrations
+
+    on_cuda.setenv("WORLD_SIZE", "2")
+    on_cuda.setenv("LOCAL_RANK", "1")
+    on_cuda.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: False)
+    assert resolve_device_map(None) == {"": 1}
+    on_cuda.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    assert resolve_device_map(None) is None
+    assert resolve_device_map("auto") is None
+
+
+def test_device_map_reads_a_real_deepspeed_zero3_config(on_cuda):
+    """The same through the config object the Trainer builds from --deepspeed (needs DeepSpeed installed)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install-deepspeed)")
     from transformers.integrations import HfDeepSpeedConfig
 
     on_cuda.setenv("WORLD_SIZE", "2")
