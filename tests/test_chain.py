@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.chat_support import free_port
 from tests.conftest import FAST_FLAGS, REPO, write_jsonl
 from tests.test_cli import ENV, global_step, run
 
@@ -76,9 +77,10 @@ def test_two_nodes_on_loopback_and_accelerate_launch_are_one_data_parallel_group
     data = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": f"问题{i}", "output": f"回答{i}"} for i in range(16)])
     single = run([sys.executable, *sft_argv(tiny_model_dir, data, tmp_path / "single")])
     assert single.returncode == 0, single.stderr[-3000:]
+    master_port = str(free_port())  # a fixed port can be held by another run on the machine: rendezvous then hangs
     nodes = [
         subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-                          "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", "29811",
+                          "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", master_port,
                           *sft_argv(tiny_model_dir, data, tmp_path / "two-nodes")],
                          cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for rank in (0, 1)
@@ -87,7 +89,7 @@ def test_two_nodes_on_loopback_and_accelerate_launch_are_one_data_parallel_group
     assert all(node.returncode == 0 for node in nodes), errors[0][-3000:] + errors[1][-3000:]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launched = run(
-        [*launcher, "--main_process_port", "29812", *sft_argv(tiny_model_dir, data, tmp_path / "accelerate")]
+        [*launcher, "--main_process_port", str(free_port()), *sft_argv(tiny_model_dir, data, tmp_path / "accelerate")]
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
     steps = global_step(tmp_path / "single")
