@@ -59,7 +59,7 @@ $(TINY_MODEL)/config.json: $(VENV)/.installed medicalgpt/tiny_model.py
 
 quickstart: quickstart-$(MODEL)
 
-# The real model (SmolLM2-135M-Instruct) on CPU in ~10 minutes: its answers to three medical questions, SFT with LoRA
+# The real model (SmolLM2-135M-Instruct) on CPU in ~2 minutes (1.5 measured on a quiet machine): its answers to three medical questions, SFT with LoRA
 # on the English sample data (held-out loss before and after), its answers again, DPO from the SFT adapter, merge,
 # and the final answers; then a table of what each stage moved and the answers side by side.
 QS_DATA := $(QUICKSTART)/data
@@ -107,7 +107,7 @@ test: $(VENV)/.installed
 		echo "chromium is not installed: the browser test of gradio_demo.py will be skipped"
 	$(PY) -m pytest -q tests
 
-# The real-model tier: SmolLM2-135M-Instruct and the real Qwen2.5 tokenizer (built once under models/); ~15 minutes
+# The real-model tier: SmolLM2-135M-Instruct and the real Qwen2.5 tokenizer (built once under models/); ~2 minutes
 # on 2 cores. CI runs it after `make test`.
 test-real: real-model qwen-tokenizer
 	$(PY) -m pytest -q -m real_model tests/test_real_model.py
