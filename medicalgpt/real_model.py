@@ -109,7 +109,13 @@ def build_real_model(output_dir=DEFAULT_OUTPUT_DIR, gguf_path=None, force=False)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     info = {"source": os.path.basename(gguf_path), "parameters": sum(p.numel() for p in model.parameters())}
-    with open(os.path.join(staging, DONE_MARKER), "w", encoding="utf-8") as f:
+    return publish_build(staging, output_dir, DONE_MARKER, info)
+
+
+def publish_build(staging, output_dir, marker, info):
+    """Mark the folder built in `staging` as complete and move it into place whole (a killed build leaves only the
+    staging folder, which the next build removes)."""
+    with open(os.path.join(staging, marker), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
     shutil.rmtree(output_dir, ignore_errors=True)
     os.replace(staging, output_dir)
