@@ -26,7 +26,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# DeepSpeed for the ZeRO-2/3 tests on CPU (tests/test_scaleout.py skips them without it): built from source for the
+# DeepSpeed for the ZeRO-2/3 tests on CPU (tests/train/test_scaleout.py skips them without it): built from source for the
 # installed torch, so without build isolation; its build needs these few packages first.
 install-deepspeed: $(VENV)/.installed-deepspeed
 
@@ -45,17 +45,17 @@ $(VENV)/.installed-real: requirements-real.txt $(VENV)/.installed
 real-model: $(REAL_MODEL)/real_model.json
 
 $(REAL_MODEL)/real_model.json: | $(VENV)/.installed-real
-	$(PY) -m medicalgpt.real_model --output_dir $(REAL_MODEL)
+	$(PY) -m medicalgpt.quickstart.real_model --output_dir $(REAL_MODEL)
 
 qwen-tokenizer: $(QWEN_VOCAB_MODEL)/qwen_tokenizer.json
 
 $(QWEN_VOCAB_MODEL)/qwen_tokenizer.json: | $(VENV)/.installed-real
-	$(PY) -m medicalgpt.qwen_tokenizer --output_dir $(QWEN_VOCAB_MODEL) --model
+	$(PY) -m medicalgpt.quickstart.qwen_tokenizer --output_dir $(QWEN_VOCAB_MODEL) --model
 
 tiny-model: $(TINY_MODEL)/config.json
 
-$(TINY_MODEL)/config.json: $(VENV)/.installed medicalgpt/tiny_model.py
-	$(PY) -m medicalgpt.tiny_model --output_dir $(TINY_MODEL)
+$(TINY_MODEL)/config.json: $(VENV)/.installed medicalgpt/quickstart/tiny_model.py
+	$(PY) -m medicalgpt.quickstart.tiny_model --output_dir $(TINY_MODEL)
 
 quickstart: quickstart-$(MODEL)
 
@@ -68,7 +68,7 @@ REAL_QUICK := --torch_dtype float32 --bf16 False --gradient_checkpointing False 
 	--report_to none --save_strategy no --warmup_ratio 0
 quickstart-real: real-model
 	rm -rf $(QUICKSTART)
-	$(PY) -m medicalgpt.quickstart --output_dir $(QS_DATA)
+	$(PY) -m medicalgpt.quickstart.sample_data --output_dir $(QS_DATA)
 	PYTHON=$(abspath $(PY)) MODEL=$(REAL_MODEL) PREFIX=$(QUICKSTART)/ CHAIN=short SUMMARY=1 TEMPLATE=smollm2 \
 	ANSWERS=$(QS_DATA)/questions.jsonl ANSWER_TOKENS=64 EXTRA_ARGS="$(REAL_QUICK)" \
 	EXTRA_ARGS_SFT="--train_file_dir $(QS_DATA)/sft/train.jsonl --validation_file_dir $(QS_DATA)/sft/heldout.jsonl \
@@ -110,7 +110,7 @@ test: $(VENV)/.installed
 # The real-model tier: SmolLM2-135M-Instruct and the real Qwen2.5 tokenizer (built once under models/); ~2 minutes
 # on 2 cores. CI runs it after `make test`.
 test-real: real-model qwen-tokenizer
-	$(PY) -m pytest -q -m real_model tests/test_real_model.py
+	$(PY) -m pytest -q -m real_model tests/quickstart/test_real_model.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -34,8 +34,8 @@ import shutil
 import sys
 import tempfile
 
-from medicalgpt.data import load_records
-from medicalgpt.vocab import (
+from medicalgpt.data.validate import load_records
+from medicalgpt.data.vocab import (
     INIT_FILE,
     extend_tokenizer,
     filter_terms,

@@ -22,9 +22,9 @@ import os
 import sys
 import tempfile
 
-from medicalgpt.convert import INPUT_TYPES, OUTPUT_FORMATS, WRITERS, check_input_type, table_records
-from medicalgpt.data import Issue, validate_file, validate_units
-from medicalgpt.readers import read_table, read_units
+from medicalgpt.data.convert import INPUT_TYPES, OUTPUT_FORMATS, WRITERS, check_input_type, table_records
+from medicalgpt.data.files import read_table, read_units
+from medicalgpt.data.validate import Issue, validate_file, validate_units
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     output_format = args.output_format or ("same" if args.data_type == "json2jsonl" else "sharegpt")
     template = None
     if args.template_name:
-        from template import get_conv_template
+        from medicalgpt.templates import get_conv_template
 
         try:
             template = get_conv_template(args.template_name)

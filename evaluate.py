@@ -23,7 +23,7 @@ block_size - stride tokens of context, for long documents).
 
 Every record is checked before the model loads (errors as `path:line`). Writes results.json and
 <task>_predictions.jsonl (one line per item or document) into --output_dir and prints a table. The details of the
-scoring are in medicalgpt/evaluation.py; the file formats in medicalgpt/eval_data.py.
+scoring are in medicalgpt/eval/tasks.py; the file formats in medicalgpt/eval/items.py.
 """
 
 import json
@@ -32,12 +32,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from medicalgpt.chat import ChatArguments, load_chat_engine, parse_cli, setup_logging
-from medicalgpt.data import load_records
-from medicalgpt.eval_data import load_eval_items
-from medicalgpt.evaluation import load_scoring_model, run_choice, run_perplexity, run_qa
-from medicalgpt.readers import find_data_files
-from medicalgpt.training import UsageError, run_cli
+from medicalgpt.cli import UsageError, run_cli, setup_logging
+from medicalgpt.data.files import find_data_files
+from medicalgpt.data.validate import load_records
+from medicalgpt.eval.items import load_eval_items
+from medicalgpt.eval.tasks import load_scoring_model, run_choice, run_perplexity, run_qa
+from medicalgpt.parser import parse_cli
+from medicalgpt.serve.chat import ChatArguments, load_chat_engine
 
 logger = logging.getLogger("medicalgpt")
 TASKS = ("choice", "qa", "perplexity")

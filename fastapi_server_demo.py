@@ -1,4 +1,4 @@
-"""Serve a model over HTTP: upstream's `POST /chat` and an OpenAI-compatible API (medicalgpt/server.py).
+"""Serve a model over HTTP: upstream's `POST /chat` and an OpenAI-compatible API (medicalgpt/serve/server.py).
 
     python fastapi_server_demo.py --base_model Qwen/Qwen2.5-0.5B-Instruct \\
         --lora_model outputs-sft-qwen-v1 --template_name qwen --port 8008 --api_key "$MY_KEY"
@@ -22,9 +22,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from medicalgpt.chat import ChatArguments, load_chat_engine, parse_cli, setup_logging
-from medicalgpt.server import build_app
-from medicalgpt.training import run_cli
+from medicalgpt.cli import run_cli, setup_logging
+from medicalgpt.parser import parse_cli
+from medicalgpt.serve.chat import ChatArguments, load_chat_engine
+from medicalgpt.serve.server import build_app
 
 logger = logging.getLogger("medicalgpt")
 API_KEY_ENV = "MEDICALGPT_API_KEY"

@@ -14,16 +14,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from medicalgpt.chat import (
-    ChatArguments,
-    PromptTooLongError,
-    dropped_note,
-    fit_context,
-    load_chat_engine,
-    parse_cli,
-    setup_logging,
-)
-from medicalgpt.training import run_cli
+from medicalgpt.cli import run_cli, setup_logging
+from medicalgpt.parser import parse_cli
+from medicalgpt.serve.chat import ChatArguments, PromptTooLongError, dropped_note, fit_context, load_chat_engine
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 

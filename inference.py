@@ -11,7 +11,8 @@ over, `exit` (or Ctrl-D) to quit; Ctrl-C stops an answer. Lines pasted at once a
 typed between two lines that hold only three double quotes.
 
 Batch: `--data_file` is `.txt` (one prompt per line) or `.jsonl` (`prompt`, `instruction`+`input`, `question`,
-`messages` or `conversations` records; see medicalgpt/prompts.py), checked line by line before the model loads.
+`messages` or `conversations` records; see
+medicalgpt/data/prompt_files.py), checked line by line before the model loads.
 `--output_file` gets one JSON line per input, in input order: the input record plus `output`. Prompts are
 left-padded into batches of `--batch_size`; each answer ends at the template's end-of-turn token.
 `--use_vllm` generates the batch with vLLM instead (GPU; `pip install vllm`).
@@ -25,18 +26,11 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from medicalgpt.chat import (
-    ChatArguments,
-    PromptTooLongError,
-    dropped_note,
-    fit_context,
-    load_chat_engine,
-    parse_cli,
-    setup_logging,
-)
-from medicalgpt.data import DataValidationError, Issue
-from medicalgpt.prompts import load_prompt_records
-from medicalgpt.training import UsageError, run_cli
+from medicalgpt.cli import UsageError, run_cli, setup_logging
+from medicalgpt.data.prompt_files import load_prompt_records
+from medicalgpt.data.validate import DataValidationError, Issue
+from medicalgpt.parser import parse_cli
+from medicalgpt.serve.chat import ChatArguments, PromptTooLongError, dropped_note, fit_context, load_chat_engine
 
 logger = logging.getLogger("medicalgpt")
 EXIT_COMMANDS = ("exit", "quit", ":exit", ":quit", "/exit")
@@ -156,8 +150,9 @@ def run_vllm_batch(chat_args, items, output_file):
         from vllm.lora.request import LoRARequest
     except ImportError as error:
         raise UsageError("--use_vllm needs vLLM (a CUDA machine): pip install vllm") from error
-    from medicalgpt.chat import build_template, tokenizer_source
     from medicalgpt.modeling import load_tokenizer
+    from medicalgpt.serve.chat import tokenizer_source
+    from medicalgpt.templates import build_template
 
     source = tokenizer_source(chat_args)
     template = build_template(chat_args.template_name, load_tokenizer(chat_args.model_arguments(), source))

@@ -25,10 +25,11 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from medicalgpt.args import ModelArguments
-from medicalgpt.chat import build_template, parse_cli, setup_logging
+from medicalgpt.cli import UsageError, run_cli, setup_logging
 from medicalgpt.model_paths import check_model_path
 from medicalgpt.modeling import ADAPTER_CONFIG, load_model_with_adapter, load_tokenizer, read_adapter_base
-from medicalgpt.training import UsageError, run_cli
+from medicalgpt.parser import parse_cli
+from medicalgpt.templates import build_template
 
 logger = logging.getLogger("medicalgpt")
 

@@ -16,19 +16,14 @@ from dataclasses import dataclass, field
 
 from trl.experimental.orpo import ORPOConfig
 
-from medicalgpt.alignment import PreTokenizedORPOTrainer
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
+from medicalgpt.cli import run_cli, setup_logging
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
-from medicalgpt.training import (
-    end_training,
-    find_resume_checkpoint,
-    prepare_args,
-    prepare_preference_data,
-    run_cli,
-    setup_logging,
-    with_atomic_checkpoints,
-)
+from medicalgpt.train.checkpoints import with_atomic_checkpoints
+from medicalgpt.train.records import prepare_preference_data
+from medicalgpt.train.run import end_training, find_resume_checkpoint, prepare_args
+from medicalgpt.train.trainers import PreTokenizedORPOTrainer
 
 logger = logging.getLogger("medicalgpt")
 

@@ -13,10 +13,10 @@ Prompts are every assistant turn's full preceding context in SFT-format data, re
 model paths may be LoRA adapter directories. The policy is saved to output_dir as a LoRA adapter on the SFT model
 (or merged weights with --merge_policy True), loadable by inference.py. PPO knobs: --kl_coef, --cliprange,
 --cliprange_value, --vf_coef, --gamma, --lam, --num_ppo_epochs, --num_mini_batches, --temperature,
---whiten_rewards, --kl_estimator k3, --target_kl (adaptive KL), --normalize_reward; see medicalgpt/ppo_trainer.py
+--whiten_rewards, --kl_estimator k3, --target_kl (adaptive KL), --normalize_reward; see medicalgpt/rl/trainer.py
 for how they are used. Rollouts sample from exactly softmax(logits / --temperature), whatever the model's
 generation_config says; --local_rollout_forward_batch_size bounds their memory; --use_vllm samples them with vLLM
-on the training GPUs (medicalgpt/rollout.py). The reward model reads the template's full rendering of each
+on the training GPUs (medicalgpt/rl/rollout.py). The reward model reads the template's full rendering of each
 conversation, as in reward training and as any tool reading it with the official chat template (rewards.py).
 """
 
@@ -30,22 +30,16 @@ import sys
 from transformers import AutoModelForSequenceClassification
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, RLArguments
+from medicalgpt.cli import UsageError, run_cli, setup_logging
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import expand_config_file, parse_args
-from medicalgpt.ppo_trainer import PPOConfig, PPOTrainer, prepare_frozen
-from medicalgpt.preprocess import prepare_rl_prompts
-from medicalgpt.rewards import RewardModelScorer, closing_ids, stop_token_ids
-from medicalgpt.training import (
-    UsageError,
-    build_template,
-    end_training,
-    find_resume_checkpoint,
-    load_stage_records,
-    prepare_args,
-    run_cli,
-    setup_logging,
-    with_atomic_checkpoints,
-)
+from medicalgpt.rl.rewards import RewardModelScorer, closing_ids, stop_token_ids
+from medicalgpt.rl.trainer import PPOConfig, PPOTrainer, prepare_frozen
+from medicalgpt.templates import build_template
+from medicalgpt.train.checkpoints import with_atomic_checkpoints
+from medicalgpt.train.preprocess import prepare_rl_prompts
+from medicalgpt.train.records import load_stage_records
+from medicalgpt.train.run import end_training, find_resume_checkpoint, prepare_args
 
 logger = logging.getLogger("medicalgpt")
 

@@ -20,20 +20,14 @@ import sys
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PretrainingArguments
+from medicalgpt.cli import run_cli, setup_logging
+from medicalgpt.data.vocab import resize_embeddings_for_tokenizer
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
-from medicalgpt.preprocess import IGNORE_INDEX, prepare_pretraining_dataset
-from medicalgpt.training import (
-    end_training,
-    find_resume_checkpoint,
-    load_stage_records,
-    prepare_args,
-    run_cli,
-    setup_logging,
-    to_dataset,
-    with_atomic_checkpoints,
-)
-from medicalgpt.vocab import resize_embeddings_for_tokenizer
+from medicalgpt.train.checkpoints import with_atomic_checkpoints
+from medicalgpt.train.preprocess import IGNORE_INDEX, prepare_pretraining_dataset
+from medicalgpt.train.records import load_stage_records, to_dataset
+from medicalgpt.train.run import end_training, find_resume_checkpoint, prepare_args
 
 logger = logging.getLogger("medicalgpt")
 

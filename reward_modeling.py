@@ -21,20 +21,15 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
+from medicalgpt.cli import run_cli, setup_logging
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
-from medicalgpt.preprocess import to_reward_features
-from medicalgpt.rewards import closing_ids
-from medicalgpt.training import (
-    build_template,
-    end_training,
-    find_resume_checkpoint,
-    prepare_args,
-    prepare_preference_data,
-    run_cli,
-    setup_logging,
-    with_atomic_checkpoints,
-)
+from medicalgpt.rl.rewards import closing_ids
+from medicalgpt.templates import build_template
+from medicalgpt.train.checkpoints import with_atomic_checkpoints
+from medicalgpt.train.preprocess import to_reward_features
+from medicalgpt.train.records import prepare_preference_data
+from medicalgpt.train.run import end_training, find_resume_checkpoint, prepare_args
 
 logger = logging.getLogger("medicalgpt")
 

@@ -7,7 +7,7 @@
 # It stops at the first failing stage and names it. Every run_*.sh override applies (MODEL, NPROC_PER_NODE, ...);
 # EXTRA_ARGS_<STAGE> (PT, SFT, RM, PPO, DPO, ORPO) add flags to one stage, after EXTRA_ARGS.
 #   MODEL=Qwen/Qwen2.5-0.5B sh run_pipeline.sh
-#   SUMMARY=1 writes outputs-pipeline-summary.json and a loss-curve PNG per stage (python -m medicalgpt.summary).
+#   SUMMARY=1 writes outputs-pipeline-summary.json and a loss-curve PNG per stage (python -m medicalgpt.quickstart.summary).
 [ -z "${BASH_VERSION:-}" ] && exec bash "$0" "$@"
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -87,7 +87,7 @@ if [ "$CHAIN" = full ]; then
     runs+=(INFERENCE="${PREFIX}outputs-pipeline-predictions.jsonl")
 fi
 if [ "${SUMMARY:-0}" = 1 ]; then
-    "$PYTHON" -m medicalgpt.summary --timings "$TIMINGS" --plots "${PREFIX}outputs-pipeline-plots" \
+    "$PYTHON" -m medicalgpt.quickstart.summary --timings "$TIMINGS" --plots "${PREFIX}outputs-pipeline-plots" \
         --json "${PREFIX}outputs-pipeline-summary.json" "${runs[@]}" ${answer_files[@]:+--answers "${answer_files[@]}"}
 fi
 echo "pipeline: done. Final model: $FINAL" >&2

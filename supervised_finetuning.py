@@ -17,8 +17,8 @@ turns from the end; a first exchange that alone is too long is truncated (its an
 token), or skipped with `--overlong drop`. Any option of trl's SFTConfig works (`--neftune_noise_alpha`, ...).
 
 Speed and memory: conversations are packed into rows where the attention kernel keeps them apart (`--packing`,
-medicalgpt/packing.py), and the loss never builds the whole [tokens x vocab] logits (trl's fused LM head, or
-`--chunked_loss`, medicalgpt/losses.py). Tokenised data is cached between runs (`--overwrite_cache` redoes it).
+medicalgpt/train/packing.py), and the loss never builds the whole [tokens x vocab] logits (trl's fused LM head, or
+`--chunked_loss`, medicalgpt/train/losses.py). Tokenised data is cached between runs (`--overwrite_cache` redoes it).
 """
 
 import logging
@@ -28,24 +28,18 @@ from dataclasses import dataclass, field
 from trl import SFTConfig, SFTTrainer
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, SupervisedArguments
-from medicalgpt.evaluation import ChoiceEvalArguments, ChoiceEvalCallback
-from medicalgpt.losses import add_chunked_lm_head, check_liger_kernel, resolve_chunked_loss
+from medicalgpt.cli import run_cli, setup_logging
+from medicalgpt.data.vocab import resize_embeddings_for_tokenizer
+from medicalgpt.eval.tasks import ChoiceEvalArguments, ChoiceEvalCallback
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
-from medicalgpt.packing import PackedRowsCollator, pack_rows, resolve_packing
 from medicalgpt.parser import parse_args
-from medicalgpt.preprocess import format_label_mask, prepare_sft_dataset
-from medicalgpt.training import (
-    build_template,
-    end_training,
-    find_resume_checkpoint,
-    load_stage_records,
-    prepare_args,
-    run_cli,
-    setup_logging,
-    to_dataset,
-    with_atomic_checkpoints,
-)
-from medicalgpt.vocab import resize_embeddings_for_tokenizer
+from medicalgpt.templates import build_template
+from medicalgpt.train.checkpoints import with_atomic_checkpoints
+from medicalgpt.train.losses import add_chunked_lm_head, check_liger_kernel, resolve_chunked_loss
+from medicalgpt.train.packing import PackedRowsCollator, pack_rows, resolve_packing
+from medicalgpt.train.preprocess import format_label_mask, prepare_sft_dataset
+from medicalgpt.train.records import load_stage_records, to_dataset
+from medicalgpt.train.run import end_training, find_resume_checkpoint, prepare_args
 
 logger = logging.getLogger("medicalgpt")
 
@@ -62,7 +56,7 @@ class SupervisedConfig(SFTConfig):
 
 
 class ChunkedLossSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss comes from medicalgpt.losses.chunked_lm_loss (--chunked_loss)."""
+    """SFTTrainer whose loss comes from medicalgpt.train.losses.chunked_lm_loss (--chunked_loss)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:  # logits wanted (compute_metrics): trl's own path
@@ -127,7 +121,7 @@ def main(argv=None):
         processing_class=tokenizer,
         data_collator=collator if packing == "rows" else None,
     )
-    if choice_items:  # choice_accuracy logged every --choice_eval_steps (medicalgpt/evaluation.py)
+    if choice_items:  # choice_accuracy logged every --choice_eval_steps (medicalgpt/eval/tasks.py)
         trainer.add_callback(ChoiceEvalCallback(
             trainer, choice_items, template, choice_args.choice_eval_steps, choice_args.choice_eval_n_shot,
             system_prompt=data_args.system_prompt,

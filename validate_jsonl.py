@@ -1,14 +1,14 @@
 """Check training data before training: every problem is printed as `path:line: error|warning: field: what`,
 then one summary line per file and a total. Exits 1 when any record is invalid (or a path is missing), else 0.
 
-The checks are those the training scripts run (medicalgpt/data.py): what passes here loads there.
+The checks are those the training scripts run (medicalgpt/data/validate.py): what passes here loads there.
 
     python validate_jsonl.py data/finetune --stage sft
     python validate_jsonl.py data/reward/dpo_zh_500.jsonl --stage preference
     python validate_jsonl.py data/pretrain data/finetune data/reward    # each record's stage is inferred
     python validate_jsonl.py data --quiet                                # errors and the total only
 
-With a tokenizer, the token lengths as training tokenises them (medicalgpt/lengths.py): the distribution, how many
+With a tokenizer, the token lengths as training tokenises them (medicalgpt/data/lengths.py): the distribution, how many
 records `--model_max_length` (SFT) or `--max_source_length`/`--max_target_length` (preference) would truncate, and
 how many supervised tokens that loses; `--plot` draws the histogram, `--show N` prints N records with what the
 model learns marked [LEARN]...[/LEARN] (check that the end-of-turn token is inside: a model that never learns it
@@ -22,7 +22,7 @@ import argparse
 import sys
 
 from medicalgpt.args import PreferenceArguments
-from medicalgpt.data import STAGES, find_data_files, validate_file
+from medicalgpt.data.validate import STAGES, find_data_files, validate_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +60,9 @@ def token_report(args, records) -> None:
     import transformers
 
     from medicalgpt.args import ModelArguments
-    from medicalgpt.lengths import check_end_of_turn, measure, plot_lengths, record_stage, render_masks, summarize
+    from medicalgpt.data.lengths import check_end_of_turn, measure, plot_lengths, record_stage, render_masks, summarize
     from medicalgpt.modeling import load_tokenizer
-    from template import get_conv_template, template_from_tokenizer
+    from medicalgpt.templates import get_conv_template, template_from_tokenizer
 
     transformers.utils.logging.set_verbosity_error()  # not "sequence longer than model_max_length": we count those
     tokenizer = load_tokenizer(ModelArguments(tokenizer_name_or_path=args.tokenizer))

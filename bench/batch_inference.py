@@ -16,7 +16,7 @@ import time
 import torch
 
 from bench.common import model_path, sample_questions
-from medicalgpt.chat import ChatArguments, GenerationOptions, load_chat_engine
+from medicalgpt.serve.chat import ChatArguments, GenerationOptions, load_chat_engine
 
 
 def measure(engine, conversations, options, batch_size):

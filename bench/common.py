@@ -15,7 +15,7 @@ def model_path(path=None):
         return path
     if os.path.isfile(os.path.join(TINY_MODEL, "config.json")):
         return TINY_MODEL
-    from medicalgpt.tiny_model import build_tiny_model
+    from medicalgpt.quickstart.tiny_model import build_tiny_model
 
     corpus = [os.path.join(REPO, "data", "pretrain", "*.txt"), os.path.join(REPO, "data", "finetune", "*.jsonl")]
     return build_tiny_model(tempfile.mkdtemp(prefix="bench-tiny-"), corpus)

@@ -30,7 +30,7 @@ def write_jsonl(path, records):
 def build_stages(work):
     import reward_modeling
     import supervised_finetuning
-    from medicalgpt.tiny_model import build_tiny_model
+    from medicalgpt.quickstart.tiny_model import build_tiny_model
 
     base = build_tiny_model(os.path.join(work, "tiny"))
     sft_data = write_jsonl(

@@ -6,7 +6,7 @@
 The model is a 2-layer Qwen2 with hidden size 64 and Qwen2.5's vocabulary (151,936 tokens), randomly initialised:
 at this vocabulary the logits, not the layers, dominate a rollout's memory, as on the real 7B models.
 
-- old: the code before medicalgpt/rollout.py: one forward of the whole rollout batch through the policy and the
+- old: the code before medicalgpt/rl/rollout.py: one forward of the whole rollout batch through the policy and the
   reference, all positions' logits kept, then a float32 log_softmax over the vocabulary of every response token.
 - new: `rollout.response_logprobs`, as PPOTrainer runs it: `--micro_batch` sequences per forward, logits only for
   the response positions (`logits_to_keep`), reduced at once to one log-prob per token by `ppo.selected_logprobs`.
@@ -69,8 +69,8 @@ def old_logprobs(policy, reference, input_ids, attention_mask, responses, temper
 
 
 def new_logprobs(policy, reference, input_ids, attention_mask, responses, temperature, micro_batch):
-    from medicalgpt import rollout
-    from medicalgpt.ppo_trainer import causal_logits
+    from medicalgpt.rl import rollout
+    from medicalgpt.rl.trainer import causal_logits
 
     return tuple(
         rollout.response_logprobs(functools.partial(causal_logits, model), input_ids, attention_mask, responses,

@@ -19,8 +19,8 @@ import time
 import httpx
 
 from bench.common import model_path, sample_questions
-from medicalgpt.chat import ChatArguments, GenerationOptions, load_chat_engine
-from medicalgpt.server import build_app
+from medicalgpt.serve.chat import ChatArguments, GenerationOptions, load_chat_engine
+from medicalgpt.serve.server import build_app
 
 
 def start_server(app):

@@ -118,9 +118,9 @@ def select_conversations(data, model, max_length, limit, margin=8):
     (the margin covers the other contenders' extra newline / end token per turn), at most `limit` of them."""
     from transformers import AutoTokenizer
 
-    from medicalgpt.data import load_records
-    from medicalgpt.preprocess import tokenize_conversation
-    from template import get_conv_template
+    from medicalgpt.data.validate import load_records
+    from medicalgpt.templates import get_conv_template
+    from medicalgpt.train.preprocess import tokenize_conversation
 
     tokenizer, template = AutoTokenizer.from_pretrained(model), get_conv_template("qwen")
     with open(data, encoding="utf-8") as f:
@@ -296,7 +296,7 @@ def main():
     os.environ["HF_DATASETS_CACHE"] = env["HF_DATASETS_CACHE"]
     model = args.model
     if not model:
-        from medicalgpt.tiny_model import build_tiny_model
+        from medicalgpt.quickstart.tiny_model import build_tiny_model
 
         model = build_tiny_model(os.path.join(work, "model"), hidden_size=256, num_layers=2)
     lines = select_conversations(os.path.abspath(args.data), model, args.max_length, args.limit)

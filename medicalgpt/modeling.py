@@ -152,7 +152,7 @@ def fit_embeddings_to_adapter_tokenizer(model, adapter_path, model_args):
     the base model's embeddings to it, new rows initialised as training initialised them, before merging."""
     if not os.path.isfile(os.path.join(adapter_path, "tokenizer_config.json")):
         return
-    from medicalgpt.vocab import resize_embeddings_for_tokenizer
+    from medicalgpt.data.vocab import resize_embeddings_for_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=model_args.trust_remote_code)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -167,7 +167,7 @@ def load_model_with_adapter(
     on another adapter directory (SFT adapter -> DPO adapter), that one is merged first, onto X as well.
 
     With `tokenizer`, the base model's embeddings first grow to fit it, new rows initialised exactly as the training
-    scripts initialised them (medicalgpt.vocab), so an adapter trained after a vocabulary extension fits."""
+    scripts initialised them (medicalgpt.data.vocab), so an adapter trained after a vocabulary extension fits."""
     check_model_path(adapter_path, cache_dir=model_args.cache_dir)  # its recorded base matters only in a chain
     inner = read_adapter_base(adapter_path)
     base = model_args.model_name_or_path
@@ -176,7 +176,7 @@ def load_model_with_adapter(
     else:
         model = load_model(model_args, model_class=model_class, **model_kwargs)
         if tokenizer is not None:
-            from medicalgpt.vocab import resize_embeddings_for_tokenizer
+            from medicalgpt.data.vocab import resize_embeddings_for_tokenizer
 
             if resize_embeddings_for_tokenizer(model, tokenizer):
                 say_rows_come_from_adapter(adapter_path)

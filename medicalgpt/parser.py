@@ -192,3 +192,12 @@ def _default_to_cpu(values):
     has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     if "use_cpu" in values and not has_gpu:
         values["use_cpu"] = True
+
+
+def parse_cli(dataclass_types, argv=None, description=None):
+    """HfArgumentParser over `dataclass_types`; a bad value exits with argparse's message, not a traceback."""
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False, **help_options(description))
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:
+        parser.error(str(error))

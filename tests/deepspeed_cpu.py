@@ -9,7 +9,7 @@ launcher (tests only, never the scripts) changes them:
 - the scripts set `use_cpu` when there is no GPU (medicalgpt.parser), and `use_cpu` makes accelerate skip DeepSpeed
   altogether (the model is then ZeRO-3-partitioned at load but trained as plain DDP). Here that default is off.
 
-tests/test_scaleout.py::test_deepspeed_cpu_launcher_patches_what_it_expects fails when either seam moves.
+tests/train/test_scaleout.py::test_deepspeed_cpu_launcher_patches_what_it_expects fails when either seam moves.
 """
 
 import os

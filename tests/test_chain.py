@@ -11,9 +11,7 @@ import time
 
 import pytest
 
-from tests.chat_support import free_port
-from tests.conftest import FAST_FLAGS, REPO, write_jsonl
-from tests.test_cli import ENV, global_step, run
+from tests.helpers import ENV, FAST_FLAGS, REPO, free_port, global_step, run, write_jsonl
 
 WORKSPACE_ITEMS = ["medicalgpt", "scripts", "data", "template.py", "pretraining.py", "supervised_finetuning.py",
                    "reward_modeling.py", "ppo_training.py", "dpo_training.py", "orpo_training.py",

@@ -1,25 +1,12 @@
 """The scripts as a user runs them: real processes, exit codes, torchrun data parallel, resuming."""
 
-import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import FAST_FLAGS, REPO, write_jsonl
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-
-
-def run(args, cwd=REPO, timeout=300):
-    return subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def global_step(output_dir):
-    return json.loads((output_dir / "trainer_state.json").read_text())["global_step"]
+from tests.helpers import FAST_FLAGS, global_step, run, write_jsonl
 
 
 def test_malformed_sft_file_fails_with_file_and_line_before_anything_is_written(tiny_model_dir, tmp_path):
@@ -91,7 +78,7 @@ def test_end_training_frees_ddp_reducers_before_leaving_the_process_group(tmp_pa
     import torch
     import torch.distributed as dist
 
-    from medicalgpt.training import end_training
+    from medicalgpt.train.run import end_training
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1))

@@ -13,7 +13,7 @@ import torch
 
 from medicalgpt.args import ModelArguments
 from medicalgpt.model_paths import ModelPathError
-from tests.conftest import FAST_FLAGS, REPO, write_jsonl
+from tests.helpers import FAST_FLAGS, REPO, write_jsonl
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 SFT_RECORDS = [{"instruction": f"问题{i}", "output": f"回答{i}"} for i in range(8)]
@@ -64,7 +64,7 @@ def test_training_script_names_the_flag_the_path_and_what_to_do(path, says, tmp_
 
 def test_unreachable_hub_fails_at_once_without_retries(tiny_model_dir, tmp_path, monkeypatch):
     """Online but no network (a closed port here): one request, no minute of retries."""
-    from medicalgpt.chat import ChatArguments, load_chat_engine
+    from medicalgpt.serve.chat import ChatArguments, load_chat_engine
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -89,7 +89,7 @@ def test_inference_and_training_cli_print_one_line_without_traceback(tmp_path):
 
 
 def test_lora_model_path_is_checked_by_its_own_flag(tiny_model_dir, tmp_path):
-    from medicalgpt.chat import ChatArguments, load_chat_engine
+    from medicalgpt.serve.chat import ChatArguments, load_chat_engine
 
     with pytest.raises(ModelPathError, match=r"^--lora_model outputs-sft-typo: neither a folder here"):
         load_chat_engine(ChatArguments(base_model=tiny_model_dir, lora_model="outputs-sft-typo"))
@@ -343,7 +343,7 @@ def test_training_help_lists_our_options_before_the_trainers_and_each_spelling_o
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, tiny_model_dir):
-    from tests.chat_support import qa_engine
+    from tests.helpers import qa_engine
 
     return qa_engine(tmp_path_factory, tiny_model_dir)
 
@@ -364,7 +364,7 @@ class Seen:
 
 def test_gradio_drops_the_oldest_exchange_says_so_and_keeps_the_chat(engine):
     from gradio_demo import respond
-    from medicalgpt.chat import GenerationOptions
+    from medicalgpt.serve.chat import GenerationOptions
 
     options = GenerationOptions(temperature=0, max_new_tokens=30)
     long_question = "发烧 " * 1000  # ~3000 tokens of a 4096-token context

@@ -1,0 +1,112 @@
+"""Language-model losses that never hold the whole [tokens x vocab] logits, and the guard for Liger's GPU kernels.
+
+With Qwen's 151,936-token vocabulary the logits of one 4096-token sequence take 2.5 GB in float32, and their
+gradient as much again: more than a 0.5B model's weights. Two ways around it, same loss and gradients:
+
+- trl's SFTTrainer computes the loss through its fused LM head (`trl.trainer.utils.add_fused_lm_head`): a Triton
+  kernel on GPU; on CPU its torch fallback scores every position, prompts included, and computes entropy and
+  top-1 accuracy for the logs as well.
+- `--chunked_loss` (this module): the LM head and cross-entropy run on chunks of the learned positions only, each
+  chunk under activation checkpointing, so backward recomputes one chunk's logits at a time instead of keeping
+  them all. Plain torch, any device; the default on CPU, where it is the faster of the two. It logs the loss only
+  (trl's entropy and token accuracy need the fused head).
+"""
+
+import functools
+import importlib.util
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from medicalgpt.cli import UsageError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+LOGITS_PER_CHUNK = 2**25  # ~128 MB of float32 logits per chunk: 220 tokens of Qwen's vocabulary, 11k of a 3k one
+
+
+def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chunk_size=None):
+    """Causal-LM cross-entropy of `lm_head(hidden_states)` against `labels` shifted by one, -100 ignored.
+
+    Equal to transformers' loss (`model(..., labels=labels).loss`): the sum over learned tokens divided by their count,
+    or by `num_items_in_batch` when given (the Trainer's count over a whole gradient-accumulation step)."""
+    targets = labels[:, 1:]
+    learned = targets != IGNORE_INDEX
+    hidden = hidden_states[:, :-1][learned]
+    targets = targets[learned]
+    chunk_size = chunk_size or max(1, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
+    total = hidden_states.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(_chunk_loss, lm_head, hidden[start:end], targets[start:end], use_reentrant=False)
+    if len(targets) == 0:  # keep the graph connected: an all-masked micro-batch contributes a zero gradient
+        total = total + hidden_states.sum() * 0.0
+    divisor = num_items_in_batch if num_items_in_batch is not None else learned.sum().clamp(min=1)
+    return total / torch.as_tensor(divisor, device=total.device)
+
+
+def _chunk_loss(lm_head, hidden, targets):
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+def supports_chunked_loss(model):
+    """Whether the model's logits are exactly `lm_head(last hidden state)` and its loss plain cross-entropy: no logit
+    scaling or soft-capping (Gemma, Granite, Cohere ...), no mixture-of-experts auxiliary loss."""
+    config = model.config.get_text_config()
+    extras = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "output_router_logits")
+    return model.get_output_embeddings() is not None and all(getattr(config, name, None) is None for name in extras)
+
+
+def resolve_chunked_loss(requested, training_args, model):
+    """--chunked_loss as given, else on when training on CPU (where trl's fused LM head runs its slower torch
+    fallback) for models whose logits are plain lm_head outputs."""
+    if requested is None:
+        return training_args.device.type == "cpu" and supports_chunked_loss(model)
+    return requested
+
+
+def add_chunked_lm_head(model, chunk_size=None):
+    """Let `model(..., labels=labels, chunked_loss=True)` return its loss from `chunked_lm_loss`, without logits.
+
+    The model's forward is wrapped (not bypassed), so DDP, FSDP and PEFT wrappers around it keep working; without
+    `chunked_loss=True` it is the original forward (generation is unchanged)."""
+    if not supports_chunked_loss(model):
+        raise UsageError(
+            f"--chunked_loss does not support {type(model).__name__}: its logits are not plain lm_head outputs "
+            "(logit scaling, soft-capping or a mixture-of-experts loss). Use --chunked_loss False."
+        )
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    original_forward = model.forward
+
+    @functools.wraps(type(model).forward)  # `generate` checks its arguments against the real signature
+    def forward(self, *args, chunked_loss=False, labels=None, num_items_in_batch=None, **kwargs):
+        if not chunked_loss:
+            extra = {"labels": labels, "num_items_in_batch": num_items_in_batch}
+            return original_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
+        kwargs["use_cache"] = False
+        hidden_states = self.base_model(*args, **kwargs).last_hidden_state
+        labels = labels.to(hidden_states.device)
+        loss = chunked_lm_loss(hidden_states, self.get_output_embeddings(), labels, num_items_in_batch, chunk_size)
+        return CausalLMOutputWithPast(loss=loss)
+
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def check_liger_kernel(training_args):
+    """--use_liger_kernel needs a CUDA GPU and the liger-kernel package: fail early with what to do, not deep inside
+    Triton. (trl 1.16 applies Liger's layer kernels, RMSNorm/RoPE/SwiGLU; the loss stays trl's fused LM head.)"""
+    if not getattr(training_args, "use_liger_kernel", False):
+        return
+    if not torch.cuda.is_available():
+        raise UsageError(
+            "--use_liger_kernel needs a CUDA GPU: Liger's kernels are Triton GPU kernels. Leave it off here: the "
+            "loss is computed in chunks, without the full logits, anyway (--chunked_loss)."
+        )
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise UsageError("--use_liger_kernel needs the liger-kernel package: pip install -r requirements-gpu.txt")

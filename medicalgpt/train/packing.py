@@ -1,0 +1,102 @@
+"""SFT packing: several conversations share a row, `position_ids` restart at each one, attention never crosses them.
+
+Built from trl's own pieces: `pack_dataset` (best-fit-decreasing bins, no conversation is ever cut) and
+`DataCollatorForLanguageModeling` (position_ids from the bins' `seq_lengths`). Two layouts, by attention kernel:
+
+- varlen kernels (flash_attention_2/3): trl's packing as it is. The batch's bins are flattened into one (1, N) row
+  with `cu_seq_lens`; the kernel attends inside each conversation only, at a cost of sum(L_i^2).
+- mask-based kernels (sdpa, eager): each bin stays a row of the batch and no `attention_mask` is passed, so
+  transformers builds a block-diagonal causal mask from the position_ids resets. These kernels compute the whole
+  masked square, so flattening B bins into one row would cost (B*L)^2; rows cost B*L^2, like padded batches, with
+  almost no padding.
+
+`--packing` left unset packs when the model is one of transformers' own classes and its attention is one of those
+four (sdpa and eager are checked on CPU in tests/train/test_packing.py: packed and unpacked logits and losses are
+equal; the flash kernels' varlen path is trl's own); any other kernel or remote code trains on padded batches
+unless `--packing True` is given.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from trl.data_utils import pack_dataset
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from medicalgpt.train.preprocess import IGNORE_INDEX, sequence_lengths
+
+logger = logging.getLogger(__name__)
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def honours_position_resets(model):
+    """Whether `model`'s attention keeps packed conversations apart from their position_ids alone."""
+    config = model.config
+    own_class = type(model).__module__.startswith("transformers.")
+    return own_class and config._attn_implementation in VARLEN_ATTENTION + MASKED_ATTENTION
+
+
+def resolve_packing(training_args, model):
+    """Decide how SFT batches are built: "trl" (trl's own packing), "rows" (packed rows, see `pack_rows`),
+    "padding_free" (one flattened row per batch, varlen kernels) or "off" (padded batches).
+
+    Sets `training_args.packing`, `padding_free` and `max_length` to what SFTTrainer must see: for "rows" the datasets
+    are packed here, so the trainer gets `packing=False`. Conversations are already cut to `max_length` by whole
+    turns in preprocessing, so padding-free batches need no truncation of their own (`max_length=None`)."""
+    attention = model.config._attn_implementation
+    honours = honours_position_resets(model)
+    requested = honours if training_args.packing is None else training_args.packing
+    if training_args.packing is None and not honours:
+        logger.warning(
+            "Packing is off: attention %r of %s is not known to keep packed conversations apart. "
+            "Pass --packing True if it does.", attention, type(model).__name__,
+        )  # fmt: skip
+    if not requested:
+        training_args.packing = False
+        if training_args.padding_free or (honours and attention in VARLEN_ATTENTION):
+            training_args.padding_free, training_args.max_length = True, None
+            return "padding_free"
+        return "off"
+    if attention in VARLEN_ATTENTION or training_args.padding_free or training_args.packing_strategy != "bfd":
+        training_args.packing = True
+        return "trl"
+    training_args.packing = False
+    return "rows"
+
+
+def pack_rows(dataset, max_length, num_proc=None, desc=""):
+    """Conversations -> rows of up to `max_length` tokens (best fit decreasing) with their `seq_lengths`.
+
+    Rows are as long as the longest conversation (at most `max_length`): on mask-based kernels a row's attention costs
+    its length squared, so rows no longer than needed keep short conversations cheap."""
+    lengths = sequence_lengths(dataset)
+    longest = max(lengths, default=max_length or 1)
+    row_length = min(max_length, longest) if max_length else longest
+    packed = pack_dataset(
+        dataset.select_columns(["input_ids", "labels"]), row_length, "bfd", {"num_proc": num_proc, "desc": desc}
+    )
+    tokens = sum(lengths)
+    logger.info(
+        "Packed %d conversations into %d rows of up to %d tokens (%.1f%% of the rows' tokens are padding).",
+        len(dataset), len(packed), row_length, 100 * (1 - tokens / max(1, len(packed) * row_length)),
+    )  # fmt: skip
+    return packed
+
+
+@dataclass
+class PackedRowsCollator(DataCollatorForLanguageModeling):
+    """trl's collator for packed rows kept as rows: position_ids restart at every conversation (and are 0 on padding),
+    no attention_mask, so transformers masks attention per conversation. The first token of each conversation is
+    never a target: it would be predicted from the end of the previous one (trl's padding-free collator does the
+    same). `use_cache=False` is part of the batch: transformers only looks for position resets without a KV cache,
+    and a model called in eval mode makes one unless told not to."""
+
+    return_position_ids: bool = True
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        del batch["attention_mask"]
+        batch["labels"][batch["position_ids"] == 0] = IGNORE_INDEX
+        batch["use_cache"] = False
+        return batch

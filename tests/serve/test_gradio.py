@@ -1,0 +1,142 @@
+"""gradio_demo.py in a real headless browser: Debian's chromium driven by Playwright (no browser download).
+
+Skipped where chromium is not installed (`apt-get install chromium`) or the playwright package is missing.
+Set MEDICALGPT_SCREENSHOT=path.png to keep a screenshot of the answered page.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from medicalgpt.serve.chat import ChatArguments, GenerationOptions, load_chat_engine
+from tests.helpers import QA_PAIRS, REPO, free_port, qa_adapter
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium is not installed")
+BOT = '[data-testid="bot"]'
+RECORD_BOT_TEXTS = """() => {
+    window.botTexts = [];
+    new MutationObserver(() => {
+        const bots = document.querySelectorAll('[data-testid="bot"]');
+        if (bots.length) window.botTexts.push(bots[bots.length - 1].textContent.trim());
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+def wait_for_page(url, process=None, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the demo exited: {process.stdout.read()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not come up in {timeout} s")
+
+
+def ask(page, question):
+    page.fill("textarea", question)
+    page.keyboard.press("Enter")
+
+
+def last_answer(page):
+    return page.locator(BOT).last.inner_text().strip()
+
+
+def test_tutorial_gradio_command_answers_in_the_browser(browser, tiny_model_dir, tmp_path_factory, tmp_path):
+    adapter = qa_adapter(tmp_path_factory, tiny_model_dir)
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    command = [sys.executable, "gradio_demo.py", "--base_model", tiny_model_dir, "--lora_model", adapter,
+               "--template_name", "qwen", "--port", str(port), "--temperature", "0"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_page(f"http://127.0.0.1:{port}/", process)
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        (q1, a1), (q2, a2), *_ = QA_PAIRS
+        ask(page, q1)
+        page.wait_for_function(f"() => document.querySelectorAll('{BOT}').length === 1", timeout=60_000)
+        page.wait_for_function(f"() => document.querySelector('{BOT}').textContent.trim() === '{a1}'", timeout=60_000)
+        ask(page, q2)  # a second turn, with the first as context
+        page.wait_for_function(f"() => document.querySelectorAll('{BOT}').length === 2", timeout=60_000)
+        page.wait_for_function(f"() => [...document.querySelectorAll('{BOT}')].pop().textContent.trim() === '{a2}'",
+                               timeout=60_000)  # fmt: skip
+        screenshot = tmp_path / "gradio.png"
+        page.screenshot(path=str(screenshot))
+        if os.environ.get("MEDICALGPT_SCREENSHOT"):
+            shutil.copy(screenshot, os.environ["MEDICALGPT_SCREENSHOT"])
+        assert page.locator('[data-testid="user"]').count() == 2
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+class Recorder:
+    """Records the conversations the page asks the engine to continue."""
+
+    def __init__(self, engine):
+        self.engine, self.seen = engine, []
+
+    def stream(self, messages, options):
+        self.seen.append(messages)
+        return self.engine.stream(messages, options)
+
+    def __getattr__(self, name):  # everything else (fitting the context, encoding) is the engine's
+        return getattr(self.engine, name)
+
+
+def test_answers_stream_in_the_stop_button_ends_generation_and_clear_forgets(browser, tiny_model_dir):
+    import gradio_demo
+
+    engine = load_chat_engine(ChatArguments(base_model=tiny_model_dir))  # untrained: long, endless answers
+    engine.stop_ids = [len(engine.tokenizer) + 1000]  # an id it can never generate: only max tokens or stop end it
+    recorder = Recorder(engine)
+    demo = gradio_demo.build_demo(recorder, GenerationOptions(temperature=1.0, top_p=1.0, max_new_tokens=3000))
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("textarea")
+        page.evaluate(RECORD_BOT_TEXTS)
+        ask(page, "Tell me about fever.")
+        page.wait_for_function(f"() => (document.querySelector('{BOT}')?.textContent || '').trim().length > 30",
+                               timeout=60_000)  # fmt: skip
+        page.click('[data-testid="stop-button"]')
+        page.wait_for_selector('[data-testid="stop-button"]', state="detached", timeout=30_000)
+        assert engine._lock.acquire(timeout=5), "stop must end the generation, not leave it running"
+        engine._lock.release()
+        stopped = last_answer(page)
+        time.sleep(1)
+        assert last_answer(page) == stopped, "nothing may be added after stop"
+        texts = [text for text in page.evaluate("() => window.botTexts") if text]
+        assert len(set(texts)) >= 3, "the answer must appear piece by piece"
+
+        page.click('button[aria-label="Clear"]')
+        page.wait_for_selector(BOT, state="detached", timeout=10_000)
+        ask(page, "Again.")
+        page.wait_for_selector(BOT, timeout=30_000)
+        page.click('[data-testid="stop-button"]')
+        assert [len(messages) for messages in recorder.seen] == [1, 1], "clear must forget the conversation"
+    finally:
+        demo.close()

@@ -1,0 +1,232 @@
+"""Reward modeling, DPO and ORPO: exact pair tokenisation, the tutorial's commands, and evidence of learning."""
+
+import json
+import random
+import sys
+
+import pytest
+import torch
+
+import dpo_training
+import orpo_training
+import reward_modeling
+from medicalgpt.data.validate import DataValidationError
+from medicalgpt.templates import get_conv_template
+from medicalgpt.train.preprocess import tokenize_preference
+from tests.helpers import FAST_FLAGS, REPO, global_step, run, write_jsonl
+
+RECORD = {
+    "messages": [{"role": "user", "content": "小孩发烧怎么办？"}],
+    "system": None,
+    "tools": None,
+    "chosen": "先测体温，超过三天请就医。",
+    "rejected": "不用管。",
+}
+
+SYMPTOMS = ["发烧", "咳嗽", "头痛", "胸闷", "腹泻", "皮疹", "失眠", "腰痛", "耳鸣", "眼睛红", "喉咙痛", "关节痛"]
+SUBJECTS = ["孩子", "老人", "我", "我妈妈", "同事", "孕妇"]
+
+
+ADVICE = ["建议尽快去医院看医生。", "请及时就医，让医生检查。", "最好去医院做个检查。", "应该找医生面诊。"]
+DISMISSAL = ["不要紧，在家随便吃点药。", "没事的，忍一忍就好了。", "不用管它，过几天自己好。", "随便找点偏方试试。"]
+
+
+def doctor_pairs(symptoms, seed):
+    """Chosen answers recommend seeing a doctor; rejected ones do not. Wording varies from pair to pair."""
+    rng = random.Random(seed)
+    pairs = []
+    for symptom in symptoms:
+        for subject in SUBJECTS:
+            opening = rng.choice(["", f"{symptom}的原因很多，", f"{subject}{symptom}时，"])
+            pairs.append({"prompt": f"{subject}{symptom}了怎么办？", "chosen": opening + rng.choice(ADVICE),
+                          "rejected": opening + rng.choice(DISMISSAL)})  # fmt: skip
+    rng.shuffle(pairs)
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def doctor_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("doctor")
+    train = write_jsonl(root / "train" / "pairs.jsonl", doctor_pairs(SYMPTOMS[:8], seed=0))
+    held_out = write_jsonl(root / "eval" / "pairs.jsonl", doctor_pairs(SYMPTOMS[8:], seed=1))
+    return train.parent, held_out.parent
+
+
+def test_pair_tokens_follow_the_template_and_end_with_the_stop_token(tiny_tokenizer):
+    out = tokenize_preference(RECORD, get_conv_template("qwen"), tiny_tokenizer, 1024, 512)
+    official = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "小孩发烧怎么办？"}], tokenize=False, add_generation_prompt=True
+    )
+    assert out["prompt_ids"] == tiny_tokenizer(official)["input_ids"]
+    assert tiny_tokenizer.decode(out["chosen_ids"]) == "先测体温，超过三天请就医。<|im_end|>"
+    assert tiny_tokenizer.decode(out["rejected_ids"]) == "不用管。<|im_end|>"
+    assert out["truncated"] is False
+
+
+def test_truncation_keeps_the_end_of_the_prompt_and_the_start_of_answers(tiny_tokenizer):
+    full = tokenize_preference(RECORD, get_conv_template("qwen"), tiny_tokenizer, 1024, 512)
+    cut = tokenize_preference(RECORD, get_conv_template("qwen"), tiny_tokenizer, 5, 3)
+    assert cut["prompt_ids"] == full["prompt_ids"][-5:]
+    assert cut["chosen_ids"] == full["chosen_ids"][:3] and cut["rejected_ids"] == full["rejected_ids"][:3]
+    assert cut["truncated"] is True
+
+
+def tutorial_argv(stage, model_dir, data_dir, output_dir):
+    """The tutorial's RM / DPO / ORPO commands, model path pointed at a local model, --max_steps 2."""
+    common = [
+        "--model_name_or_path", model_dir, "--train_file_dir", data_dir, "--validation_file_dir", data_dir,
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "8", "--do_train",
+        "--use_peft", "True", "--max_train_samples", "1000", "--max_eval_samples", "10", "--max_source_length", "1024",
+        "--output_dir", output_dir, "--target_modules", "all", "--lora_rank", "8", "--lora_alpha", "16",
+        "--lora_dropout", "0.05", "--torch_dtype", "bfloat16", "--device_map", "auto", "--report_to", "tensorboard",
+        "--gradient_checkpointing", "True", "--max_steps", "2",
+    ]  # fmt: skip
+    if stage == "rm":
+        return common + [
+            "--per_device_eval_batch_size", "4", "--seed", "42", "--num_train_epochs", "1",
+            "--learning_rate", "2e-5", "--warmup_ratio", "0.05", "--weight_decay", "0.001",
+            "--logging_strategy", "steps", "--logging_steps", "10", "--eval_steps", "50",
+            "--eval_strategy", "steps", "--save_steps", "500", "--save_strategy", "steps",
+            "--save_total_limit", "3", "--max_target_length", "256", "--overwrite_output_dir",
+            "--ddp_timeout", "30000",
+            "--logging_first_step", "True", "--bf16", "--ddp_find_unused_parameters", "False",
+            "--remove_unused_columns", "False",
+        ]  # fmt: skip
+    extra = ["--template_name", "qwen", "--per_device_eval_batch_size", "1", "--do_eval", "--eval_steps", "20"]
+    extra += ["--save_steps", "50", "--max_target_length", "512", "--bf16", "True", "--cache_dir", "./cache"]
+    if stage == "dpo":
+        extra += ["--fp16", "False", "--remove_unused_columns", "False"]
+    return common + extra
+
+
+def test_tutorial_rm_command(tiny_model_dir, sft_adapter_dir, tmp_path):
+    from peft import PeftConfig
+
+    out = tmp_path / "outputs-rm-qwen-v1"
+    reward_modeling.main(tutorial_argv("rm", sft_adapter_dir, str(REPO / "data" / "reward"), str(out)))
+    assert global_step(out) == 2
+    config = PeftConfig.from_pretrained(out)
+    assert config.task_type == "SEQ_CLS" and config.base_model_name_or_path == sft_adapter_dir
+    from safetensors.torch import load_file
+
+    assert any("score" in name for name in load_file(out / "adapter_model.safetensors")), "the head is saved"
+
+
+@pytest.mark.parametrize("stage", ["dpo", "orpo"])
+def test_tutorial_dpo_and_orpo_commands_start_from_the_sft_adapter(stage, sft_adapter_dir, tmp_path):
+    out = tmp_path / f"outputs-{stage}-qwen-v1"
+    main = dpo_training.main if stage == "dpo" else orpo_training.main
+    main(tutorial_argv(stage, sft_adapter_dir, str(REPO / "data" / "reward"), str(out)))
+    assert global_step(out) == 2
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == sft_adapter_dir
+    assert (out / "eval_results.json").exists()
+
+
+@pytest.mark.parametrize("main", [reward_modeling.main, dpo_training.main, orpo_training.main])
+def test_malformed_preference_file_stops_before_anything_is_written(main, tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "头痛？", "chosen": "休息", "rejected": "休息"}\n{"prompt": "x", "chosen": ""}\n')
+    out = tmp_path / "out"
+    with pytest.raises(DataValidationError) as error:
+        main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(bad), "--do_train",
+              "--output_dir", str(out), *FAST_FLAGS])  # fmt: skip
+    assert f"{bad}:2: error:" in str(error.value)
+    assert not out.exists()
+
+
+def pairwise_accuracy(model_dir, data_dir, tokenizer):
+    from medicalgpt.args import ModelArguments
+    from medicalgpt.modeling import load_model
+
+    model = load_model(ModelArguments(model_name_or_path=str(model_dir)), **reward_model_kwargs())
+    model.config.pad_token_id = tokenizer.pad_token_id
+    correct = total = 0
+    for pair in pair_tokens(data_dir, tokenizer):
+        with torch.no_grad():
+            chosen = model(torch.tensor([pair["prompt_ids"] + pair["chosen_ids"]])).logits.item()
+            rejected = model(torch.tensor([pair["prompt_ids"] + pair["rejected_ids"]])).logits.item()
+        correct += chosen > rejected
+        total += 1
+    return correct / total
+
+
+def reward_model_kwargs():
+    from transformers import AutoModelForSequenceClassification
+
+    return {"model_class": AutoModelForSequenceClassification, "num_labels": 1}
+
+
+def pair_tokens(data_dir, tokenizer):
+    from medicalgpt.data.validate import find_data_files, load_records
+
+    records = load_records(find_data_files(str(data_dir), "preference"), "preference")
+    return [tokenize_preference(r, get_conv_template("qwen"), tokenizer, 512, 128) for r in records]
+
+
+def test_reward_model_learns_to_prefer_seeing_a_doctor(tiny_model_dir, tiny_tokenizer, doctor_data, tmp_path):
+    train, held_out = doctor_data
+    out = tmp_path / "rm"
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(train), "--validation_file_dir",
+            str(held_out), "--do_train", "--do_eval", "--template_name", "qwen", "--use_peft", "True",
+            "--lora_rank", "16", "--learning_rate", "5e-3", "--num_train_epochs", "6", "--logging_steps", "5",
+            "--per_device_train_batch_size", "8", "--output_dir", str(out), "--save_strategy", "no",
+            *FAST_FLAGS]  # fmt: skip
+    reward_modeling.main(argv)
+    metrics = json.loads((out / "eval_results.json").read_text())
+    before = pairwise_accuracy(tiny_model_dir, held_out, tiny_tokenizer)
+    after = pairwise_accuracy(out, held_out, tiny_tokenizer)
+    print(f"held-out pairwise accuracy: {before:.2f} -> {after:.2f}")
+    assert 0.25 <= before <= 0.75, "an untrained head should be near chance"
+    assert after >= 0.9 and metrics["eval_accuracy"] >= 0.9
+
+
+def logprob_margin(model_dir, data_dir, tokenizer):
+    """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt)."""
+    from medicalgpt.args import ModelArguments
+    from medicalgpt.modeling import load_model
+
+    model = load_model(ModelArguments(model_name_or_path=str(model_dir)))
+    margins = []
+    for pair in pair_tokens(data_dir, tokenizer):
+        scores = []
+        for answer in (pair["chosen_ids"], pair["rejected_ids"]):
+            ids = torch.tensor([pair["prompt_ids"] + answer])
+            with torch.no_grad():
+                logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+            targets = ids[0, 1:]
+            scores.append(logprobs[-len(answer) :].gather(1, targets[-len(answer) :, None]).sum().item())
+        margins.append(scores[0] - scores[1])
+    return sum(margins) / len(margins)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "orpo"])
+def test_alignment_raises_the_held_out_chosen_minus_rejected_margin(stage, tiny_model_dir, tiny_tokenizer, doctor_data,
+                                                                    tmp_path):  # fmt: skip
+    train, held_out = doctor_data
+    out = tmp_path / stage
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(train), "--do_train",
+            "--template_name", "qwen", "--use_peft", "True", "--lora_rank", "16", "--learning_rate", "5e-3",
+            "--num_train_epochs", "3", "--per_device_train_batch_size", "8", "--output_dir", str(out),
+            "--save_strategy", "no", "--logging_steps", "5", *FAST_FLAGS]  # fmt: skip
+    if stage == "orpo":
+        argv += ["--orpo_beta", "1.0"]
+    (dpo_training.main if stage == "dpo" else orpo_training.main)(argv)
+    before = logprob_margin(tiny_model_dir, held_out, tiny_tokenizer)
+    after = logprob_margin(out, held_out, tiny_tokenizer)
+    print(f"{stage}: held-out log-prob margin {before:.2f} -> {after:.2f}")
+    assert after > before + 3.0, (before, after)
+
+
+def test_reward_modeling_under_torchrun_halves_the_steps(tiny_model_dir, doctor_data, tmp_path):
+    train, _ = doctor_data
+    steps = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"rm-{nproc}"
+        argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(train), "--do_train",
+                "--use_peft", "True", "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
+                "--output_dir", str(out), "--save_strategy", "no", *FAST_FLAGS]  # fmt: skip
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        result = run([*launcher, "--master_port", str(29600 + nproc), "reward_modeling.py", *argv])
+        assert result.returncode == 0, result.stderr[-3000:]
+        steps[nproc] = global_step(out)
+    assert steps[2] * 2 == steps[1]
