@@ -16,6 +16,10 @@ medicalgpt/data/prompt_files.py), checked line by line before the model loads.
 `--output_file` gets one JSON line per input, in input order: the input record plus `output`. Prompts are
 left-padded into batches of `--batch_size`; each answer ends at the template's end-of-turn token.
 `--use_vllm` generates the batch with vLLM instead (GPU; `pip install vllm`).
+
+Several processes (one per GPU, or CPU processes): `torchrun --nproc_per_node 4 inference.py --data_file F ...`.
+Each rank loads the model on its own GPU and answers a contiguous quarter of the prompts; rank 0 gathers the
+answers and writes `--output_file` once, in input order, the same file one process writes.
 """
 
 import json
@@ -23,6 +27,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from tqdm import tqdm
 
@@ -130,17 +135,64 @@ def check_prompts(engine, items, path, max_new_tokens):
         raise DataValidationError(errors)
 
 
-def run_batch(engine, items, options, output_file, batch_size):
-    """Answer `items` in batches; the output is written to a temporary file, renamed when complete."""
+def answer_lines(engine, items, options, batch_size, progress=True):
+    """The output line of each item (its record plus `output`), generated in batches of `batch_size`."""
+    lines = []
+    for start in tqdm(range(0, len(items), batch_size), desc="Generating", unit="batch", disable=not progress):
+        batch = items[start : start + batch_size]
+        completions = engine.generate([messages for _, _, messages in batch], options)
+        for (_, record, _), completion in zip(batch, completions):
+            lines.append(json.dumps({**record, "output": completion.text}, ensure_ascii=False) + "\n")
+    return lines
+
+
+def write_lines(output_file, lines):
+    """All lines to a temporary file, renamed when complete: no half-written output."""
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     partial = output_file + ".partial"
     with open(partial, "w", encoding="utf-8") as out:
-        for start in tqdm(range(0, len(items), batch_size), desc="Generating", unit="batch"):
-            batch = items[start : start + batch_size]
-            completions = engine.generate([messages for _, _, messages in batch], options)
-            for (_, record, _), completion in zip(batch, completions):
-                out.write(json.dumps({**record, "output": completion.text}, ensure_ascii=False) + "\n")
+        out.writelines(lines)
     os.replace(partial, output_file)
+
+
+def run_batch(engine, items, options, output_file, batch_size):
+    """Answer `items` in batches and write them in input order."""
+    write_lines(output_file, answer_lines(engine, items, options, batch_size))
+
+
+def world_size():
+    """Processes started by torchrun (WORLD_SIZE), 1 without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def shard(items, rank, world):
+    """Rank `rank`'s contiguous share: the shards of ranks 0..world-1 joined are `items`, sizes differing by <= 1."""
+    return items[rank * len(items) // world : (rank + 1) * len(items) // world]
+
+
+def run_distributed_batch(engine, items, options, output_file, batch_size):
+    """Under torchrun: each rank answers its shard; rank 0 gathers them in rank order (= input order) and writes."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = shard(items, rank, world)
+    first = rank * len(items) // world
+    logger.info("Rank %d of %d answers prompts %d-%d of %d", rank, world, first + 1, first + len(mine), len(items))
+    lines = answer_lines(engine, mine, options, batch_size, progress=rank == 0)
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(lines, gathered, dst=0)
+    if rank == 0:
+        write_lines(output_file, [line for part in gathered for line in part])
+    dist.barrier()  # the file is complete when any rank exits
+    dist.destroy_process_group()
+
+
+def init_process_group():
+    """The ranks' process group (gloo: it only carries the answers; the models need no collective)."""
+    import torch.distributed as dist
+
+    # Ranks with unequal shards wait for the slowest at the gather: allow a long generation.
+    dist.init_process_group("gloo", timeout=timedelta(hours=24))
 
 
 def run_vllm_batch(chat_args, items, output_file):
@@ -167,9 +219,9 @@ def run_vllm_batch(chat_args, items, output_file):
     )
     lora = LoRARequest("adapter", 1, chat_args.lora_model) if chat_args.lora_model else None
     outputs = llm.generate(prompts, params, lora_request=lora)
-    with open(output_file, "w", encoding="utf-8") as out:
-        for (_, record, _), result in zip(items, outputs):
-            out.write(json.dumps({**record, "output": result.outputs[0].text}, ensure_ascii=False) + "\n")
+    lines = [json.dumps({**record, "output": result.outputs[0].text}, ensure_ascii=False) + "\n"
+             for (_, record, _), result in zip(items, outputs)]  # fmt: skip
+    write_lines(output_file, lines)
 
 
 def main(argv=None):
@@ -179,6 +231,9 @@ def main(argv=None):
         raise UsageError("pass either --interactive or --data_file FILE (with --output_file)")
     if args.batch_size < 1:
         raise UsageError("--batch_size must be at least 1")
+    if world_size() > 1 and (args.interactive or args.use_vllm):
+        raise UsageError("under torchrun, inference.py answers a --data_file with transformers (no --interactive, "
+                         "no --use_vllm: vLLM spreads one process over GPUs itself)")  # fmt: skip
     items = load_prompt_records(args.data_file) if args.data_file else None
     if args.use_vllm:
         if not items:
@@ -190,9 +245,14 @@ def main(argv=None):
     if args.interactive:
         chat_loop(engine, options)
         return
-    check_prompts(engine, items, args.data_file, options.max_new_tokens)
-    run_batch(engine, items, options, args.output_file, args.batch_size)
-    logger.info("%d answers written to %s", len(items), args.output_file)
+    check_prompts(engine, items, args.data_file, options.max_new_tokens)  # every rank checks all: all stop together
+    if world_size() > 1:
+        init_process_group()
+        run_distributed_batch(engine, items, options, args.output_file, args.batch_size)
+    else:
+        run_batch(engine, items, options, args.output_file, args.batch_size)
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("%d answers written to %s", len(items), args.output_file)
 
 
 if __name__ == "__main__":

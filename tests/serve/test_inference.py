@@ -11,7 +11,7 @@ import pytest
 
 from medicalgpt.data.validate import DataValidationError
 from medicalgpt.serve.chat import ChatArguments, GenerationOptions, PromptTooLongError, load_chat_engine, until_stop
-from tests.helpers import ANSWERS, QA_PAIRS, REPO, qa_adapter, qa_engine, user, write_jsonl
+from tests.helpers import ANSWERS, QA_PAIRS, REPO, free_port, qa_adapter, qa_engine, user, write_jsonl
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 GREEDY = GenerationOptions(temperature=0, max_new_tokens=30)
@@ -260,3 +260,35 @@ def test_batch_benchmark_prints_both_figures(tiny_model_dir, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed == result and result["one_at_a_time"]["batch_size"] == 1 and result["batched"]["batch_size"] == 2
     assert result["one_at_a_time"]["tokens"] > 0 and result["speedup"] > 0
+
+
+def test_torchrun_two_processes_split_the_prompts_and_write_the_one_process_file(tiny_model_dir, adapter, tmp_path):
+    import inference
+
+    (q1, a1), (q2, a2), (q3, a3), (q4, a4) = QA_PAIRS
+    records = [{"prompt": q3}, {"question": q1, "id": 2}, {"prompt": "头痛"}, {"instruction": q4, "input": ""}]
+    records += [{"prompt": q2}, {"messages": [{"role": "user", "content": q1}]}, {"prompt": "A longer question " * 4}]
+    data = write_jsonl(tmp_path / "input.jsonl", records)
+    flags = ["--base_model", tiny_model_dir, "--lora_model", adapter, "--data_file", str(data)]
+    flags += ["--template_name", "qwen", "--temperature", "0", "--max_new_tokens", "12", "--batch_size", "2"]
+    single, parallel = tmp_path / "one.jsonl", tmp_path / "two" / "out.jsonl"
+    inference.main([*flags, "--output_file", str(single)])
+
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    result = run([*launcher, str(free_port()), "inference.py", *flags, "--output_file", str(parallel)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Rank 0 of 2 answers prompts 1-3 of 7" in result.stderr
+    assert "Rank 1 of 2 answers prompts 4-7 of 7" in result.stderr
+    assert parallel.read_bytes() == single.read_bytes()
+    rows = [json.loads(line) for line in parallel.read_text(encoding="utf-8").splitlines()]
+    assert [{k: v for k, v in row.items() if k != "output"} for row in rows] == records
+    assert [rows[i]["output"] for i in (0, 1, 3, 4, 5)] == [a3, a1, a4, a2, a1]
+    assert sorted(p.name for p in parallel.parent.iterdir()) == ["out.jsonl"]
+
+
+def test_shards_are_contiguous_and_cover_the_input_once():
+    import inference
+
+    items = list(range(7))
+    assert [inference.shard(items, rank, 3) for rank in range(3)] == [[0, 1], [2, 3], [4, 5, 6]]
+    assert [inference.shard(items[:1], rank, 2) for rank in range(2)] == [[], [0]]
