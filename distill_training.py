@@ -1,0 +1,107 @@
+"""On-policy distillation: a small student learns a larger teacher's next-token distributions on its own answers.
+
+    python distill_training.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
+        --teacher_model_name_or_path Qwen/Qwen2.5-7B-Instruct --teacher_load_in_4bit True --template_name qwen \\
+        --train_file_dir ./data/finetune --validation_file_dir ./data/finetune --do_train --do_eval \\
+        --use_peft True --lmbda 0.5 --beta 0.5 --max_new_tokens 128 --max_length 1024 --max_prompt_length 512 \\
+        --learning_rate 1e-4 --output_dir outputs-distill-qwen-v1
+
+    bash run_distill.sh                                  # the same, with the tutorial's other settings
+
+trl's GKDTrainer (generalized knowledge distillation; medicalgpt/train/distill.py): at every answer token the loss
+is the generalized JSD between teacher and student distributions (`--beta 0`: KL(teacher || student), `--beta 1`:
+KL(student || teacher)). With probability `--lmbda` a batch's answers are sampled from the student (on-policy, at
+`--temperature`, up to `--max_new_tokens`), else taken from the data (`--seq_kd True`: sampled from the teacher).
+The teacher (a model or a LoRA adapter directory) is frozen, in 4/8-bit with `--teacher_load_in_4bit` /
+`--teacher_load_in_8bit` (bitsandbytes), and must share the student's tokenizer. The student trains a LoRA adapter
+(`--use_peft True`; QLoRA with `--load_in_4bit`) or all its weights. Upstream's `--opd_lambda` / `--opd_beta` work.
+
+Data: SFT records (alpaca, sharegpt or messages); each assistant turn is one example, its prompt the conversation
+before it. Every evaluation reports `eval_teacher_kl`, the exact mean per-token KL(teacher || student) on the
+evaluation answers (`--eval_on_start True` gives the value before training). The output is an adapter (or model)
+like SFT's: inference.py, merge_peft_adapter.py and the next stages load it.
+"""
+
+import logging
+import sys
+
+from trl.experimental.gkd import GKDConfig
+
+from medicalgpt.args import DataArguments, LoraArguments, ModelArguments
+from medicalgpt.cli import run_cli, setup_logging
+from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.parser import parse_args
+from medicalgpt.templates import build_template
+from medicalgpt.train.checkpoints import with_atomic_checkpoints
+from medicalgpt.train.distill import (
+    DistillArguments,
+    DistillTrainer,
+    load_teacher,
+    prepare_distill_dataset,
+    reconcile_distill_args,
+    set_stop_tokens,
+)
+from medicalgpt.train.records import load_stage_records, to_dataset
+from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+
+logger = logging.getLogger("medicalgpt")
+
+
+def main(argv=None):
+    training_args, model_args, data_args, lora_args, distill_args = parse_args(
+        GKDConfig, ModelArguments, DataArguments, LoraArguments, DistillArguments, argv=argv
+    )
+    setup_logging(training_args)
+    reconcile_distill_args(training_args, distill_args)
+    check_and_log_args(training_args, model_args, lora_args)
+
+    # Data
+    train_records, eval_records = load_stage_records(data_args, training_args, stage="sft")
+    tokenizer = load_tokenizer(model_args)
+    template = build_template(data_args.template_name, tokenizer)
+    with training_args.main_process_first(desc="tokenising"):
+        train_dataset, eval_dataset = (
+            None if records is None else prepare_distill_dataset(
+                to_dataset(records, overwrite=data_args.overwrite_cache), template, tokenizer,
+                training_args.max_length, distill_args.max_prompt_length, data_args.system_prompt,
+                data_args.preprocessing_num_workers, f" ({split})",
+            )
+            for split, records in (("train", train_records), ("eval", eval_records))
+        )  # fmt: skip
+
+    # Model
+    teacher = load_teacher(model_args, distill_args, training_args, tokenizer)
+    student = load_model(model_args)
+    set_stop_tokens(student, tokenizer, template)
+    student = wrap_with_lora(student, lora_args, training_args, base_path=model_args.model_name_or_path)
+    logger.info(
+        "Distilling %s into %s: on-policy share %.2f (--lmbda), divergence beta %.2f (--beta).",
+        training_args.teacher_model_name_or_path, model_args.model_name_or_path, training_args.lmbda,
+        training_args.beta,
+    )  # fmt: skip
+
+    # Train
+    trainer = with_atomic_checkpoints(DistillTrainer)(
+        model=student,
+        teacher_model=teacher,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    end_training(trainer.accelerator, trainer.model_wrapped)
+    logger.info("Outputs in %s", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
