@@ -26,6 +26,7 @@ Every record is checked before the model loads (errors as `path:line`). Writes r
 scoring are in medicalgpt/eval/tasks.py; the file formats in medicalgpt/eval/items.py.
 """
 
+import gc
 import json
 import logging
 import os
@@ -35,18 +36,36 @@ from dataclasses import dataclass, field
 from medicalgpt.cli import UsageError, run_cli, setup_logging
 from medicalgpt.data.files import find_data_files
 from medicalgpt.data.validate import load_records
+from medicalgpt.eval.benchmarks import load_benchmark
+from medicalgpt.eval.choice import TARGETS, run_choice, run_choice_generate
+from medicalgpt.eval.compare import api_generator, compare_table, model_specs, write_comparison
+from medicalgpt.eval.formats import FORMATS
 from medicalgpt.eval.items import load_eval_items
-from medicalgpt.eval.tasks import load_scoring_model, run_choice, run_perplexity, run_qa
+from medicalgpt.eval.tasks import load_scoring_model, run_perplexity, run_qa
 from medicalgpt.parser import parse_cli
 from medicalgpt.serve.chat import ChatArguments, load_chat_engine
 
 logger = logging.getLogger("medicalgpt")
 TASKS = ("choice", "qa", "perplexity")
-FORMATS = ("chat", "plain")
+CHOICE_SETTINGS = (
+    "data_file",
+    "format",
+    "split",
+    "subjects",
+    "n_shot",
+    "prompt_format",
+    "choice_mode",
+    "choice_target",
+)
 
 
 @dataclass
 class EvalChatArguments(ChatArguments):
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Model path or hub name (a merged model, or the base of --lora_model); not needed with "
+                  "--api_base, nor with --compare (then the base of its adapters)."},
+    )  # fmt: skip
     max_new_tokens: int = field(default=256, metadata={"help": "Most tokens generated per answer (qa)."})
     temperature: float = field(
         default=0.0, metadata={"help": "Sampling temperature of qa answers; 0 (default) = greedy, reproducible."}
@@ -56,7 +75,9 @@ class EvalChatArguments(ChatArguments):
 @dataclass
 class EvaluationArguments:
     task: str = field(metadata={"help": "What to measure.", "choices": TASKS})
-    data_file: str = field(metadata={"help": "Items to evaluate on (see above); a directory for perplexity."})
+    data_file: str = field(
+        metadata={"help": "Items to evaluate on (see above): a file, a benchmark's folder, or (choice) a hub name."}
+    )
     output_dir: str = field(default="outputs-eval", metadata={"help": "Where results.json and predictions go."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward / generate call."})
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N items only."})
@@ -68,6 +89,37 @@ class EvaluationArguments:
         default="chat",
         metadata={"help": "choice: chat (template) or plain (base models).", "choices": ("chat", "plain")},
     )
+    format: str = field(
+        default="auto",
+        metadata={"help": "choice: the benchmark's file format (default: detected).", "choices": ("auto", *FORMATS)},
+    )
+    split: str | None = field(
+        default=None, metadata={"help": "choice: the split of a benchmark folder scored (default: C-Eval val, "
+                                "CMMLU test, MMLU test); few-shot examples come from dev/."},
+    )  # fmt: skip
+    subjects: str | None = field(
+        default=None, metadata={"help": "choice: 'medical' (the built-in list of C-Eval, CMMLU, MMLU) or a,b,c."}
+    )
+    choice_mode: str = field(
+        default="loglikelihood",
+        metadata={"help": "choice: loglikelihood (score each answer) or generate (parse the letter from a reply).",
+                  "choices": ("loglikelihood", "generate")},
+    )  # fmt: skip
+    choice_target: str = field(
+        default="letter",
+        metadata={"help": "choice: score the option letters, or the options' texts (acc_norm differs).",
+                  "choices": TARGETS},
+    )  # fmt: skip
+    compare: list[str] | None = field(
+        default=None, metadata={"help": "choice: several models in one table, NAME=PATH each (PATH: a model folder, "
+                                "an adapter folder, a hub name, or with --api_base a served model)."},
+    )  # fmt: skip
+    api_base: str | None = field(
+        default=None,
+        metadata={"help": "choice, generate: an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1."},
+    )
+    api_key: str | None = field(default=None, metadata={"help": "The API key of --api_base (default: none)."})
+    model: str | None = field(default=None, metadata={"help": "The model name --api_base serves it under."})
     block_size: int | None = field(
         default=None, metadata={"help": "perplexity: window in tokens (default: min(1024, model_max_length), as PT)."}
     )
@@ -80,16 +132,44 @@ class EvaluationArguments:
             raise ValueError("--batch_size and --max_samples must be at least 1, --n_shot at least 0")
         if (self.block_size is not None and self.block_size < 2) or (self.stride is not None and self.stride < 1):
             raise ValueError("--block_size must be at least 2 and --stride at least 1")
+        if self.api_base and self.choice_mode != "generate":
+            raise ValueError("--api_base needs --choice_mode generate: an API returns text, not log-likelihoods")
         if self.stride and self.block_size and self.stride > self.block_size:
             raise ValueError("--stride must not exceed --block_size: tokens between windows would never be scored")
 
 
-def evaluate_choice(chat_args, args, items):
+def evaluate_choice(chat_args, args, benchmark, served=None):
+    """One model on the benchmark's items; `served`: the model's name on --api_base."""
+    items, shots = benchmark
+    if args.choice_mode == "generate":
+        if args.api_base:
+            name = served or args.model or chat_args.base_model
+            generate = api_generator(
+                args.api_base, args.api_key, name, chat_args.max_new_tokens, chat_args.temperature
+            )
+        else:
+            engine, options = load_chat_engine(chat_args), chat_args.generation_options()
+            generate = lambda conversations: [c.text for c in engine.generate(conversations, options)]  # noqa: E731
+        return run_choice_generate(generate, items, args.n_shot, shots, args.batch_size)
     if args.prompt_format == "plain":
         model, tokenizer = load_scoring_model(chat_args)
-        return run_choice(model, tokenizer, items, None, args.n_shot, args.batch_size)
-    engine = load_chat_engine(chat_args)
-    return run_choice(engine.model, engine.tokenizer, items, engine.encode, args.n_shot, args.batch_size)
+        encode = None
+    else:
+        engine = load_chat_engine(chat_args)
+        model, tokenizer, encode = engine.model, engine.tokenizer, engine.encode
+    return run_choice(model, tokenizer, items, encode, args.n_shot, args.batch_size, True, shots, args.choice_target)
+
+
+def compare_choice(chat_args, args, benchmark):
+    """Each model of --compare in turn -> ({name: metrics}, {name: rows}); nothing written until all are done."""
+    metrics, rows = {}, {}
+    for name, model_args in model_specs(args.compare, chat_args, args.api_base):
+        adapter = f" + {model_args.lora_model}" if model_args.lora_model else ""
+        logger.info("Model %s: %s%s", name, model_args.base_model, adapter)
+        served = model_args.base_model if args.api_base else None
+        metrics[name], rows[name] = evaluate_choice(model_args, args, benchmark, served)
+        gc.collect()
+    return metrics, rows
 
 
 def evaluate_perplexity(chat_args, args, records):
@@ -124,9 +204,10 @@ def write_results(output_dir, task, results, rows):
 
 def results_table(task, m):
     if task == "choice":
-        rows = [("subject", "items", "accuracy")]
-        rows += [(name, s["items"], f"{s['accuracy']:.4f}") for name, s in m["subjects"].items()]
-        rows += [("all", m["items"], f"{m['accuracy']:.4f}"), ("chance (guessing)", "", f"{m['chance']:.4f}")]
+        rows = [("subject", "items", "acc", "acc_norm", "95% interval")]
+        rows += [(name, s["items"], f"{s['accuracy']:.4f}", f"{s['acc_norm']:.4f}", "{:.3f}-{:.3f}".format(*s["ci95"]))
+                 for name, s in [*m["subjects"].items(), ("all", m)]]  # fmt: skip
+        rows += [("chance (guessing)", "", f"{m['chance']:.4f}", "", "")]
     elif task == "qa":
         rows = [("items", "ROUGE-L", "BLEU"), (m["items"], f"{m['rouge_l']:.2f}", f"{m['bleu']:.2f}")]
     else:
@@ -141,17 +222,43 @@ def _columns(text):
     return sum(2 if "\u2e80" <= char <= "\u9fff" or "\uff00" <= char <= "\uffef" else 1 for char in text)
 
 
+def load_data(args):
+    """Every record checked before any model loads."""
+    if args.task == "perplexity":
+        data = load_records(find_data_files(args.data_file, "pt"), "pt", args.skip_invalid_examples)
+        return data[: args.max_samples]
+    if args.task == "choice":
+        return load_benchmark(
+            args.data_file, args.format, args.split, args.subjects, args.max_samples, args.skip_invalid_examples
+        )
+    return load_eval_items(args.data_file, args.task, args.max_samples, args.skip_invalid_examples)
+
+
+def run_comparison(chat_args, args, benchmark):
+    metrics, rows = compare_choice(chat_args, args, benchmark)
+    settings = {"data_file": args.data_file, **{key: getattr(args, key) for key in CHOICE_SETTINGS}}
+    for name in metrics:
+        write_results(os.path.join(args.output_dir, name), "choice", {"model": name, **settings, **metrics[name]},
+                      rows[name])  # fmt: skip
+    write_comparison(args.output_dir, metrics, {"task": "choice", **settings, "compare": args.compare})
+    print(compare_table(metrics))
+    logger.info("Comparison in %s", os.path.join(args.output_dir, "compare.md"))
+    return metrics
+
+
 def main(argv=None):
     chat_args, args = parse_cli((EvalChatArguments, EvaluationArguments), argv, description=__doc__)
     setup_logging()
-    if args.task == "perplexity":  # every record is checked before the model loads
-        data = load_records(find_data_files(args.data_file, "pt"), "pt", args.skip_invalid_examples)
-        data = data[: args.max_samples]
-    else:
-        data = load_eval_items(args.data_file, args.task, args.max_samples, args.skip_invalid_examples)
+    if args.compare and args.task != "choice":
+        raise UsageError("--compare works with --task choice")
+    if not (chat_args.base_model or args.compare or args.api_base):
+        raise UsageError("--base_model is required (or --compare, or --api_base with --choice_mode generate)")
+    data = load_data(args)
+    if args.compare:
+        return run_comparison(chat_args, args, data)
     evaluate = {"choice": evaluate_choice, "qa": evaluate_qa, "perplexity": evaluate_perplexity}[args.task]
     metrics, rows = evaluate(chat_args, args, data)
-    settings = {"choice": ("n_shot", "prompt_format"), "qa": (), "perplexity": ()}[args.task]
+    settings = {"choice": CHOICE_SETTINGS, "qa": (), "perplexity": ()}[args.task]
     results = {"task": args.task, "base_model": chat_args.base_model, "lora_model": chat_args.lora_model,
                "data_file": args.data_file, **{key: getattr(args, key) for key in settings}, **metrics}  # fmt: skip
     if args.task == "qa":

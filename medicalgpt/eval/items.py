@@ -127,7 +127,7 @@ def _answer(value, options, problems):
 
 def choice_instruction(item):
     """The line before a question: its kind (single or multiple answers) and subject, in the item's language."""
-    multi, subject = len(item["answer"]) > 1, item["subject"]
+    multi, subject = len(item["answer"]) > 1, item.get("subject_name") or item["subject"]
     if is_chinese(item["question"]):
         about = f"关于{subject}的" if subject else ""
         if multi:
@@ -156,33 +156,50 @@ def answer_cue(item):
     return ("答案：", "") if is_chinese(item["question"]) else ("Answer:", " ")
 
 
-def choice_conversation(item, shots):
-    """Chat format: each shot a user turn and the assistant's answer letters, then the item's user turn."""
+def answer_text(item, target="letter"):
+    """What answers an item: its letters, or (target "option", single-answer items) the text of its option."""
+    return item["options"][item["answer"]] if target == "option" else item["answer"]
+
+
+def choice_conversation(item, shots, target="letter"):
+    """Chat format: each shot a user turn and the assistant's answer, then the item's user turn."""
     messages = []
     for shot in shots:
         messages += [
             {"role": "user", "content": choice_message(shot)},
-            {"role": "assistant", "content": shot["answer"]},
+            {"role": "assistant", "content": answer_text(shot, target)},
         ]
     return messages + [{"role": "user", "content": choice_message(item)}]
 
 
-def choice_text(item, shots):
+def choice_text(item, shots, target="letter"):
     """Plain format (base models): the instruction once, the shots with their answers, the item up to its cue."""
     blocks = [choice_instruction(item)]
     for shot in shots:
         cue, space = answer_cue(shot)
-        blocks.append(f"{choice_question(shot)}\n{cue}{space}{shot['answer']}")
+        blocks.append(f"{choice_question(shot)}\n{cue}{space}{answer_text(shot, target)}")
     blocks.append(f"{choice_question(item)}\n{answer_cue(item)[0]}")
     return "\n\n".join(blocks)
 
 
-def pick_shots(items, index, n_shot):
-    """`n_shot` other items of the file: those of the same subject first, then the rest, each in file order."""
+def pick_shots(items, index, n_shot, pool=None):
+    """`n_shot` solved examples: from `pool` (a benchmark's dev split) when given, else the other items of the
+    file; those of the same subject first, then the rest, each in file order."""
     if n_shot <= 0:
         return []
     subject = items[index]["subject"]
-    others = [item for i, item in enumerate(items) if i != index]
+    others = pool if pool is not None else [item for i, item in enumerate(items) if i != index]
     same = [item for item in others if subject is not None and item["subject"] == subject]
     rest = [item for item in others if subject is None or item["subject"] != subject]
     return (same + rest)[:n_shot]
+
+
+def choice_sft_records(items):
+    """Choice items as SFT records (supervised_finetuning.py's `messages` shape): the chat-format prompt of
+    evaluate.py as the user turn, the answer letters as the assistant's: training on a benchmark's dev split
+    teaches exactly what `--task choice` scores."""
+    return [
+        {"messages": [{"role": "user", "content": choice_message(item)},
+                      {"role": "assistant", "content": item["answer"]}]}
+        for item in items
+    ]  # fmt: skip

@@ -17,9 +17,6 @@ qa          Answers are generated in batches by the chat engine (greedy by defau
             (medicalgpt/eval/text_metrics.py).
 """
 
-import collections
-import inspect
-import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -30,9 +27,10 @@ from transformers import TrainerCallback
 
 from medicalgpt.cli import UsageError
 from medicalgpt.data.validate import DataValidationError, Issue
-from medicalgpt.eval.items import answer_cue, choice_conversation, choice_text, load_eval_items, pick_shots
+from medicalgpt.eval.choice import run_choice
+from medicalgpt.eval.items import load_eval_items
+from medicalgpt.eval.scoring import pad_id_of, span_logprobs
 from medicalgpt.eval.text_metrics import text_scores
-from medicalgpt.templates import leading_bos
 
 logger = logging.getLogger(__name__)
 
@@ -52,159 +50,6 @@ def load_scoring_model(chat_args):
     else:
         model = load_model(model_args)
     return model.eval(), tokenizer
-
-
-def context_length(model, tokenizer):
-    return getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-
-
-def pad_id_of(tokenizer):
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-# -- scoring token sequences -------------------------------------------------------------------------------------
-
-
-def _logits(model, sequences, pad_id, keep):
-    """Logits at the last `keep` positions of left-padded `sequences` (position ids restart at each row's first
-    real token). Models that take `logits_to_keep` never build the [batch, tokens, vocab] logits of the rest."""
-    width = max(len(ids) for ids in sequences)
-    rows = [torch.as_tensor(ids, dtype=torch.long) for ids in sequences]
-    input_ids = torch.stack([torch.cat([torch.full((width - len(r),), pad_id), r]) for r in rows])
-    mask = torch.stack([torch.cat([torch.zeros(width - len(r)), torch.ones(len(r))]).long() for r in rows])
-    kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    kwargs = {key: value.to(model.device) for key, value in kwargs.items()}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" in inspect.signature(base.forward).parameters:
-        kwargs["logits_to_keep"] = keep
-    return model(**kwargs, use_cache=False).logits[:, -keep:]
-
-
-def _batches(lengths, batch_size):
-    """Indices in batches of similar lengths (longest first: an out-of-memory error comes at once)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-@torch.inference_mode()
-def next_token_logprobs(model, prompts, targets, pad_id, batch_size=8, desc=None):
-    """log p(token | prompt) for each token id of targets[i] after prompts[i]; one forward per prompt."""
-    results = [None] * len(prompts)
-    for batch in tqdm(_batches([len(p) for p in prompts], batch_size), desc=desc, unit="batch", disable=not desc):
-        logprobs = torch.log_softmax(_logits(model, [prompts[i] for i in batch], pad_id, 1)[:, 0].float(), -1)
-        for row, i in enumerate(batch):
-            results[i] = logprobs[row, targets[i]].tolist()
-    return results
-
-
-@torch.inference_mode()
-def span_logprobs(model, requests, pad_id, batch_size=8, desc=None):
-    """requests: [(ids, start)] -> per request, a float64 tensor of log p(ids[t] | ids[:t]) for start <= t < len."""
-    results = [None] * len(requests)
-    for batch in tqdm(_batches([len(r[0]) for r in requests], batch_size), desc=desc, unit="batch", disable=not desc):
-        keep = max(len(requests[i][0]) - requests[i][1] for i in batch) + 1  # rows end together (left padding)
-        logits = _logits(model, [requests[i][0] for i in batch], pad_id, keep)
-        for row, i in enumerate(batch):
-            ids, start = torch.as_tensor(requests[i][0], dtype=torch.long), requests[i][1]
-            scored = len(ids) - start  # predicted by the logits at the `scored` positions before the last
-            scores = torch.log_softmax(logits[row, keep - 1 - scored : keep - 1].float(), -1)
-            results[i] = scores.gather(-1, ids[start:, None].to(scores.device))[:, 0].double().cpu()
-    return results
-
-
-# -- choice ------------------------------------------------------------------------------------------------------
-
-
-def candidates_of(item):
-    """Single answer: the option letters; k answers: every k-letter set, letters in alphabetical order."""
-    return ["".join(c) for c in itertools.combinations(item["options"], len(item["answer"]))]
-
-
-def encode_choice(item, shots, tokenizer, encode=None):
-    """(prompt ids, {candidate: continuation ids}). `encode` (ChatEngine.encode) for chat prompts, None for plain."""
-    if encode is not None:
-        prompt = encode(choice_conversation(item, shots))
-        return prompt, {c: tokenizer.encode(c, add_special_tokens=False) for c in candidates_of(item)}
-    text, space = choice_text(item, shots), answer_cue(item)[1]
-    bos = leading_bos(tokenizer, text)
-    prompt = bos + tokenizer.encode(text, add_special_tokens=False)
-    continuations = {}
-    for candidate in candidates_of(item):
-        whole = bos + tokenizer.encode(text + space + candidate, add_special_tokens=False)
-        prefix_kept = whole[: len(prompt)] == prompt
-        continuations[candidate] = (
-            whole[len(prompt) :] if prefix_kept else tokenizer.encode(space + candidate, add_special_tokens=False)
-        )  # a merge across the cue ("：A" as one token): the letters tokenised on their own
-    return prompt, continuations
-
-
-def build_choice_prompts(items, tokenizer, encode, n_shot, max_length):
-    """Per item (prompt ids, continuations, shots used); shots are dropped while the prompt is too long. An item
-    that does not fit even zero-shot is a path:line error."""
-    prompts, errors = [], []
-    for index, item in enumerate(items):
-        shots = pick_shots(items, index, n_shot)
-        while True:
-            prompt, continuations = encode_choice(item, shots, tokenizer, encode)
-            longest = len(prompt) + max(len(ids) for ids in continuations.values())
-            if longest <= max_length or not shots:
-                break
-            shots = shots[:-1]
-        if longest > max_length:
-            path, line = item["source"].rsplit(":", 1)
-            message = f"the prompt ({longest} tokens) exceeds the model's context of {max_length} tokens"
-            errors.append(Issue(path, int(line), "error", "question", message))
-        prompts.append((prompt, continuations, len(shots)))
-    if errors:
-        raise DataValidationError(errors)
-    if n_shot and any(used < n_shot for _, _, used in prompts):
-        logger.warning("Fewer than %d shots for some items (file too small, or prompts too long).", n_shot)
-    return prompts
-
-
-def score_choices(model, prompts, pad_id, batch_size=8, desc=None):
-    """[{candidate: log-likelihood}] per prompt: one forward per prompt when every candidate is one token, one
-    per candidate otherwise."""
-    single = [i for i, (_, conts, _) in enumerate(prompts) if all(len(ids) == 1 for ids in conts.values())]
-    targets = [[ids[0] for ids in prompts[i][1].values()] for i in single]
-    scores = [None] * len(prompts)
-    found = next_token_logprobs(model, [prompts[i][0] for i in single], targets, pad_id, batch_size, desc)
-    for i, values in zip(single, found):
-        scores[i] = dict(zip(prompts[i][1], values))
-    rest = [(i, candidate) for i in range(len(prompts)) if scores[i] is None for candidate in prompts[i][1]]
-    requests = [(prompts[i][0] + prompts[i][1][candidate], len(prompts[i][0])) for i, candidate in rest]
-    found = span_logprobs(model, requests, pad_id, batch_size, desc and f"{desc} (multi-token)") if rest else []
-    for (i, candidate), values in zip(rest, found):
-        scores[i] = {**(scores[i] or {}), candidate: values.sum().item()}
-    return scores
-
-
-def run_choice(model, tokenizer, items, encode=None, n_shot=0, batch_size=8, progress=True):
-    """Accuracy overall and per subject -> (metrics, per-item rows)."""
-    was_training = model.training
-    model.eval()
-    prompts = build_choice_prompts(items, tokenizer, encode, n_shot, context_length(model, tokenizer))
-    try:
-        scores = score_choices(model, prompts, pad_id_of(tokenizer), batch_size, "Scoring" if progress else None)
-    finally:
-        model.train(was_training)
-    rows, subjects = [], collections.defaultdict(list)
-    for item, item_scores, (_, _, shots) in zip(items, scores, prompts):
-        prediction = max(item_scores, key=item_scores.get)
-        correct = prediction == item["answer"]
-        subjects[item["subject"] or "(no subject)"].append(correct)
-        rounded = {candidate: round(score, 4) for candidate, score in item_scores.items()}
-        rows.append({**item["record"], "source": item["source"], "prediction": prediction, "correct": correct,
-                     "scores": rounded, "shots": shots})  # fmt: skip
-    right = sum(row["correct"] for row in rows)
-    metrics = {
-        "accuracy": right / len(rows),
-        "correct": right,
-        "items": len(rows),
-        "chance": sum(1 / len(item_scores) for item_scores in scores) / len(rows),
-        "subjects": {name: {"items": len(v), "accuracy": sum(v) / len(v)} for name, v in sorted(subjects.items())},
-    }
-    return metrics, rows
 
 
 # -- perplexity --------------------------------------------------------------------------------------------------
