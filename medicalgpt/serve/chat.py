@@ -12,6 +12,7 @@ model's EOS tokens); batches are left-padded. Every `model.generate` call holds 
 text as it is decoded; leaving the loop early (a stop button, a client that hangs up) ends the generation.
 """
 
+import dataclasses
 import logging
 import os
 import threading
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, StoppingCriteria, TextIteratorStreamer
 
-from medicalgpt.args import TORCH_DTYPES, ModelArguments
+from medicalgpt.args import ModelArguments
 from medicalgpt.model_paths import check_model_path
 from medicalgpt.modeling import load_model, load_model_with_adapter, load_tokenizer, read_adapter_base
 from medicalgpt.templates import build_template, leading_bos
@@ -28,9 +29,27 @@ from medicalgpt.templates import build_template, leading_bos
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ChatArguments:
-    """Model and sampling options shared by inference.py, gradio_demo.py and fastapi_server_demo.py."""
+def model_loading_fields(*names, **helps):
+    """A dataclass of ModelArguments' fields `names`, declared once in args.py, to inherit (help texts overridable)."""
+    fields = []
+    for source in dataclasses.fields(ModelArguments):
+        if source.name in names:
+            metadata = {**source.metadata, **({"help": helps[source.name]} if source.name in helps else {})}
+            fields.append((source.name, source.type, field(default=source.default, metadata=metadata)))
+    return dataclasses.make_dataclass("ModelLoadingArguments", fields)
+
+
+ModelLoadingArguments = model_loading_fields(
+    "torch_dtype", "load_in_4bit", "load_in_8bit", "trust_remote_code",
+    torch_dtype="Weights dtype: auto, bfloat16, float16, float32 (default: float32 on CPU, else auto).",
+    load_in_4bit="Load the weights in 4-bit NF4 (bitsandbytes).",
+)  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class ChatArguments(ModelLoadingArguments):
+    """Model and sampling options shared by inference.py, gradio_demo.py and fastapi_server_demo.py. The loading
+    options (--torch_dtype, --load_in_4bit, --load_in_8bit, --trust_remote_code) are ModelArguments' own."""
 
     base_model: str = field(metadata={"help": "Model path or hub name (a merged model, or the base of --lora_model)."})
     lora_model: str | None = field(
@@ -51,17 +70,10 @@ class ChatArguments:
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling: keep the smallest set with this mass."})
     repetition_penalty: float = field(default=1.0, metadata={"help": "Above 1 discourages repeats (1 = off)."})
     use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is present."})
-    torch_dtype: str | None = field(
-        default=None,
-        metadata={"help": "Weights dtype: auto, bfloat16, float16, float32 (default: float32 on CPU, else auto)."},
-    )
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the weights in 4-bit NF4 (bitsandbytes)."})
-    load_in_8bit: bool = field(default=False, metadata={"help": "Load the weights in 8-bit (bitsandbytes)."})
     resize_emb: bool = field(
         default=False,
         metadata={"help": "Upstream's flag, accepted: the embeddings always grow to fit a larger tokenizer."},
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with the checkpoint."})
     model_type: str | None = field(
         default=None, metadata={"help": "Upstream's flag, accepted and ignored: config.json names the architecture."}
     )
@@ -69,8 +81,7 @@ class ChatArguments:
     def __post_init__(self):
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
             raise ValueError("--temperature must be >= 0, --top_p in (0, 1] and --max_new_tokens >= 1")
-        if self.torch_dtype is not None and self.torch_dtype not in TORCH_DTYPES:
-            raise ValueError(f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.torch_dtype!r}")
+        self.model_arguments()  # ModelArguments checks its own fields (--torch_dtype, 4-bit with 8-bit)
 
     def model_arguments(self):
         """The ModelArguments of --base_model: on the GPU unless --use_cpu or there is none (then float32)."""
