@@ -55,10 +55,11 @@ def load_benchmark(path, fmt="auto", split=None, subjects=None, max_samples=None
     wanted = wanted_subjects(fmt, subjects)
     items = _read(files, fmt, wanted, skip_invalid)
     shots = _read(shot_files, fmt, wanted, skip_invalid) if shot_files else None
-    if wanted is not None:
-        missing = sorted(set(wanted) - {item["subject"] for item in items})
-        if missing:
-            raise UsageError(f"{path}: no items of the subjects {', '.join(missing)}")
+    missing = sorted(set(wanted or ()) - {item["subject"] for item in items})
+    if missing and subjects == "medical":
+        logger.warning("%s: no files of the medical subjects %s", path, ", ".join(missing))
+    elif missing:
+        raise UsageError(f"--subjects: {path} has no items of {', '.join(missing)}")
     if not items:
         raise DataValidationError([Issue(path, 0, "error", "", "no choice items here")])
     return items[:max_samples] if max_samples else items, shots
