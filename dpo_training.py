@@ -22,7 +22,7 @@ from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import prepare_preference_data
-from medicalgpt.train.run import end_training, find_resume_checkpoint, prepare_args
+from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 from medicalgpt.train.trainers import PreTokenizedDPOTrainer
 
 logger = logging.getLogger("medicalgpt")
@@ -33,13 +33,17 @@ def main(argv=None):
         DPOConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, argv=argv
     )
     setup_logging(training_args)
-    training_args.max_length = pref_args.max_source_length + pref_args.max_target_length
-    prepare_args(training_args, model_args, lora_args)
+    check_and_log_args(training_args, model_args, lora_args)
+
+    # Data
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset = prepare_preference_data(data_args, training_args, pref_args, tokenizer)
 
+    # Model
     model = wrap_with_lora(load_model(model_args), lora_args, training_args, model_args.model_name_or_path)
-    reference = None if lora_args.use_peft or lora_args.peft_path else load_model(model_args)
+    reference = None if lora_args.use_peft else load_model(model_args)  # LoRA: the base with the adapter disabled
+
+    # Train
     trainer = with_atomic_checkpoints(PreTokenizedDPOTrainer)(
         model=model,
         ref_model=reference,

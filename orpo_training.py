@@ -12,39 +12,36 @@ learning rate is 1e-6: pass `--learning_rate` for LoRA (e.g. 5e-5).
 
 import logging
 import sys
-from dataclasses import dataclass, field
 
 from trl.experimental.orpo import ORPOConfig
 
-from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
+from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, OrpoArguments, PreferenceArguments
 from medicalgpt.cli import run_cli, setup_logging
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import prepare_preference_data
-from medicalgpt.train.run import end_training, find_resume_checkpoint, prepare_args
+from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 from medicalgpt.train.trainers import PreTokenizedORPOTrainer
 
 logger = logging.getLogger("medicalgpt")
 
 
-@dataclass
-class OrpoAliasArguments:
-    orpo_beta: float | None = field(default=None, metadata={"help": "Upstream MedicalGPT's name for --beta."})
-
-
 def main(argv=None):
-    training_args, model_args, data_args, lora_args, pref_args, alias = parse_args(
-        ORPOConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, OrpoAliasArguments, argv=argv
+    training_args, model_args, data_args, lora_args, pref_args, _ = parse_args(
+        ORPOConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, OrpoArguments, argv=argv
     )
     setup_logging(training_args)
-    training_args.beta = alias.orpo_beta if alias.orpo_beta is not None else training_args.beta
-    training_args.max_length = pref_args.max_source_length + pref_args.max_target_length
-    prepare_args(training_args, model_args, lora_args)
+    check_and_log_args(training_args, model_args, lora_args)
+
+    # Data
     tokenizer = load_tokenizer(model_args)
     train_dataset, eval_dataset = prepare_preference_data(data_args, training_args, pref_args, tokenizer)
 
+    # Model
     model = wrap_with_lora(load_model(model_args), lora_args, training_args, model_args.model_name_or_path)
+
+    # Train
     trainer = with_atomic_checkpoints(PreTokenizedORPOTrainer)(
         model=model,
         args=training_args,

@@ -27,44 +27,47 @@ from medicalgpt.parser import parse_args
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.preprocess import IGNORE_INDEX, prepare_pretraining_dataset
 from medicalgpt.train.records import load_stage_records, to_dataset
-from medicalgpt.train.run import end_training, find_resume_checkpoint, prepare_args
+from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 
 logger = logging.getLogger("medicalgpt")
 
 
-def main(argv=None):
-    training_args, model_args, data_args, lora_args, pt_args = parse_args(
-        TrainingArguments, ModelArguments, DataArguments, LoraArguments, PretrainingArguments, argv=argv
-    )
-    setup_logging(training_args)
-    prepare_args(training_args, model_args, lora_args)
-    train_records, eval_records = load_stage_records(data_args, training_args, stage="pt")
+ARGUMENTS = (TrainingArguments, ModelArguments, DataArguments, LoraArguments, PretrainingArguments)
 
+
+def main(argv=None):
+    training_args, model_args, data_args, lora_args, pt_args = parse_args(*ARGUMENTS, argv=argv)
+    setup_logging(training_args)
+    check_and_log_args(training_args, model_args, lora_args)
+
+    # Data
+    train_records, eval_records = load_stage_records(data_args, training_args, stage="pt")
     tokenizer = load_tokenizer(model_args)
     block_size = pt_args.block_size or min(1024, tokenizer.model_max_length)
     if block_size > tokenizer.model_max_length:
         logger.warning(
             "--block_size %d exceeds the tokenizer's model_max_length %d", block_size, tokenizer.model_max_length
         )
+    blocks = dict(tokenizer=tokenizer, block_size=block_size, num_proc=data_args.preprocessing_num_workers)
     with training_args.main_process_first(desc="tokenising"):
-        train_dataset, eval_dataset = (
-            None if records is None else prepare_pretraining_dataset(
-                to_dataset(records), tokenizer, block_size, data_args.preprocessing_num_workers, f" ({split})"
-            )
-            for split, records in (("train", train_records), ("eval", eval_records))
-        )  # fmt: skip
+        train_dataset = prepare_pretraining_dataset(to_dataset(train_records), desc_suffix=" (train)", **blocks)
+        eval_dataset = prepare_pretraining_dataset(to_dataset(eval_records), desc_suffix=" (eval)", **blocks)
     logger.info("Blocks of %d tokens: %d for training.", block_size, len(train_dataset or []))
 
+    # Model
     model = load_model(model_args)
     resize_embeddings_for_tokenizer(model, tokenizer)  # a tokenizer from build_domain_tokenizer.py
     model = wrap_with_lora(model, lora_args, training_args, base_path=model_args.model_name_or_path)
+
+    # Train
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
     trainer = with_atomic_checkpoints(Trainer)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8),
+        data_collator=collator,
     )
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))

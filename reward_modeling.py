@@ -29,7 +29,7 @@ from medicalgpt.templates import build_template
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.preprocess import to_reward_features
 from medicalgpt.train.records import prepare_preference_data
-from medicalgpt.train.run import end_training, find_resume_checkpoint, prepare_args
+from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 
 logger = logging.getLogger("medicalgpt")
 
@@ -39,19 +39,24 @@ def main(argv=None):
         RewardConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, argv=argv
     )
     setup_logging(training_args)
-    training_args.max_length = pref_args.max_source_length + pref_args.max_target_length
-    prepare_args(training_args, model_args, lora_args)
+    check_and_log_args(training_args, model_args, lora_args)
+
+    # Data
     tokenizer = load_tokenizer(model_args)
     suffix_ids = closing_ids(tokenizer, build_template(data_args.template_name, tokenizer))
-    training_args.max_length += len(suffix_ids)  # trl drops longer pairs; the suffix is not counted in the limits
-    train_dataset, eval_dataset = (
-        None if dataset is None else to_reward_features(dataset, data_args.preprocessing_num_workers, suffix_ids)
-        for dataset in prepare_preference_data(data_args, training_args, pref_args, tokenizer)
-    )
+    # trl drops pairs longer than max_length (--max_source_length + --max_target_length): the suffix comes on top
+    training_args.max_length += len(suffix_ids)
+    train_pairs, eval_pairs = prepare_preference_data(data_args, training_args, pref_args, tokenizer)
+    num_proc = data_args.preprocessing_num_workers
+    train_dataset = to_reward_features(train_pairs, num_proc=num_proc, suffix_ids=suffix_ids)
+    eval_dataset = to_reward_features(eval_pairs, num_proc=num_proc, suffix_ids=suffix_ids)
 
+    # Model
     model = load_model(model_args, model_class=AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = wrap_with_lora(model, lora_args, training_args, model_args.model_name_or_path, task_type="SEQ_CLS")
+
+    # Train
     trainer = with_atomic_checkpoints(RewardTrainer)(
         model=model,
         args=training_args,

@@ -39,7 +39,7 @@ from medicalgpt.train.losses import add_chunked_lm_head, check_liger_kernel, res
 from medicalgpt.train.packing import PackedRowsCollator, pack_rows, resolve_packing
 from medicalgpt.train.preprocess import format_label_mask, prepare_sft_dataset
 from medicalgpt.train.records import load_stage_records, to_dataset
-from medicalgpt.train.run import end_training, find_resume_checkpoint, prepare_args
+from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 
 logger = logging.getLogger("medicalgpt")
 
@@ -67,53 +67,56 @@ class ChunkedLossSFTTrainer(SFTTrainer):
         return loss
 
 
+ARGUMENTS = (SupervisedConfig, ModelArguments, DataArguments, LoraArguments, SupervisedArguments, ChoiceEvalArguments)
+
+
 def main(argv=None):
-    training_args, model_args, data_args, lora_args, sft_args, choice_args = parse_args(
-        SupervisedConfig, ModelArguments, DataArguments, LoraArguments, SupervisedArguments, ChoiceEvalArguments,
-        argv=argv,
-    )  # fmt: skip
+    training_args, model_args, data_args, lora_args, sft_args, choice_args = parse_args(*ARGUMENTS, argv=argv)
     setup_logging(training_args)
     check_liger_kernel(training_args)
-    training_args.max_length = sft_args.model_max_length or training_args.max_length
-    training_args.dataset_num_proc = data_args.preprocessing_num_workers or training_args.dataset_num_proc
-    prepare_args(training_args, model_args, lora_args)
+    check_and_log_args(training_args, model_args, lora_args)
+
+    # Data
     train_records, eval_records = load_stage_records(data_args, training_args, stage="sft")
     choice_items = choice_args.load_items(data_args.skip_invalid_examples)  # --choice_eval_file, scored in training
-
     tokenizer = load_tokenizer(model_args)
     template = build_template(data_args.template_name, tokenizer)
+    num_proc = data_args.preprocessing_num_workers
+    tokenise = dict(
+        template=template,
+        tokenizer=tokenizer,
+        max_length=sft_args.model_max_length,
+        train_on_inputs=sft_args.train_on_inputs,
+        system_prompt=data_args.system_prompt,
+        num_proc=num_proc,
+        overlong=sft_args.overlong,
+    )
     with training_args.main_process_first(desc="tokenising"):
-        train_dataset, eval_dataset = (
-            None if records is None else prepare_sft_dataset(
-                to_dataset(records, overwrite=data_args.overwrite_cache), template, tokenizer,
-                training_args.max_length, sft_args.train_on_inputs, data_args.system_prompt,
-                data_args.preprocessing_num_workers, f" ({split})", sft_args.overlong,
-            )
-            for split, records in (("train", train_records), ("eval", eval_records))
-        )  # fmt: skip
-    if train_dataset is not None and len(train_dataset):
-        sample = train_dataset[0]
-        logger.info("First training sample, learned tokens in [LEARN]...[/LEARN]:\n%s",
-                    format_label_mask(sample["input_ids"], sample["labels"], tokenizer))  # fmt: skip
+        train_dataset = to_dataset(train_records, overwrite=data_args.overwrite_cache)
+        train_dataset = prepare_sft_dataset(train_dataset, desc_suffix=" (train)", **tokenise)
+        eval_dataset = to_dataset(eval_records, overwrite=data_args.overwrite_cache)
+        eval_dataset = prepare_sft_dataset(eval_dataset, desc_suffix=" (eval)", **tokenise)
+    log_first_sample(train_dataset, tokenizer)
 
+    # Model
     model = load_model(model_args)
     resize_embeddings_for_tokenizer(model, tokenizer)  # a tokenizer from build_domain_tokenizer.py
     packing = resolve_packing(training_args, model)
     if packing == "rows":
         with training_args.main_process_first(desc="packing"):
-            train_dataset, eval_dataset = (
-                pack_rows(dataset, training_args.max_length, data_args.preprocessing_num_workers, f"Packing {split}")
-                if dataset is not None and (split == "train" or training_args.eval_packing is not False) else dataset
-                for split, dataset in (("train", train_dataset), ("eval", eval_dataset))
-            )  # fmt: skip
+            train_dataset = pack_rows(train_dataset, sft_args.model_max_length, num_proc, desc="Packing train")
+            if eval_dataset is not None and training_args.eval_packing is not False:
+                eval_dataset = pack_rows(eval_dataset, sft_args.model_max_length, num_proc, desc="Packing eval")
     chunked_loss = resolve_chunked_loss(sft_args.chunked_loss, training_args, model)
     if chunked_loss:
         add_chunked_lm_head(model)
-    loss = "chunked (--chunked_loss)" if chunked_loss else "trl's fused LM head"
-    logger.info("Batches: %s (--packing); loss: %s.", packing, loss)
+    logger.info("Batches: %s (--packing); loss: %s.", packing, "chunked" if chunked_loss else "trl's fused LM head")
     model = wrap_with_lora(model, lora_args, training_args, base_path=model_args.model_name_or_path)
+
+    # Train
+    trainer_class = ChunkedLossSFTTrainer if chunked_loss else SFTTrainer
     collator = PackedRowsCollator(tokenizer.pad_token_id, pad_to_multiple_of=training_args.pad_to_multiple_of)
-    trainer = with_atomic_checkpoints(ChunkedLossSFTTrainer if chunked_loss else SFTTrainer)(
+    trainer = with_atomic_checkpoints(trainer_class)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -122,10 +125,15 @@ def main(argv=None):
         data_collator=collator if packing == "rows" else None,
     )
     if choice_items:  # choice_accuracy logged every --choice_eval_steps (medicalgpt/eval/tasks.py)
-        trainer.add_callback(ChoiceEvalCallback(
-            trainer, choice_items, template, choice_args.choice_eval_steps, choice_args.choice_eval_n_shot,
+        callback = ChoiceEvalCallback(
+            trainer,
+            items=choice_items,
+            template=template,
+            eval_steps=choice_args.choice_eval_steps,
+            n_shot=choice_args.choice_eval_n_shot,
             system_prompt=data_args.system_prompt,
-        ))  # fmt: skip
+        )
+        trainer.add_callback(callback)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
         trainer.save_model()
@@ -138,6 +146,13 @@ def main(argv=None):
         trainer.save_metrics("eval", metrics)
     end_training(trainer.accelerator, trainer.model_wrapped)
     logger.info("Outputs in %s", training_args.output_dir)
+
+
+def log_first_sample(train_dataset, tokenizer):
+    if train_dataset is not None and len(train_dataset):
+        sample = train_dataset[0]
+        text = format_label_mask(sample["input_ids"], sample["labels"], tokenizer)
+        logger.info("First training sample, learned tokens in [LEARN]...[/LEARN]:\n%s", text)
 
 
 if __name__ == "__main__":

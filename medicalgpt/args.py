@@ -179,6 +179,13 @@ class PreferenceArguments:
 
 
 @dataclass
+class OrpoArguments:
+    orpo_beta: float | None = field(
+        default=None, metadata={"help": "Upstream MedicalGPT's name for --beta (medicalgpt/parser.py ALIASES)."}
+    )
+
+
+@dataclass
 class RLArguments:
     """The tutorial's reinforcement-learning flags, shared by PPO, RLOO and GRPO."""
 

@@ -12,7 +12,7 @@ checkpointing recomputes every forward with no GPU memory to save. So, unless a 
 
 A flag given on the command line or in a config file (`--bf16`, `--bf16 False`, `--gradient_checkpointing True`) is
 always kept: the tutorial's explicit `--bf16` keeps its meaning. The choice is logged once by
-`training.prepare_args` (`describe_choice`).
+`medicalgpt.train.run.check_and_log_args` (`describe_choice`).
 """
 
 PRECISION_FLAGS = ("bf16", "fp16")

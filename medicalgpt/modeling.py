@@ -73,12 +73,13 @@ def resolve_dtype(name):
 
 
 def resolve_attention(model_args):
-    if model_args.attn_implementation:
-        return model_args.attn_implementation
-    if not model_args.flash_attn:
-        return None
+    """The attention kernel: --attn_implementation, which --flash_attn sets (medicalgpt/parser.py). FlashAttention-2
+    asked for with --flash_attn falls back to sdpa, with a warning, where CUDA or the flash-attn package is missing."""
+    attention = model_args.attn_implementation
+    if attention != "flash_attention_2" or not model_args.flash_attn:
+        return attention
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+        return attention
     if int(os.environ.get("RANK", "0")) == 0:  # said once, not by every data-parallel rank
         logger.warning("--flash_attn needs CUDA and the flash-attn package (pip install flash-attn); using sdpa.")
     return "sdpa"

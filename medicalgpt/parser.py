@@ -5,7 +5,9 @@
 
 Built on transformers' HfArgumentParser. On top of it: a YAML/JSON config file, the tutorial's flags that
 transformers 5 dropped (`LegacyArguments`), an unknown flag or config key rejected by name, CPU training when no
-GPU is present, and fields shared between our dataclasses and the trainer's config parsed once.
+GPU is present, fields shared between our dataclasses and the trainer's config parsed once, and one table of
+upstream's flag aliases and of options derived from others (`ALIASES`, `DERIVED`): the stage scripts only read
+their arguments.
 """
 
 import argparse
@@ -53,6 +55,7 @@ def parse_args(config_class, *dataclass_types, argv=None, description=None):
         _apply_legacy_flags(legacy, values)
         _default_to_cpu(values)
         fit_to_device(values, argv)  # bf16 and gradient checkpointing where they help (medicalgpt/device.py)
+        resolve_aliases(values)
         config = _build(config_class, values)
         others = [_build(cls, {**values, **_shared_values(cls, config)}) for cls in dataclass_types]
     except ValueError as error:
@@ -97,6 +100,68 @@ def help_options(description, config_file=False):
     """HfArgumentParser keyword arguments for readable help: a one-line usage instead of every flag listed."""
     usage = "%(prog)s [run.yaml] [--option VALUE ...]" if config_file else "%(prog)s [--option VALUE ...]"
     return dict(description=description, usage=usage, formatter_class=HelpFormatter)
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """`--name`, when given, sets `--target` too: to `value`, or to its own value when `value` is None. With
+    `fills_only`, a target given itself is kept."""
+
+    name: str
+    target: str
+    value: object = None
+    fills_only: bool = False
+
+
+# Upstream MedicalGPT's flag names, resolved once here. Each applies where the script parses both fields.
+ALIASES = (
+    Alias("orpo_beta", "beta"),  # orpo_training.py: upstream's name for trl's --beta
+    Alias("sft_model_path", "model_name_or_path"),  # ppo_training.py: the policy is the SFT model
+    Alias("qlora", "load_in_4bit", True),  # upstream's QLoRA switch: 4-bit weights...
+    Alias("qlora", "use_peft", True),  # ...with a LoRA adapter trained on them
+    Alias("peft_path", "use_peft", True),  # continuing an adapter is LoRA training
+    Alias("flash_attn", "attn_implementation", "flash_attention_2", fills_only=True),  # sdpa without CUDA (modeling)
+    Alias("model_max_length", "max_length"),  # SFT: upstream's name for trl's --max_length
+    Alias("preprocessing_num_workers", "dataset_num_proc"),  # trl tokenises with our worker count
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """`option` computed from `inputs` by `rule`: when left unset (None), or always with `always`."""
+
+    option: str
+    inputs: tuple
+    rule: object
+    always: bool = False
+
+
+# Options that follow from others, applied after the aliases where the script parses every field named.
+DERIVED = (
+    # RM, DPO, ORPO: a pair is at most its prompt and its answer (both cut in medicalgpt/train/preprocess.py)
+    Derived("max_length", ("max_source_length", "max_target_length"), lambda source, target: source + target, True),
+    # SFT cuts conversations to --model_max_length, which is trl's --max_length unless given
+    Derived("model_max_length", ("max_length",), lambda length: length),
+    # non-reentrant checkpointing works with frozen inputs (LoRA) and under DDP without extra flags
+    Derived(
+        "gradient_checkpointing_kwargs",
+        ("gradient_checkpointing",),
+        lambda on: {"use_reentrant": False} if on else None,
+    ),
+)
+
+
+def resolve_aliases(values):
+    """Apply `ALIASES`, then `DERIVED`, to the parsed `values` (one flat dict of every option)."""
+    for alias in ALIASES:
+        given = values.get(alias.name) not in (None, False)
+        if given and alias.target in values and not (alias.fills_only and values[alias.target] is not None):
+            values[alias.target] = values[alias.name] if alias.value is None else alias.value
+    for derived in DERIVED:
+        known = derived.option in values and all(name in values for name in derived.inputs)
+        if known and (derived.always or values[derived.option] is None):
+            values[derived.option] = derived.rule(*(values[name] for name in derived.inputs))
+    return values
 
 
 GROUP_TITLES = {

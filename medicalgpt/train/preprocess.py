@@ -32,7 +32,10 @@ PROMPT_SHARE = 0.5
 
 
 def prepare_pretraining_dataset(dataset, tokenizer, block_size, num_proc=None, desc_suffix=""):
-    """Dataset of {"text"} -> dataset of {"input_ids", "labels"} blocks of `block_size` tokens (the last shorter)."""
+    """Dataset of {"text"} -> dataset of {"input_ids", "labels"} blocks of `block_size` tokens (the last shorter).
+    No dataset (None: a split not asked for) gives None."""
+    if dataset is None:
+        return None
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("The tokenizer has no EOS token to end documents with.")
@@ -106,7 +109,10 @@ def prepare_sft_dataset(
 ):  # fmt: skip
     """Dataset of normalised SFT records -> {"input_ids", "labels"}; logs the conversations cut, shortened and
     skipped to fit `max_length` (`overlong`: see the module docstring). Batched, and cached when the dataset is backed
-    by files (`training.to_dataset`): tokenised once per data and settings."""
+    by files (`medicalgpt.train.records`): tokenised once per data and settings. None (a split not asked for) gives
+    None."""
+    if dataset is None:
+        return None
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"--overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {overlong!r}")
     columns = ("input_ids", "labels", "dropped_turns", "truncated")
@@ -232,7 +238,10 @@ def prepare_preference_dataset(
 def to_reward_features(dataset, num_proc=None, suffix_ids=()):
     """Pairwise features for trl's RewardTrainer: the full renderings of the conversations, prompt + response (which
     ends with the stop token) + `suffix_ids`, the template's closing suffix (`medicalgpt.rl.rewards.closing_ids`), as
-    the official chat template renders them and as PPO, RLOO/GRPO and other tools feed them to the reward model."""
+    the official chat template renders them and as PPO, RLOO/GRPO and other tools feed them to the reward model.
+    None (a split not asked for) gives None."""
+    if dataset is None:
+        return None
     suffix_ids = list(suffix_ids)
     return dataset.map(
         lambda row: {"chosen_ids": row["prompt_ids"] + row["chosen_ids"] + suffix_ids,

@@ -1,5 +1,5 @@
-"""The run around a trainer: flags reconciled with each other, the sharding device checked, where to resume, a
-finished run recognised, the process group left cleanly."""
+"""The run around a trainer: the sharding device checked and the arguments logged, where to resume, a finished run
+recognised, the process group left cleanly."""
 
 import json
 import logging
@@ -14,14 +14,9 @@ from medicalgpt.device import describe_choice
 logger = logging.getLogger("medicalgpt")
 
 
-def prepare_args(training_args, model_args, lora_args=None):
-    """Reconcile flags that depend on each other, then log the effective arguments once."""
-    if lora_args is not None and lora_args.qlora:
-        model_args.load_in_4bit = True
-        lora_args.use_peft = True
-    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
-        # Non-reentrant checkpointing works with frozen inputs (LoRA) and under DDP without extra flags.
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+def check_and_log_args(training_args, model_args, lora_args=None):
+    """Check that the run can go on this device, then log the effective arguments once. Nothing is changed: flags
+    that depend on each other were reconciled by the parser (medicalgpt/parser.py `ALIASES`, `DERIVED`)."""
     check_sharding_device(training_args)
     logger.info(describe_choice(training_args))
     logger.info("Model arguments: %s", model_args)
