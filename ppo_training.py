@@ -39,7 +39,7 @@ from medicalgpt.templates import build_template
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.preprocess import prepare_rl_prompts
 from medicalgpt.train.records import load_stage_records
-from medicalgpt.train.run import end_training, find_resume_checkpoint, prepare_args
+from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 
 logger = logging.getLogger("medicalgpt")
 
@@ -89,7 +89,7 @@ def main(argv=None):
     model_args.model_name_or_path = rl_args.sft_model_path or model_args.model_name_or_path
     if not model_args.model_name_or_path or not rl_args.reward_model_path:
         raise UsageError("ppo_training.py needs --sft_model_path and --reward_model_path")
-    prepare_args(config, model_args, lora_args)
+    check_and_log_args(config, model_args, lora_args)
     train_records, eval_records = load_stage_records(data_args, config, stage="sft")
     tokenizer = load_tokenizer(model_args)
     template = build_template(data_args.template_name, tokenizer)
