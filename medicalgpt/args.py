@@ -204,7 +204,28 @@ class RLArguments:
     missing_eos_penalty: float | None = field(
         default=None, metadata={"help": "Subtracted from the reward of a response that never emits the stop token."}
     )
+    reward_funcs: str = field(
+        default="reward_model",
+        metadata={
+            "help": "Comma-separated rewards (rloo/grpo): reward_model, choice_accuracy (exam items: the "
+            "option letters the answer commits to), format (Qwen3's <think> block then an answer); weighted by "
+            "--reward_weights (e.g. 1 0.2 1). See medicalgpt/rl/verifiable.py."
+        },
+    )
 
     def __post_init__(self):
         if self.rl_algorithm not in ("ppo", "rloo", "grpo"):
             raise ValueError(f"--rl_algorithm must be ppo, rloo or grpo, got {self.rl_algorithm!r}")
+        names = self.reward_names
+        unknown = [name for name in names if name not in ("reward_model", "choice_accuracy", "format")]
+        if unknown or not names or len(set(names)) != len(names):
+            raise ValueError(
+                f"--reward_funcs must list distinct names among reward_model, choice_accuracy, format; got "
+                f"{self.reward_funcs!r}"
+            )
+        if self.rl_algorithm == "ppo" and names != ["reward_model"]:
+            raise ValueError("--reward_funcs other than reward_model need --rl_algorithm grpo or rloo")
+
+    @property
+    def reward_names(self):
+        return [name.strip() for name in self.reward_funcs.split(",") if name.strip()]
