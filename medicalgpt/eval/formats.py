@@ -251,8 +251,11 @@ def _medmcqa(path):
             yield line, None, None, problem or message
             continue
         cop, answer = record.get("cop"), None
-        if isinstance(cop, int) and not isinstance(cop, bool) and cop >= 0:
-            answer = LETTERS[cop - base] if 0 <= cop - base < 4 else f"cop {cop}"
+        if cop is not None and cop != -1 and (not isinstance(cop, int) or not 0 <= cop - base < 4):
+            yield line, None, None, f"cop: {cop!r} is not an option number ({base}-{base + 3}: opa-opd)"
+            continue
+        if cop is not None and cop != -1:
+            answer = LETTERS[cop - base]
         options = [record.get(key) for key in ("opa", "opb", "opc", "opd")]
         fields = {"question": record.get("question"), "options": options, "answer": answer,
                   "subject": record.get("subject_name")}  # fmt: skip
@@ -289,7 +292,10 @@ def _pubmedqa(path):
             yield line, None, None, f"{pubid}: expected an object"
             continue
         decision = record.get("final_decision")
-        answer = {"yes": "A", "no": "B", "maybe": "C"}.get(decision, decision)
+        answer = {"yes": "A", "no": "B", "maybe": "C"}.get(decision)
+        if decision is not None and answer is None:
+            yield line, None, None, f"final_decision: expected yes, no or maybe, got {decision!r}"
+            continue
         contexts = record.get("CONTEXTS")
         readable = isinstance(contexts, list) and all(isinstance(c, str) for c in contexts)
         context = " ".join(contexts) if readable else ""
