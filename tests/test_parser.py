@@ -76,3 +76,57 @@ def test_bare_bool_flag_works_for_trl_optional_bools(tmp_path):
         argv=["--output_dir", str(tmp_path), "--bf16", "--use_peft", "True"],
     )  # fmt: skip
     assert training.bf16 is True
+
+
+def test_upstream_aliases_set_the_options_they_name(tmp_path):
+    from trl.experimental.orpo import ORPOConfig
+
+    from medicalgpt.args import OrpoArguments, PreferenceArguments
+
+    argv = ["--output_dir", str(tmp_path), "--orpo_beta", "1.0", "--qlora", "True", "--flash_attn", "True"]
+    training, model, data, lora, pref, orpo = parse_args(
+        ORPOConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, OrpoArguments, argv=argv
+    )
+    assert (training.beta, orpo.orpo_beta) == (1.0, 1.0)
+    assert (model.load_in_4bit, lora.use_peft) == (True, True)
+    assert model.attn_implementation == "flash_attention_2"
+    assert training.max_length == 1024 + 512  # --max_source_length + --max_target_length
+
+
+def test_explicit_attention_kernel_wins_over_flash_attn(tmp_path):
+    argv = ["--output_dir", str(tmp_path), "--flash_attn", "True", "--attn_implementation", "eager"]
+    _, model, *_ = parse_args(*PT_TYPES, argv=argv)
+    assert model.attn_implementation == "eager"
+
+
+def test_continuing_an_adapter_is_lora_training(tmp_path):
+    _, _, _, lora, _ = parse_args(*PT_TYPES, argv=["--output_dir", str(tmp_path), "--peft_path", "adapter"])
+    assert lora.use_peft is True
+
+
+def test_sft_lengths_and_workers_follow_upstream_names(tmp_path):
+    types = (SFTConfig, ModelArguments, DataArguments, LoraArguments, SupervisedArguments)
+    argv = ["--output_dir", str(tmp_path), "--model_max_length", "256", "--preprocessing_num_workers", "3"]
+    training, _, _, _, sft = parse_args(*types, argv=argv)
+    assert (training.max_length, sft.model_max_length, training.dataset_num_proc) == (256, 256, 3)
+    training, _, _, _, sft = parse_args(*types, argv=["--output_dir", str(tmp_path), "--max_length", "300"])
+    assert (training.max_length, sft.model_max_length) == (300, 300)
+
+
+def test_preference_length_is_prompt_plus_answer(tmp_path):
+    from trl import DPOConfig
+
+    from medicalgpt.args import PreferenceArguments
+
+    argv = ["--output_dir", str(tmp_path), "--max_source_length", "100", "--max_target_length", "20"]
+    training, *_ = parse_args(DPOConfig, ModelArguments, DataArguments, PreferenceArguments, argv=argv)
+    assert training.max_length == 120
+
+
+def test_gradient_checkpointing_is_non_reentrant_unless_told(tmp_path):
+    argv = ["--output_dir", str(tmp_path), "--gradient_checkpointing", "True"]
+    training, *_ = parse_args(*PT_TYPES, argv=argv)
+    assert training.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    argv += ["--gradient_checkpointing_kwargs", '{"use_reentrant": true}']
+    training, *_ = parse_args(*PT_TYPES, argv=argv)
+    assert training.gradient_checkpointing_kwargs == {"use_reentrant": True}
