@@ -114,6 +114,16 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()  # extra stop strings; the answer ends before the first one
 
 
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation with tools offered to the model (rendered into the system prompt by the template) and the text
+    the answer is made to start with (appended to the prompt; the completion is the text after it)."""
+
+    messages: list
+    tools: list | None = None
+    answer_prefix: str = ""
+
+
 @dataclass
 class Completion:
     text: str
@@ -227,19 +237,25 @@ class ChatEngine:
     # -- prompts -----------------------------------------------------------------------------------------------
 
     def encode(self, messages, system_prompt=None):
-        """Messages ending with a user turn -> prompt token ids, tokenised turn by turn as in SFT."""
+        """Messages ending with a user turn (or a ChatPrompt) -> prompt token ids, tokenised turn by turn as in SFT."""
+        if isinstance(messages, ChatPrompt):
+            return self._encode(messages.messages, system_prompt, messages.tools, messages.answer_prefix)
+        return self._encode(messages, system_prompt)
+
+    def _encode(self, messages, system_prompt=None, tools=None, answer_prefix=""):
         messages = list(messages)
         if messages and messages[0].get("role") == "system":
             system_prompt, messages = messages[0]["content"], messages[1:]
         if not messages or messages[-1].get("role") not in ("user", "observation"):
             raise ValueError("the conversation must end with a user message")
         system = system_prompt if system_prompt is not None else self.system_prompt
-        turns = self.template.render_turns(messages, system_prompt=system)
+        turns = self.template.render_turns(messages, system_prompt=system, tools=tools)
         with self._tokenizer_lock:
             ids = leading_bos(self.tokenizer, turns[0][0])
             for prompt, response in turns:
                 ids += self.tokenizer.encode(prompt, add_special_tokens=False)
                 ids += self.tokenizer.encode(response, add_special_tokens=False) if response else []
+            ids += self.tokenizer.encode(answer_prefix, add_special_tokens=False) if answer_prefix else []
         return ids
 
     def check_length(self, prompt_tokens, max_new_tokens):

@@ -1,7 +1,8 @@
 """The HTTP API of fastapi_server_demo.py: upstream MedicalGPT's `POST /chat` and an OpenAI-compatible API.
 
     GET  /v1/models
-    POST /v1/chat/completions   messages, max_tokens (or max_completion_tokens), temperature, top_p, stop, stream
+    POST /v1/chat/completions   messages, max_tokens (or max_completion_tokens), temperature, top_p, stop, stream,
+                                tools and tool_choice (medicalgpt/serve/tools.py)
     POST /chat                  {"input": "...", "history": [["q", "a"], ...]} -> {"response": "...", "history": ...}
 
 With an API key, every request needs `Authorization: Bearer KEY` (else 401). Bad requests (malformed JSON, missing
@@ -16,6 +17,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import hmac
+import itertools
 import json
 import logging
 import threading
@@ -26,13 +28,13 @@ from typing import Literal
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medicalgpt.serve.chat import ChatEngine, GenerationOptions
+from medicalgpt.serve.chat import ChatEngine, ChatPrompt, GenerationOptions
+from medicalgpt.serve.tools import answer_prefix, function_schemas, parse_tool_calls, role_messages, tool_call_events
 
 logger = logging.getLogger(__name__)
-ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
 
 
 class TextPart(BaseModel):
@@ -40,9 +42,49 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def has_content(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may leave it out)")
+        return self
+
+
+class FunctionSchema(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionSchema
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -60,6 +102,30 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+
+    @model_validator(mode="after")
+    def tool_choice_names_a_tool(self):
+        names = [tool.function.name for tool in self.tools or []]
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool named {self.tool_choice.function.name!r} in tools")
+        return self
+
+    def prompt(self):
+        """The ChatPrompt: messages in the template's roles, the tools shown (none for tool_choice none)."""
+        messages = [{**m.model_dump(), "content": text_of(m.content)} for m in self.messages]
+        try:
+            messages = role_messages(messages)
+        except ValueError as error:
+            raise HTTPException(400, f"messages: {error}") from error
+        if not self.tools or self.tool_choice == "none":
+            return ChatPrompt(messages)
+        tools = function_schemas([tool.model_dump(exclude_none=True) for tool in self.tools])
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        return ChatPrompt(messages, tools, answer_prefix(choice))
 
 
 class ChatRequest(BaseModel):
@@ -116,6 +182,8 @@ def error_response(status, message, **kwargs):
 
 
 def text_of(content):
+    if content is None:
+        return None
     return content if isinstance(content, str) else "".join(part.text for part in content)
 
 
@@ -174,16 +242,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = request.app.state.service
     if body.model not in (None, service.model_name):
         raise HTTPException(404, f"The model {body.model!r} does not exist; this server has {service.model_name!r}")
-    messages = [{"role": ROLES[m.role], "content": text_of(m.content)} for m in body.messages]
-    options = service.options_for(body, len(service.encode(messages)))
+    prompt = body.prompt()
+    options = service.options_for(body, len(service.encode(prompt)))
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        events = sse_events(service.engine.stream(messages, options), reply_id, created, service.model_name, usage)
+        stream = service.engine.stream(prompt, options)
+        events = sse_events(stream, reply_id, created, service.model_name, usage, prompt)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    completion = await service.complete(messages, options)
-    message = {"role": "assistant", "content": completion.text}
-    choice = {"index": 0, "message": message, "finish_reason": completion.finish_reason, "logprobs": None}
+    completion = await service.complete(prompt, options)
+    message, finish_reason = {"role": "assistant", "content": completion.text}, completion.finish_reason
+    if prompt.tools:
+        content, calls = parse_tool_calls(prompt.answer_prefix + completion.text)
+        if calls:
+            message, finish_reason = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+    choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
     return {"id": reply_id, "object": "chat.completion", "created": created, "model": service.model_name,
             "choices": [choice], "usage": usage_of(completion)}  # fmt: skip
 
@@ -244,8 +317,9 @@ def usage_of(completion):
             "total_tokens": total}  # fmt: skip
 
 
-def sse_events(stream, reply_id, created, model_name, include_usage):
-    """Server-sent events of a streamed answer, as the openai client reads them; ends with `data: [DONE]`."""
+def sse_events(stream, reply_id, created, model_name, include_usage, prompt=None):
+    """Server-sent events of a streamed answer, as the openai client reads them; ends with `data: [DONE]`. With tools,
+    the text of the tool calls is held back and sent as one `tool_calls` delta at the end."""
 
     def event(delta, finish_reason=None, **extra):
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
@@ -254,15 +328,27 @@ def sse_events(stream, reply_id, created, model_name, include_usage):
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     yield event({"role": "assistant", "content": ""})
+    finish_reason = None
     try:
-        for piece in stream:
-            yield event({"content": piece})
+        for kind, value in stream_events(stream, prompt):
+            if kind == "content":
+                yield event({"content": value})
+            else:
+                yield event({"tool_calls": [{"index": i, **call} for i, call in enumerate(value)]})
+                finish_reason = "tool_calls"
     except Exception as error:  # the status line is already sent: report in the stream
         logger.exception("Streaming failed")
         yield f"data: {json.dumps(error_body(f'generation failed: {type(error).__name__}', 'server_error'))}\n\n"
         yield "data: [DONE]\n\n"
         return
-    yield event({}, stream.completion.finish_reason)
+    yield event({}, finish_reason or stream.completion.finish_reason)
     if include_usage:
         yield event(None, usage=usage_of(stream.completion))
     yield "data: [DONE]\n\n"
+
+
+def stream_events(stream, prompt):
+    """("content", text) per streamed piece; with tools, tool_call_events over the answer, its prefix included."""
+    if prompt is None or not prompt.tools:
+        return (("content", piece) for piece in stream)
+    return tool_call_events(itertools.chain([prompt.answer_prefix], stream))
