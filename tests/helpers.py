@@ -86,3 +86,17 @@ def free_port():
 
 def user(text):
     return [{"role": "user", "content": text}]
+
+
+def learned_spans(input_ids, labels):
+    """The runs of learned tokens (label != IGNORE_INDEX), each a list of ids; a learned label must be its token."""
+    from medicalgpt.train.preprocess import IGNORE_INDEX
+
+    spans, current = [], []
+    for token, label in zip(input_ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans, current = spans + [current], []
+    return spans + [current] if current else spans
