@@ -11,6 +11,7 @@
     model = client.models.list().data[0].id
     client.chat.completions.create(model=model, messages=[{"role": "user", "content": "小孩发烧怎么办？"}])
     for chunk in client.chat.completions.create(model=model, messages=[...], stream=True): ...
+    client.chat.completions.create(model=model, messages=[...], tools=[...])   # -> message.tool_calls (tools.py)
 
 The server listens on 127.0.0.1 unless `--host 0.0.0.0` is given. `--api_key` (or the MEDICALGPT_API_KEY
 environment variable) makes every request need `Authorization: Bearer KEY`. Requests that leave out max_tokens,
