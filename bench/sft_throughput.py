@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,23 +74,66 @@ def count_training_batches(counts, pad_token_id):
         counts["real"] += int(real.sum())
         counts["learned"] += int(learned.sum())
         counts["spans"] += int((learned[:, 1:] & ~learned[:, :-1]).sum() + learned[:, 0].sum())
-        return training_step(self, model, inputs, *args, **kwargs)
+        start = time.perf_counter()
+        loss = training_step(self, model, inputs, *args, **kwargs)
+        counts["forward_backward_s"] += time.perf_counter() - start
+        return loss
 
     def counted_train(self, *args, **kwargs):
+        cpu_start = time.process_time()
         result = train(self, *args, **kwargs)
         counts["steps"], counts["train_s"] = self.state.global_step, result.metrics["train_runtime"]
+        counts["train_cpu_s"] = time.process_time() - cpu_start  # all threads: less sensitive to other jobs' load
         return result
 
     Trainer.training_step, Trainer.train = counted_step, counted_train
 
 
-def run_child(kind, model, argv):
+def profile_training_steps(steps, top=30):
+    """Profile the training loop from the start of the second training step (the first warms up) to the start of
+    step `steps + 2` -- forward, backward, optimizer, data and logging -- with torch.profiler, and print the operators
+    with the most CPU time of their own, where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import Trainer
+
+    training_step, train = Trainer.training_step, Trainer.train
+    profiler, seen = profile(activities=[ProfilerActivity.CPU]), {"steps": 0, "profiled": 0}
+
+    def stop():
+        if seen["profiled"]:
+            profiler.stop()
+            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+            print(f"PROFILE of {seen['profiled']} training steps (CPU time, self)\n{table}", flush=True)
+            seen["profiled"] = 0
+
+    def profiled_step(self, *args, **kwargs):
+        seen["steps"] += 1
+        if seen["steps"] == 2:
+            profiler.start()
+        if seen["steps"] == steps + 2:
+            stop()
+        elif seen["steps"] >= 2:
+            seen["profiled"] += 1
+        return training_step(self, *args, **kwargs)
+
+    def profiled_train(self, *args, **kwargs):
+        result = train(self, *args, **kwargs)
+        stop()
+        return result
+
+    Trainer.training_step, Trainer.train = profiled_step, profiled_train
+
+
+def run_child(kind, model, argv, profile_steps=0):
     """Train as `kind` (ours, upstream: a script path, or llamafactory: a YAML file), then print the counts."""
     import torch
     from transformers import AutoTokenizer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    counts = {"real": 0, "learned": 0, "spans": 0, "steps": 0, "train_s": 0.0}
+    counts = {"real": 0, "learned": 0, "spans": 0, "steps": 0, "train_s": 0.0, "train_cpu_s": 0.0}
+    counts["forward_backward_s"] = 0.0
+    if profile_steps:
+        profile_training_steps(profile_steps)
     count_training_batches(counts, AutoTokenizer.from_pretrained(model).pad_token_id)
     if kind == "ours":
         import supervised_finetuning
@@ -131,6 +175,31 @@ def select_conversations(data, model, max_length, limit, margin=8):
         if 0 < len(ids) <= max_length - margin:
             kept.append(lines[int(record["source"].rsplit(":", 1)[1]) - 1])  # "path:line", counted from 1
     return kept[:limit] if limit else kept
+
+
+def with_distinct_pad_token(model, folder):
+    """`model` itself when it pads with a token that conversations never contain; else `folder`, the same model
+    (weights linked, not copied) padding with its unknown token. Every contender then pads with a token of its own,
+    and real tokens can be counted as the non-padding ones: SmolLM2-Instruct pads with <|im_end|>, its end of turn."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    in_text = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in in_text:
+        return model
+    if tokenizer.unk_token_id is None or tokenizer.unk_token_id in in_text:
+        raise SystemExit(f"--model: {model} pads with a token of the conversations and has no unknown token instead")
+    os.makedirs(folder)
+    for name in os.listdir(model):
+        source, target = os.path.join(model, name), os.path.join(folder, name)
+        os.symlink(source, target) if name.endswith((".safetensors", ".bin")) else shutil.copy(source, target)
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({**config, "pad_token_id": tokenizer.pad_token_id}, f, indent=2)
+    return folder
 
 
 def write_data(lines, work):
@@ -203,9 +272,12 @@ def run_once(name, args, model, work, data_dir, env, index):
     python, kind, argv, path = child_command(name, args, model, work, data_dir, output_dir)
     child_env = {**env, "PYTHONPATH": path, "DISABLE_VERSION_CHECK": "1"}
     load_before, start = load_average(), time.perf_counter()
-    command = [python, os.path.abspath(__file__), "--child", kind, "--model", model, "--", *argv]
+    profile = ["--profile", str(args.profile)] if args.profile else []
+    command = [python, os.path.abspath(__file__), "--child", kind, "--model", model, *profile, "--", *argv]
     done = subprocess.run(command, cwd=work, env=child_env, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    if args.profile:
+        print(f"{name}: " + done.stdout[done.stdout.find("PROFILE") :].split("BENCH ")[0], flush=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
     if done.returncode or not lines:
         print(f"{name}: failed\n{(done.stderr or done.stdout)[-3000:]}", file=sys.stderr)
@@ -225,6 +297,8 @@ def summarize(name, runs):
         "answers": first["spans"], "optimizer_steps": first["steps"], "median_train_s": round(median, 1),
         "spread_s": [round(low, 1), round(high, 1)], "real_tokens_per_s": round(first["real"] / median),
         "median_process_s": round(median_and_spread([run["process_s"] for run in runs])[0], 1),
+        "median_train_cpu_s": round(median_and_spread([run["train_cpu_s"] for run in runs])[0], 1),
+        "median_forward_backward_s": round(median_and_spread([run["forward_backward_s"] for run in runs])[0], 1),
         "peak_rss_mb": round(median_and_spread([run["peak_rss_mb"] for run in runs])[0]),
         "load_range": [min(min(run["load_before_after"]) for run in runs),
                        max(max(run["load_before_after"]) for run in runs)],
@@ -235,7 +309,9 @@ def print_table(rows, conversations):
     reference = rows[0]
     upstream = next((row for row in rows if row["contender"] == "upstream"), None)
     header = f"{'contender':27}{'convs':>6}{'answers':>8}{'real tok':>10}{'learned':>9}{'vs first':>9}{'steps':>6}"
-    header += f"{'median s':>10}{'spread s':>14}{'real tok/s':>11}{'x upstream':>11}{'RSS MB':>8}{'load':>12}"
+    header += (
+        f"{'median s':>10}{'spread s':>14}{'CPU s':>7}{'real tok/s':>11}{'x upstream':>11}{'RSS MB':>8}{'load':>12}"
+    )
     print(header)
     for row in rows:
         gap = (row["real_tokens"] - reference["real_tokens"]) / reference["real_tokens"]
@@ -243,7 +319,8 @@ def print_table(rows, conversations):
         spread, load = "{}-{}".format(*row["spread_s"]), "{}-{}".format(*row["load_range"])
         print(f"{row['contender']:27}{conversations:>6}{row['answers']:>8}{row['real_tokens']:>10}"
               f"{row['learned_tokens']:>9}{gap:>+9.2%}{row['optimizer_steps']:>6}{row['median_train_s']:>10}{spread:>14}"
-              f"{row['real_tokens_per_s']:>11}{versus:>11}{row['peak_rss_mb']:>8}{load:>12}")  # fmt: skip
+              f"{row['median_train_cpu_s']:>7}{row['real_tokens_per_s']:>11}{versus:>11}{row['peak_rss_mb']:>8}"
+              f"{load:>12}")  # fmt: skip
 
 
 def contender_names(spec):
@@ -279,6 +356,13 @@ def parse_args():
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--llamafactory_python", default=LLAMAFACTORY_PYTHON)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="profile this many training steps of every run after "
+        "the first step, print the top operators (timings then include the profiler's overhead)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_known_args()
 
@@ -286,7 +370,7 @@ def parse_args():
 def main():
     args, rest = parse_args()
     if args.child:
-        return run_child(args.child, args.model, rest[1:] if rest[:1] == ["--"] else rest)
+        return run_child(args.child, args.model, rest[1:] if rest[:1] == ["--"] else rest, args.profile)
     names = check_contenders(contender_names(args.contenders), args)
     if not os.path.isfile(args.data):
         raise SystemExit(f"--data: no file {args.data} (upstream's data/finetune/medical_sft_1K_format.jsonl)")
@@ -294,8 +378,9 @@ def main():
     env = pinned_threads_env(os.environ, args.threads)
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=os.path.join(work, "cache"))
     os.environ["HF_DATASETS_CACHE"] = env["HF_DATASETS_CACHE"]
-    model = args.model
-    if not model:
+    if args.model:
+        model = with_distinct_pad_token(os.path.abspath(args.model), os.path.join(work, "model"))
+    else:
         from medicalgpt.quickstart.tiny_model import build_tiny_model
 
         model = build_tiny_model(os.path.join(work, "model"), hidden_size=256, num_layers=2)

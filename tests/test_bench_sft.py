@@ -1,7 +1,11 @@
 """bench/sft_throughput.py: the counts that make its comparison one of equal work."""
 
+import json
+import os
+import shutil
+
 import torch
-from transformers import Trainer
+from transformers import AutoTokenizer, Trainer
 
 from bench import sft_throughput
 from bench.common import median_and_spread
@@ -10,7 +14,7 @@ from bench.common import median_and_spread
 def test_training_batches_are_counted_without_padding(monkeypatch):
     monkeypatch.setattr(Trainer, "training_step", lambda self, model, inputs, *args: torch.tensor(0.0))
     monkeypatch.setattr(Trainer, "train", Trainer.train)  # restored after the test, like training_step
-    counts = {"real": 0, "learned": 0, "spans": 0}
+    counts = {"real": 0, "learned": 0, "spans": 0, "forward_backward_s": 0.0}
     sft_throughput.count_training_batches(counts, pad_token_id=0)
     pad, ignore = 0, -100
     batch = {  # two packed conversations then padding, and one padded conversation with two answers
@@ -20,7 +24,8 @@ def test_training_batches_are_counted_without_padding(monkeypatch):
         "attention_mask": torch.ones(2, 10, dtype=torch.long),  # LLaMA-Factory's packing marks padding 1
     }  # fmt: skip
     Trainer.training_step(None, None, batch)
-    assert counts == {"real": 15, "learned": 7, "spans": 4}
+    assert {key: counts[key] for key in ("real", "learned", "spans")} == {"real": 15, "learned": 7, "spans": 4}
+    assert counts["forward_backward_s"] > 0
 
 
 def test_groups_expand_to_one_row_per_change():
@@ -29,3 +34,23 @@ def test_groups_expand_to_one_row_per_change():
         "llamafactory_unpacked", "llamafactory_packing", "llamafactory_neat_packing",
     ]  # fmt: skip
     assert median_and_spread([3.0, 1.0, 10.0, 2.0]) == (2.5, 1.0, 10.0)
+
+
+def test_a_model_padding_with_its_end_of_turn_is_benched_with_a_pad_token_of_its_own(tiny_model_dir, tmp_path):
+    model = tmp_path / "pads-with-im-end"  # like SmolLM2-Instruct
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.pad_token, tokenizer.unk_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.save_pretrained(model)
+
+    folder = sft_throughput.with_distinct_pad_token(str(model), str(tmp_path / "bench-model"))
+    benched = AutoTokenizer.from_pretrained(folder)
+    assert (benched.pad_token, benched.pad_token_id) == (
+        "<|endoftext|>",
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["pad_token_id"] == benched.pad_token_id
+    assert os.path.islink(os.path.join(folder, "model.safetensors"))  # the weights are linked, not copied
+    assert AutoTokenizer.from_pretrained(model).pad_token == "<|im_end|>"  # the model itself is left as it was
+    assert sft_throughput.with_distinct_pad_token(tiny_model_dir, str(tmp_path / "unused")) == tiny_model_dir
