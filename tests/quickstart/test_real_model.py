@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import FAST_FLAGS, REPO
+from tests.helpers import FAST_FLAGS, REPO, learned_spans
 
 pytestmark = pytest.mark.real_model
 
@@ -130,20 +130,6 @@ def test_qwen_vocabulary_model_has_qwen25_shapes(qwen_dir, qwen):
     ids = torch.tensor([qwen.apply_chat_template([{"role": "user", "content": "hi"}], return_dict=False)])
     assert model.get_input_embeddings().weight.shape[0] == 151936
     assert model(ids).logits.shape == (1, ids.shape[1], 151936)
-
-
-def learned_spans(input_ids, labels):
-    """The runs of learned tokens (label != IGNORE_INDEX), each a list of ids."""
-    from medicalgpt.train.preprocess import IGNORE_INDEX
-
-    spans, current = [], []
-    for token, label in zip(input_ids, labels):
-        if label != IGNORE_INDEX:
-            assert label == token
-            current.append(token)
-        elif current:
-            spans, current = spans + [current], []
-    return spans + [current] if current else spans
 
 
 @pytest.mark.skipif(not UPSTREAM_SFT.is_dir(), reason=f"{UPSTREAM_SFT} is absent (upstream data beside the repo)")

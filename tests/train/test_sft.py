@@ -5,8 +5,8 @@ import torch
 
 import supervised_finetuning
 from medicalgpt.templates import get_conv_template, template_from_tokenizer
-from medicalgpt.train.preprocess import IGNORE_INDEX, format_label_mask, tokenize_conversation
-from tests.helpers import FAST_FLAGS, REPO, write_jsonl
+from medicalgpt.train.preprocess import format_label_mask, tokenize_conversation
+from tests.helpers import FAST_FLAGS, REPO, learned_spans, write_jsonl
 
 CONVERSATION = {
     "messages": [
@@ -24,16 +24,8 @@ def chat_messages(record):
     return [{"role": "system", "content": record["system"]}, *record["messages"]]
 
 
-def learned_spans(input_ids, labels, tokenizer):
-    spans, current = [], []
-    for token, label in zip(input_ids, labels):
-        if label != IGNORE_INDEX:
-            assert label == token
-            current.append(token)
-        elif current:
-            spans.append(tokenizer.decode(current))
-            current = []
-    return spans + ([tokenizer.decode(current)] if current else [])
+def decoded_spans(input_ids, labels, tokenizer):
+    return [tokenizer.decode(span) for span in learned_spans(input_ids, labels)]
 
 
 @pytest.mark.parametrize("template_of", [lambda tok: get_conv_template("qwen"), template_from_tokenizer])
@@ -42,7 +34,7 @@ def test_ids_match_the_official_chat_template_and_only_answers_are_learned(tiny_
     official = tiny_tokenizer.apply_chat_template(chat_messages(CONVERSATION), tokenize=False)
     assert official.endswith("<|im_end|>\n")
     assert out["input_ids"] == tiny_tokenizer(official.removesuffix("\n"))["input_ids"]
-    spans = learned_spans(out["input_ids"], out["labels"], tiny_tokenizer)
+    spans = decoded_spans(out["input_ids"], out["labels"], tiny_tokenizer)
     assert spans == ["先测体温，多喝水。<|im_end|>", "Please see a doctor.<|im_end|>"]
     im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert out["labels"][-1] == im_end and out["dropped_turns"] == 0
@@ -60,7 +52,7 @@ def test_truncation_drops_whole_turns_never_part_of_an_answer(tiny_tokenizer):
         CONVERSATION, template, tiny_tokenizer, max_length=len(full["input_ids"]) - 1
     )
     assert first_turn_only["dropped_turns"] == 1
-    assert learned_spans(first_turn_only["input_ids"], first_turn_only["labels"], tiny_tokenizer) == [
+    assert decoded_spans(first_turn_only["input_ids"], first_turn_only["labels"], tiny_tokenizer) == [
         "先测体温，多喝水。<|im_end|>"
     ]
     too_long = tokenize_conversation(CONVERSATION, template, tiny_tokenizer, max_length=10, overlong="drop")
