@@ -2,10 +2,12 @@
 
 - serve/ and eval/ never import train/, directly or through other package modules;
 - the package never imports a top-level script (template.py, supervised_finetuning.py, ...);
-- package modules stay under ~400 lines and the scripts' main() under ~80.
+- package modules stay under ~400 lines and the scripts' main() under ~80;
+- docs/DESIGN.md's layout names every package module and every script, each in its folder.
 """
 
 import ast
+import re
 
 import pytest
 
@@ -120,3 +122,31 @@ def test_script_main_stays_readable(script):
         if isinstance(node, ast.FunctionDef) and node.name == "main":
             lines = node.end_lineno - node.lineno + 1
             assert lines <= MAIN_LINES, f"{script}: main() has {lines} lines (at most {MAIN_LINES})"
+
+
+def documented_layout():
+    """The files docs/DESIGN.md's layout tree names: "medicalgpt/<folder>/<module>.py" and the top-level scripts."""
+    text = (REPO / "docs" / "DESIGN.md").read_text(encoding="utf-8")
+    tree = text.split("## Layout", 1)[1].split("```")[1]
+    named, folder = set(), None
+    for line in tree.splitlines():
+        if line == "medicalgpt/":
+            folder = "medicalgpt"
+        elif folder and re.fullmatch(r"  (\w+)/", line):
+            folder = "medicalgpt/" + line.strip().rstrip("/")
+        elif folder and re.match(r"  \w+\.py", line):
+            folder = "medicalgpt"
+        if folder and re.match(r" +\w+\.py", line):
+            named.add(f"{folder}/{line.split()[0]}")
+        elif not folder:
+            named.update(word for word in line.split() if word.endswith(".py"))
+    return named
+
+
+def test_design_doc_names_every_module_and_script():
+    actual = {str(path.relative_to(REPO)) for path in package_modules().values() if path.name != "__init__.py"}
+    actual |= {path.name for path in scripts()}
+    actual |= {"medicalgpt/templates/__init__.py"}
+    documented = documented_layout()
+    missing, stale = sorted(actual - documented), sorted(documented - actual)
+    assert not missing and not stale, f"docs/DESIGN.md layout: add {missing}, remove {stale}"
