@@ -125,20 +125,26 @@ def main(argv=None) -> int:
         print("\n".join(f"error: {problem}" for problem in problems[:20]))
         print(f"error: {len(problems)} problems; the extended tokenizer is not written")
         return 1
-    print(f"{args.domain_file_path}: {kind}, {len(terms)} {'terms' if kind == 'vocab' else 'learned pieces'}; "
-          f"{single} already one token; added {len(added)} tokens: {len(base)} -> {len(tokenizer)}")  # fmt: skip
+    print(
+        f"{args.domain_file_path}: {kind}, {len(terms)} {'terms' if kind == 'vocab' else 'learned pieces'}; "
+        f"{single} already one token; added {len(added)} tokens: {len(base)} -> {len(tokenizer)}"
+    )
     for reason, dropped in left_out.items():
         print(f"left out {len(dropped)} terms that cannot help as added tokens, {reason}: {dropped[:10]}")
     if broken:
         print(f"left out {len(broken)} terms that would not decode back as added tokens: {broken[:10]}")
     before, after = tokens_per_char(base, texts), tokens_per_char(tokenizer, texts)
-    print(f"tokens per character on {len(texts)} texts ({', '.join(args.eval_file) or args.domain_file_path}): "
-          f"{before:.4f} -> {after:.4f}")  # fmt: skip
+    print(
+        f"tokens per character on {len(texts)} texts ({', '.join(args.eval_file) or args.domain_file_path}): "
+        f"{before:.4f} -> {after:.4f}"
+    )
     if not args.eval_file:
         print("note: measured on the domain file itself; pass --eval_file with held-out text for a fair figure")
     elif after > before and not args.allow_worse:
-        print(f"error: the extension makes {', '.join(args.eval_file)} longer ({before:.4f} -> {after:.4f} tokens "
-              "per character); the extended tokenizer is not written (--allow_worse writes it anyway)")  # fmt: skip
+        print(
+            f"error: the extension makes {', '.join(args.eval_file)} longer ({before:.4f} -> {after:.4f} tokens "
+            "per character); the extended tokenizer is not written (--allow_worse writes it anyway)"
+        )
         return 1
     save_atomically(tokenizer, token_sources(tokenizer, base, added), args.output_dir)
     print(f"Extended tokenizer written to {args.output_dir}")

@@ -116,8 +116,10 @@ def main(argv=None) -> int:
     for issue in sorted(errors + warnings, key=lambda issue: issue.line):
         print(issue)
     if errors and not args.skip_invalid_examples:
-        print(f"error: {len({e.line for e in errors})} invalid records in {args.input_file}; nothing written "
-              "(fix them, or pass --skip_invalid_examples to convert the rest)")  # fmt: skip
+        print(
+            f"error: {len({e.line for e in errors})} invalid records in {args.input_file}; nothing written "
+            "(fix them, or pass --skip_invalid_examples to convert the rest)"
+        )
         return 1
     if not records:
         print(f"error: {args.input_file}: no records to convert; nothing written")
@@ -125,8 +127,10 @@ def main(argv=None) -> int:
     write_atomically(records, args.output_file)
     kinds = ", ".join(f"{kind} {count}" for kind, count in kinds.most_common())
     skipped = f", skipped {len({e.line for e in errors})} invalid" if errors else ""
-    print(f"Converted {len(records)} records ({kinds}{skipped}) from {args.input_file} to {args.output_file} "
-          f"({output_format}, {len(warnings)} warnings)")  # fmt: skip
+    print(
+        f"Converted {len(records)} records ({kinds}{skipped}) from {args.input_file} to {args.output_file} "
+        f"({output_format}, {len(warnings)} warnings)"
+    )
     return 0
 
 

@@ -47,9 +47,12 @@ class MergeArguments:
         default=None, metadata={"help": "Tokenizer (default: the adapter's own when it saved one, else the base's)."}
     )
     template_name: str | None = field(
-        default=None, metadata={"help": "Template whose end-of-turn token stops generation; its Jinja form becomes "
-                                        "the chat template when the tokenizer has none."},
-    )  # fmt: skip
+        default=None,
+        metadata={
+            "help": "Template whose end-of-turn token stops generation; its Jinja form becomes "
+            "the chat template when the tokenizer has none."
+        },
+    )
     resize_emb: bool = field(
         default=False, metadata={"help": "Upstream's flag, accepted: the embeddings always grow to fit the tokenizer."}
     )

@@ -36,10 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--tokenizer", metavar="PATH", help="Tokenizer (hub name, model or adapter folder).")
     tokens.add_argument("--template_name", help="Template from template.py (default: the tokenizer's own).")
     tokens.add_argument("--model_max_length", type=int, help="SFT: longest conversation in tokens.")
-    tokens.add_argument("--max_source_length", type=int, default=PreferenceArguments.max_source_length,
-                        help="Preference: prompt tokens kept (default %(default)s).")  # fmt: skip
-    tokens.add_argument("--max_target_length", type=int, default=PreferenceArguments.max_target_length,
-                        help="Preference: response tokens kept (default %(default)s).")  # fmt: skip
+    tokens.add_argument(
+        "--max_source_length",
+        type=int,
+        default=PreferenceArguments.max_source_length,
+        help="Preference: prompt tokens kept (default %(default)s).",
+    )
+    tokens.add_argument(
+        "--max_target_length",
+        type=int,
+        default=PreferenceArguments.max_target_length,
+        help="Preference: response tokens kept (default %(default)s).",
+    )
     tokens.add_argument("--system_prompt", help="System prompt for records without one (as in training).")
     tokens.add_argument("--plot", metavar="FILE.png", help="Draw the token-length histogram here.")
     tokens.add_argument("--show", type=int, default=0, metavar="N", help="Print N records with their label masks.")
@@ -82,8 +90,17 @@ def token_report(args, records) -> None:
     reports = []
     for stage, stage_records in by_stage.items():
         if stage_records:
-            reports.append(measure(stage_records, stage, tokenizer, template, args.model_max_length,
-                                   args.max_source_length, args.max_target_length, args.system_prompt))  # fmt: skip
+            report = measure(
+                stage_records,
+                stage,
+                tokenizer,
+                template=template,
+                max_length=args.model_max_length,
+                max_source=args.max_source_length,
+                max_target=args.max_target_length,
+                system=args.system_prompt,
+            )
+            reports.append(report)
             print("\n".join(summarize(reports[-1], limits[stage])))
     if args.plot and reports:
         plot_lengths(reports, args.plot, args.model_max_length)

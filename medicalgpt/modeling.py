@@ -193,8 +193,9 @@ def say_rows_come_from_adapter(adapter_path):
     if saved:
         logger.warning(
             "... and then replaced: %s saved its trained %s, which the merge loads over those initial rows.",
-            adapter_path, " and ".join(sorted(saved)),
-        )  # fmt: skip
+            adapter_path,
+            " and ".join(sorted(saved)),
+        )
 
 
 def _same_path(a, b):

@@ -129,8 +129,11 @@ def render_masks(records, tokenizer, template, max_length=None, system=None) -> 
         shown.append(f"--- {record['source']} ({stage})")
         if stage == "sft":
             ids = tokenize_conversation(record, template, tokenizer, max_length, system_prompt=system)
-            shown.append(format_label_mask(ids["input_ids"], ids["labels"], tokenizer) if ids["input_ids"] else
-                         f"(skipped: the first turn alone is longer than model_max_length {max_length})")  # fmt: skip
+            shown.append(
+                format_label_mask(ids["input_ids"], ids["labels"], tokenizer)
+                if ids["input_ids"]
+                else f"(skipped: the first turn alone is longer than model_max_length {max_length})"
+            )
         else:
             ids = tokenize_preference(record, template, tokenizer, UNLIMITED, UNLIMITED, system)
             for key in ("chosen_ids", "rejected_ids"):

@@ -214,6 +214,10 @@ def resize_embeddings_for_tokenizer(model, tokenizer) -> int:
     logger.warning(
         "Embeddings: %d rows -> %d; %d new-token rows initialised (%d from the mean of their sub-tokens, %d from "
         "the mean of all rows). Train them with --modules_to_save embed_tokens,lm_head (LoRA) or full weights.",
-        rows, model.get_input_embeddings().weight.shape[0], len(new_ids), from_parts, len(new_ids) - from_parts,
-    )  # fmt: skip
+        rows,
+        model.get_input_embeddings().weight.shape[0],
+        len(new_ids),
+        from_parts,
+        len(new_ids) - from_parts,
+    )
     return len(new_ids)

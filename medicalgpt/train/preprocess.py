@@ -104,9 +104,16 @@ def cut_first_exchange(prompt_ids, response_ids, budget):
 
 
 def prepare_sft_dataset(
-    dataset, template, tokenizer, max_length, train_on_inputs=False, system_prompt=None, num_proc=None, desc_suffix="",
+    dataset,
+    template,
+    tokenizer,
+    max_length,
+    train_on_inputs=False,
+    system_prompt=None,
+    num_proc=None,
+    desc_suffix="",
     overlong="truncate",
-):  # fmt: skip
+):
     """Dataset of normalised SFT records -> {"input_ids", "labels"}; logs the conversations cut, shortened and
     skipped to fit `max_length` (`overlong`: see the module docstring). Batched, and cached when the dataset is backed
     by files (`medicalgpt.train.records`): tokenised once per data and settings. None (a split not asked for) gives
@@ -135,9 +142,12 @@ def prepare_sft_dataset(
     skipped = _log_overlong(dataset, max_length)
     if skipped:
         dataset = dataset.filter(
-            lambda batch: [len(ids) > 0 for ids in batch], input_columns="input_ids", batched=True,
-            num_proc=num_proc, desc="Skipping too-long",
-        )  # fmt: skip
+            lambda batch: [len(ids) > 0 for ids in batch],
+            input_columns="input_ids",
+            batched=True,
+            num_proc=num_proc,
+            desc="Skipping too-long",
+        )
     return dataset.remove_columns(["dropped_turns", "truncated"])
 
 
@@ -151,19 +161,23 @@ def _log_overlong(dataset, max_length):
         logger.warning(
             "%d conversations were truncated: their first exchange alone is longer than model_max_length=%d, so it "
             "was cut to fit (a cut answer learns no end-of-turn token). --overlong drop skips them instead.",
-            truncated, max_length,
-        )  # fmt: skip
+            truncated,
+            max_length,
+        )
     if dropped:
         logger.warning(
             "%d conversations were longer than model_max_length=%d: their last %d turns in all were dropped.",
-            len(dropped), max_length, sum(dropped),
-        )  # fmt: skip
+            len(dropped),
+            max_length,
+            sum(dropped),
+        )
     if skipped:
         logger.warning(
             "%d conversations were skipped: their first exchange alone is longer than model_max_length=%d "
             "(--overlong drop) or leaves no answer token. Raise --model_max_length to keep them.",
-            skipped, max_length,
-        )  # fmt: skip
+            skipped,
+            max_length,
+        )
     return skipped
 
 
@@ -230,8 +244,11 @@ def prepare_preference_dataset(
     if truncated:
         logger.warning(
             "%d of %d pairs were truncated to --max_source_length %d / --max_target_length %d tokens.",
-            truncated, len(dataset), max_source_length, max_target_length,
-        )  # fmt: skip
+            truncated,
+            len(dataset),
+            max_source_length,
+            max_target_length,
+        )
     return dataset.remove_columns("truncated")
 
 
@@ -244,10 +261,14 @@ def to_reward_features(dataset, num_proc=None, suffix_ids=()):
         return None
     suffix_ids = list(suffix_ids)
     return dataset.map(
-        lambda row: {"chosen_ids": row["prompt_ids"] + row["chosen_ids"] + suffix_ids,
-                     "rejected_ids": row["prompt_ids"] + row["rejected_ids"] + suffix_ids},
-        remove_columns=["prompt_ids"], num_proc=num_proc, desc="Building reward pairs",
-    )  # fmt: skip
+        lambda row: {
+            "chosen_ids": row["prompt_ids"] + row["chosen_ids"] + suffix_ids,
+            "rejected_ids": row["prompt_ids"] + row["rejected_ids"] + suffix_ids,
+        },
+        remove_columns=["prompt_ids"],
+        num_proc=num_proc,
+        desc="Building reward pairs",
+    )
 
 
 def prepare_rl_prompts(records, template, tokenizer, max_source_length, system_prompt=None):

@@ -53,8 +53,9 @@ def find_resume_checkpoint(training_args):
     if _run_is_complete(training_args.output_dir, training_args):
         logger.warning(
             "%s: this run is complete; nothing to train. Raise --max_steps / --num_train_epochs to train further, "
-            "or pass --overwrite_output_dir to start again.", training_args.output_dir,
-        )  # fmt: skip
+            "or pass --overwrite_output_dir to start again.",
+            training_args.output_dir,
+        )
         raise SystemExit(0)
     checkpoint = get_last_checkpoint(training_args.output_dir)
     if checkpoint:
