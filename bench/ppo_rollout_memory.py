@@ -70,7 +70,7 @@ def old_logprobs(policy, reference, input_ids, attention_mask, responses, temper
 
 def new_logprobs(policy, reference, input_ids, attention_mask, responses, temperature, micro_batch):
     from medicalgpt.rl import rollout
-    from medicalgpt.rl.trainer import causal_logits
+    from medicalgpt.rl.models import causal_logits
 
     return tuple(
         rollout.response_logprobs(functools.partial(causal_logits, model), input_ids, attention_mask, responses,

@@ -9,25 +9,7 @@ reward serving and a plain `AutoModelForSequenceClassification` compute, so a re
 same inside and outside the project, whatever the pad and stop tokens are (pad == stop included).
 """
 
-import logging
-
 import torch
-
-logger = logging.getLogger("medicalgpt")
-
-
-def stop_token_ids(tokenizer, template):
-    """Token ids that end a response: the template's end-of-turn token and the tokenizer's EOS."""
-    ids = []
-    stop_ids = tokenizer.encode(template.stop_str, add_special_tokens=False) if template.stop_str else []
-    if len(stop_ids) == 1:
-        ids.append(stop_ids[0])
-    elif stop_ids:
-        logger.warning("The template's stop string %r is %d tokens; stopping at EOS only.", template.stop_str,
-                       len(stop_ids))  # fmt: skip
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def closing_ids(tokenizer, template):
@@ -79,8 +61,7 @@ class RewardModelScorer:
             reward_model_input(self.tokenizer.encode(p, add_special_tokens=False), c, self.stop_ids, self.suffix_ids)
             for p, c in zip(prompts, completion_ids)
         ]
-        scores = score_sequences(self.model, [ids for ids, _ in inputs], self.tokenizer.pad_token_id,
-                                 self.micro_batch)  # fmt: skip
+        scores = score_sequences(self.model, [ids for ids, _ in inputs], self.tokenizer.pad_token_id, self.micro_batch)
         if self.missing_eos_penalty:
             stopped = torch.tensor([stopped for _, stopped in inputs], device=scores.device)
             scores = scores - self.missing_eos_penalty * (~stopped).float()

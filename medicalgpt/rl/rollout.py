@@ -16,11 +16,29 @@ decodes its whole batch in one `generate` call.
 """
 
 import contextlib
+import logging
 
 import torch
 from transformers import GenerationConfig
 
 from medicalgpt.rl import ppo_math as ppo
+
+logger = logging.getLogger("medicalgpt")
+
+
+def stop_token_ids(tokenizer, template):
+    """Token ids that end a response: the template's end-of-turn token and the tokenizer's EOS."""
+    ids = []
+    stop_ids = tokenizer.encode(template.stop_str, add_special_tokens=False) if template.stop_str else []
+    if len(stop_ids) == 1:
+        ids.append(stop_ids[0])
+    elif stop_ids:
+        logger.warning(
+            "The template's stop string %r is %d tokens; stopping at EOS only.", template.stop_str, len(stop_ids)
+        )
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 def sampling_config(max_new_tokens, stop_token_ids, pad_token_id, temperature=None):
@@ -30,9 +48,12 @@ def sampling_config(max_new_tokens, stop_token_ids, pad_token_id, temperature=No
     if temperature is not None:  # top_k 0 and top_p 1 turn off truncation (transformers' global top_k is 50)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, eos_token_id=list(stop_token_ids), pad_token_id=pad_token_id,
-        repetition_penalty=1.0, **sampling,
-    )  # fmt: skip
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_token_ids),
+        pad_token_id=pad_token_id,
+        repetition_penalty=1.0,
+        **sampling,
+    )
 
 
 @contextlib.contextmanager
@@ -155,19 +176,28 @@ def build_vllm_generator(policy, accelerator, tokenizer, config, stop_token_ids,
     from trl.generation.vllm_generation import VLLMGeneration
 
     return VLLMGeneration(
-        model=policy, accelerator=accelerator, processing_class=tokenizer, mode="colocate",
-        gpu_memory_utilization=config.vllm_gpu_memory_utilization, max_model_length=max_model_length,
+        model=policy,
+        accelerator=accelerator,
+        processing_class=tokenizer,
+        mode="colocate",
+        gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+        max_model_length=max_model_length,
         **vllm_sampling(config, stop_token_ids),
-    )  # fmt: skip
+    )
 
 
 def vllm_sampling(config, stop_token_ids):
     """VLLMGeneration's sampling arguments: plain sampling at --temperature, stopping at the template's stop ids."""
     return dict(
-        temperature=config.temperature, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
-        max_completion_length=config.response_length, logprobs=0,
+        temperature=config.temperature,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        max_completion_length=config.response_length,
+        logprobs=0,
         generation_kwargs={"stop_token_ids": list(stop_token_ids)},
-    )  # fmt: skip
+    )
 
 
 def vllm_responses(generator, queries, query_mask, pad_token_id):

@@ -17,165 +17,56 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator, DistributedType
-from transformers import TrainingArguments, get_scheduler, set_seed
-from transformers.trainer_utils import rotate_checkpoints
+from transformers import get_scheduler, set_seed
 
 from medicalgpt.rl import ppo_math as ppo
 from medicalgpt.rl import rollout
+from medicalgpt.rl.checkpoints import PPOCheckpoints
+from medicalgpt.rl.config import deepspeed_plugin, prepare_frozen, unwrapped_for_generation
+from medicalgpt.rl.losses import ppo_loss
+from medicalgpt.rl.models import PolicyAndValue, causal_logits, disable_dropout, left_pad
 from medicalgpt.rl.rewards import reward_model_input, score_sequences
 
 logger = logging.getLogger("medicalgpt")
 
-STATE_FILE = "trainer_state.json"
 
+class PPOTrainer(PPOCheckpoints):
+    """PPO on `train_prompts` (token id lists, each a rendered prompt up to the generation prompt).
 
-@dataclass
-class PPOConfig(TrainingArguments):
-    learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate for policy and critic."})
-    total_episodes: int | None = field(
-        default=None, metadata={"help": "Prompts to roll out in all (default: num_train_epochs x prompts)."}
-    )
-    response_length: int = field(default=128, metadata={"help": "Most new tokens per sampled response."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (rollouts and their log-probs)."})
-    missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score of a response that never emits the stop token."}
-    )
-    kl_coef: float = field(
-        default=0.05, metadata={"help": "Weight of the per-token KL penalty against the SFT model."}
-    )
-    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy probability ratio."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value update."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    gamma: float = field(default=1.0, metadata={"help": "Discount factor (1: text episodes are short)."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
-    num_mini_batches: int = field(default=1, metadata={"help": "Minibatches (optimizer steps) per pass."})
-    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards before GAE."})
-    merge_policy: bool = field(default=False, metadata={"help": "Save the policy merged into full weights."})
-    local_rollout_forward_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Sequences per no-grad forward in a rollout (policy, reference, critic, reward model); "
-                  "bounds its memory (default: per_device_train_batch_size)."},
-    )  # fmt: skip
-    use_vllm: bool = field(
-        default=False, metadata={"help": "Sample rollouts with vLLM, colocated on the GPUs (pip install vllm)."}
-    )
-    vllm_gpu_memory_utilization: float = field(
-        default=0.3, metadata={"help": "GPU memory share vLLM reserves with --use_vllm (training keeps the rest)."}
-    )
-    target_kl: float | None = field(
-        default=None, metadata={"help": "Adaptive KL: steer --kl_coef so the KL per response nears this (off: None)."}
-    )
-    kl_horizon: int = field(default=10000, metadata={"help": "Episodes over which adaptive KL corrects its error."})
-    kl_estimator: str = field(
-        default="k1", metadata={"help": "Per-token KL estimate: k1 (log-ratio) or k3 (unbiased, never negative)."}
-    )
-    normalize_reward: bool = field(
-        default=False, metadata={"help": "Normalise scores by their running mean and standard deviation."}
-    )
+    `stop_token_ids` end a response; `closing_ids` are what the template renders after the stop token (the reward
+    model reads the full rendering, medicalgpt/rl/rewards.py). Without `ref_policy` / `reward_model` the policy's and
+    the critic's LoRA adapters are disabled to get them (one copy of each model's weights)."""
 
-    def __post_init__(self):
-        super().__post_init__()
-        from medicalgpt.rl.rollout import check_rollout_options
-
-        check_rollout_options(self)
-
-
-def deepspeed_plugin(config):
-    """accelerate's DeepSpeed plugin for --deepspeed (or `accelerate launch` with a DeepSpeed config), with concrete
-    batch sizes: accelerate fills "auto" ones from a prepared DataLoader, and PPO prepares none. One micro-batch is
-    per_device_train_batch_size sequences; DeepSpeed steps the optimizer every gradient_accumulation_steps of them."""
-    plugin = getattr(config, "deepspeed_plugin", None)
-    if plugin is None:
-        return None
-    values = plugin.deepspeed_config
-    values["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
-    values["gradient_accumulation_steps"] = config.gradient_accumulation_steps
-    values["train_batch_size"] = (
-        config.per_device_train_batch_size * config.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", 1))
-    )
-    if values.get("gradient_clipping") == "auto":
-        values["gradient_clipping"] = config.max_grad_norm
-    return plugin
-
-
-def prepare_frozen(model, accelerator):
-    """A frozen model (reference policy, reward model) ready for inference: on the device; under DeepSpeed ZeRO-3,
-    where transformers partitioned it at load, in an inference engine of its own (trl's prepare_deepspeed, as trl
-    prepares its reference and reward models), since a bare partitioned model holds empty weights."""
-    if model is None:
-        return None
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3:
-        from trl.models.utils import prepare_deepspeed
-
-        return prepare_deepspeed(model, accelerator)
-    return model.to(accelerator.device).eval()
-
-
-class PolicyAndValue(torch.nn.Module):
-    """Both trained models in one module, so that DDP/DeepSpeed wrap and synchronise them together."""
-
-    def __init__(self, policy, critic):
-        super().__init__()
-        self.policy, self.critic = policy, critic
-        self.config = policy.config  # accelerate sizes DeepSpeed's "auto" ZeRO-3 buckets from config.hidden_size
-
-    def forward(self, input_ids, attention_mask, logits_to_keep=0):
-        logits = causal_logits(self.policy, input_ids, attention_mask, logits_to_keep)
-        return logits, token_values(self.critic, input_ids, attention_mask)
-
-
-def causal_logits(model, input_ids, attention_mask, logits_to_keep=0):
-    """A causal LM's logits for left-padded sequences; only the last `logits_to_keep` positions when non-zero."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=logits_to_keep
-    ).logits
-
-
-def token_values(model, input_ids, attention_mask):
-    """A sequence-classification model's score head applied at every position: [batch, seq]."""
-    seq_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(seq_model, seq_model.base_model_prefix)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    return seq_model.score(hidden).squeeze(-1).float()
-
-
-def disable_dropout(model):
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def left_pad(sequences, pad_token_id):
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([[pad_token_id] * (width - len(s)) + list(s) for s in sequences])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
-    return ids, mask
-
-
-class PPOTrainer:
-    def __init__(self, config, policy, critic, tokenizer, train_prompts, eval_prompts, stop_token_ids,
-                 ref_policy=None, reward_model=None, closing_ids=()):  # fmt: skip
+    def __init__(
+        self,
+        config,
+        *,
+        policy,
+        critic,
+        tokenizer,
+        train_prompts,
+        eval_prompts=(),
+        stop_token_ids,
+        ref_policy=None,
+        reward_model=None,
+        closing_ids=(),
+    ):
         self.config, self.tokenizer, self.stop_token_ids = config, tokenizer, stop_token_ids
-        self.closing_ids = list(closing_ids)  # what the template renders after a stop token (rewards.closing_ids)
+        self.closing_ids = list(closing_ids)
         self.shaping = rollout.RewardShaping(config)
-        self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
-        self.ref_policy, self.reward_model = ref_policy, reward_model
+        self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
         set_seed(config.seed)
         mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
         self.accelerator = Accelerator(
-            cpu=config.use_cpu, mixed_precision=mixed, gradient_accumulation_steps=config.gradient_accumulation_steps,
+            cpu=config.use_cpu,
+            mixed_precision=mixed,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
             deepspeed_plugin=deepspeed_plugin(config),
-        )  # fmt: skip
+        )
         self.local_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
         self.local_batch *= config.num_mini_batches
         self.global_batch = self.local_batch * self.accelerator.num_processes
@@ -194,7 +85,8 @@ class PPOTrainer:
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.scheduler = self._build_scheduler()
-        self.ref_policy, self.reward_model = (prepare_frozen(m, self.accelerator) for m in (ref_policy, reward_model))
+        self.ref_policy = prepare_frozen(ref_policy, self.accelerator)
+        self.reward_model = prepare_frozen(reward_model, self.accelerator)
         self.update, self.log_history, self.writer = 0, [], self._build_writer()
 
     def _build_scheduler(self):
@@ -281,7 +173,7 @@ class PPOTrainer:
         generation = rollout.sampling_config(
             self.config.response_length, self.stop_token_ids, self.tokenizer.pad_token_id, temperature
         )
-        with self._unwrapped_for_generation() as unwrapped:
+        with unwrapped_for_generation(self.accelerator, self.model) as unwrapped:
             policy = unwrapped.policy
             policy.eval()
             with self.accelerator.autocast():
@@ -290,26 +182,6 @@ class PPOTrainer:
                 responses = rollout.generate_responses(policy, queries, query_mask, generation, len(queries))
             policy.train()
         return responses
-
-    @contextlib.contextmanager
-    def _unwrapped_for_generation(self):
-        """The unwrapped models; under DeepSpeed ZeRO-3 with every parameter gathered whole and ZeRO's fetch/release
-        hooks lifted while inside, as trl's unwrap_model_for_generation does for its trainers (it needs a
-        PreTrainedModel; this is its ZeRO-3 branch): generating from shards would fetch each layer again for every
-        new token. Costs one full copy of policy and critic per GPU during generation."""
-        plugin = self.accelerator.state.deepspeed_plugin
-        if plugin is None or plugin.zero_stage != 3:
-            yield self.unwrapped
-            return
-        import deepspeed
-        from trl.models.utils import add_hooks, remove_hooks
-
-        with deepspeed.zero.GatheredParameters(self.model.parameters()):
-            remove_hooks(self.model)
-            try:
-                yield self.unwrapped
-            finally:
-                add_hooks(self.model)
 
     def _vllm_engine(self):
         """The colocated vLLM engine, built on first use; the policy's weights are pushed to it once per update."""
@@ -362,9 +234,21 @@ class PPOTrainer:
             rewards = ppo.masked_whiten(rewards, mask_f, shift_mean=False)
         advantages, returns = ppo.compute_gae(rewards, values, mask_f, self.config.gamma, self.config.lam)
         advantages = ppo.masked_whiten(advantages, mask_f)
-        return dict(input_ids=input_ids, attention_mask=attention_mask, responses=responses, mask=mask_f,
-                    logprobs=logprobs, values=values, advantages=advantages, returns=returns, scores=scores,
-                    kl=kl, has_stop=has_stop, context=context, kl_coef=kl_coef)  # fmt: skip
+        return dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            responses=responses,
+            mask=mask_f,
+            logprobs=logprobs,
+            values=values,
+            advantages=advantages,
+            returns=returns,
+            scores=scores,
+            kl=kl,
+            has_stop=has_stop,
+            context=context,
+            kl_coef=kl_coef,
+        )
 
     def _rollout_logprobs(self, input_ids, attention_mask, responses):
         """Policy and reference log-probs of the response tokens, and the critic's values (micro-batched)."""
@@ -391,8 +275,8 @@ class PPOTrainer:
                 for micro_start in range(start, start + minibatch, micro):
                     index = order[micro_start : micro_start + micro]
                     with self.accelerator.accumulate(self.model):
-                        loss, step_stats = self.ppo_loss({k: v[index] if torch.is_tensor(v) else v
-                                                          for k, v in batch.items()})  # fmt: skip
+                        micro_batch = {k: v[index] if torch.is_tensor(v) else v for k, v in batch.items()}
+                        loss, step_stats = ppo_loss(self.model, micro_batch, self.config, self.accelerator.autocast)
                         self.accelerator.backward(loss)
                         if self.accelerator.sync_gradients and config.max_grad_norm:
                             self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
@@ -403,36 +287,20 @@ class PPOTrainer:
                     stats.append(step_stats)
         return {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
 
-    def ppo_loss(self, batch):
-        context, mask = batch["context"], batch["mask"]
-        with self.accelerator.autocast():
-            logits, values = self.model(batch["input_ids"], batch["attention_mask"])
-        response_logits = logits[:, context - 1 : -1]
-        logprobs = ppo.logprobs_from_logits(response_logits, batch["responses"], self.config.temperature)
-        logprobs = logprobs.masked_fill(mask == 0, ppo.INVALID_LOGPROB)
-        values = values[:, context - 1 : -1]
-        pg_loss, clip_fraction, approx_kl = ppo.policy_loss(
-            logprobs, batch["logprobs"], batch["advantages"], mask, self.config.cliprange
-        )
-        vf_loss, vf_clip_fraction = ppo.value_loss(
-            values, batch["values"], batch["returns"], mask, self.config.cliprange_value
-        )
-        with torch.no_grad():
-            entropy = ppo.masked_mean(ppo.entropy_from_logits(response_logits, self.config.temperature), mask)
-        stats = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "clip_fraction": clip_fraction.item(),
-                 "value_clip_fraction": vf_clip_fraction.item(), "approx_kl": approx_kl.item(),
-                 "entropy": entropy.item()}  # fmt: skip
-        return pg_loss + self.config.vf_coef * vf_loss, stats
-
     def train(self, resume_from=None):
         config, batches = self.config, self.batches()
         if resume_from:
             self.load_checkpoint(resume_from)
             for _ in range(self.update):  # the same prompt order as the interrupted run
                 next(batches)
-        logger.info("PPO: %d updates of %d prompts (%d per process), %d PPO epochs x %d minibatches each.",
-                    self.num_updates, self.global_batch, self.local_batch, config.num_ppo_epochs,
-                    config.num_mini_batches)  # fmt: skip
+        logger.info(
+            "PPO: %d updates of %d prompts (%d per process), %d PPO epochs x %d minibatches each.",
+            self.num_updates,
+            self.global_batch,
+            self.local_batch,
+            config.num_ppo_epochs,
+            config.num_mini_batches,
+        )
         start = time.time()
         if config.eval_on_start and self.eval_prompts and self.update == 0:
             self.log(self.evaluate())
@@ -451,9 +319,15 @@ class PPOTrainer:
 
     def rollout_stats(self, batch):
         """Means over all processes of what the rollout produced."""
-        per_response = torch.stack([
-            batch["scores"].float(), batch["kl"].sum(1), batch["mask"].sum(1), batch["has_stop"].float(),
-        ], dim=1)  # fmt: skip
+        per_response = torch.stack(
+            [
+                batch["scores"].float(),
+                batch["kl"].sum(1),
+                batch["mask"].sum(1),
+                batch["has_stop"].float(),
+            ],
+            dim=1,
+        )
         means = self.accelerator.gather(per_response).mean(0).tolist()
         score, kl, length, stop_rate = means
         reward = score - batch["kl_coef"] * kl
@@ -486,8 +360,11 @@ class PPOTrainer:
         }
 
     def log(self, stats):
-        entry = {**{k: round(v, 6) for k, v in stats.items()}, "step": self.update,
-                 "episode": self.update * self.global_batch}  # fmt: skip
+        entry = {
+            **{k: round(v, 6) for k, v in stats.items()},
+            "step": self.update,
+            "episode": self.update * self.global_batch,
+        }
         self.log_history.append(entry)
         if self.accelerator.is_main_process:
             logger.info("update %d/%d %s", self.update, self.num_updates, json.dumps(entry))
@@ -497,80 +374,6 @@ class PPOTrainer:
                         f"{'eval' if key.startswith('eval_') else 'train'}/{key}", value, self.update
                     )
                 self.writer.flush()
-
-    def save_checkpoint(self):
-        """checkpoint-N with models, optimizer, scheduler and state; written to a temporary folder, then renamed,
-        so an interrupted save never leaves a half-written checkpoint."""
-        final = os.path.join(self.config.output_dir, f"checkpoint-{self.update}")
-        partial = os.path.join(self.config.output_dir, ".partial", f"checkpoint-{self.update}")
-        state = self.gathered_state()
-        if self.accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            for name in ("policy", "critic"):
-                getattr(self.unwrapped, name).save_pretrained(os.path.join(partial, name), state_dict=state[name])
-            if not self.deepspeed:
-                torch.save(self.optimizer.state_dict(), os.path.join(partial, "optimizer.pt"))
-            torch.save(self.scheduler.state_dict(), os.path.join(partial, "scheduler.pt"))
-            self.write_state(partial)
-        if self.deepspeed:  # every rank writes its optimizer shard (collective)
-            self.accelerator.wait_for_everyone()
-            self.model.save_checkpoint(os.path.join(partial, "deepspeed"), exclude_frozen_parameters=True)
-            self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-            rotate_checkpoints(self.config.output_dir, self.config.save_total_limit)
-        self.accelerator.wait_for_everyone()
-
-    def gathered_state(self):
-        """Full policy and critic state dicts (collective: under DeepSpeed ZeRO-3 every rank must call it, and the
-        shards are gathered; saving from rank 0 alone would hang or write empty tensors)."""
-        self.accelerator.wait_for_everyone()
-        state = self.accelerator.get_state_dict(self.model) or {}  # ZeRO-3: None but on rank 0, which saves
-        return {name: {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
-                for name in ("policy", "critic")}  # fmt: skip
-
-    def write_state(self, folder):
-        state = {"global_step": self.update, "max_steps": self.num_updates, "log_history": self.log_history,
-                 "reward_shaping": self.shaping.state_dict()}  # fmt: skip
-        with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2)
-
-    def load_checkpoint(self, folder):
-        from peft import PeftModel, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        if self.deepspeed:  # trained weights and this rank's optimizer shard
-            self.model.load_checkpoint(os.path.join(folder, "deepspeed"), load_module_strict=False)
-        for name in ("policy", "critic") if not self.deepspeed else ():
-            model, saved = getattr(self.unwrapped, name), os.path.join(folder, name)
-            if isinstance(model, PeftModel):
-                set_peft_model_state_dict(model, load_file(os.path.join(saved, "adapter_model.safetensors")))
-            else:
-                model.load_state_dict(type(model).from_pretrained(saved).state_dict())
-        if not self.deepspeed:
-            self.optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
-        self.scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
-        with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as f:
-            state = json.load(f)
-        self.update, self.log_history = state["global_step"], state["log_history"]
-        if "reward_shaping" in state:  # adaptive KL coefficient and running reward moments
-            self.shaping.load_state_dict(state["reward_shaping"])
-        logger.info("Resuming from %s (update %d of %d)", folder, self.update, self.num_updates)
-
-    def save_policy(self):
-        """The final policy in output_dir: a LoRA adapter (or merged weights with --merge_policy), the tokenizer and
-        trainer_state.json; loadable by inference.py and merge_peft_adapter.py."""
-        state = self.gathered_state()["policy"]
-        if not self.accelerator.is_main_process:
-            return
-        policy = self.unwrapped.policy
-        if self.config.merge_policy and hasattr(policy, "merge_and_unload") and not self.config.deepspeed:
-            policy, state = policy.merge_and_unload(), None
-        policy.save_pretrained(self.config.output_dir, state_dict=state)
-        self.tokenizer.save_pretrained(self.config.output_dir)
-        with open(os.path.join(self.config.output_dir, "trainer_state.json"), "w", encoding="utf-8") as f:
-            json.dump({"global_step": self.update, "log_history": self.log_history}, f, indent=2)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,10 @@ import ppo_training
 import reward_modeling
 from medicalgpt.rl import ppo_math as ppo
 from medicalgpt.rl import rollout
+from medicalgpt.rl.config import PPOConfig
+from medicalgpt.rl.models import left_pad
 from medicalgpt.rl.rewards import RewardModelScorer, closing_ids
-from medicalgpt.rl.trainer import PPOConfig, PPOTrainer, left_pad
+from medicalgpt.rl.trainer import PPOTrainer
 from medicalgpt.templates import get_conv_template
 from tests.helpers import FAST_FLAGS, write_jsonl
 
@@ -92,7 +94,9 @@ def build_trainer(model_dir, tmp_path, tokenizer=None, closing=(), **options):
         model.config.pad_token_id = tokenizer.pad_token_id
     stops = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     prompts = [tokenizer.encode(text, add_special_tokens=False) for text in PROMPTS]
-    return PPOTrainer(config, policy, critic, tokenizer, prompts, prompts[:2], stops, reference, reward, closing)
+    return PPOTrainer(config, policy=policy, critic=critic, tokenizer=tokenizer, train_prompts=prompts,
+                      eval_prompts=prompts[:2], stop_token_ids=stops, ref_policy=reference, reward_model=reward,
+                      closing_ids=closing)  # fmt: skip
 
 
 PROMPTS = [
