@@ -20,21 +20,29 @@ on the training GPUs (medicalgpt/rl/rollout.py). The reward model reads the temp
 conversation, as in reward training and as any tool reading it with the official chat template (rewards.py).
 """
 
+import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import sys
 
+import yaml
+from datasets import Dataset
 from transformers import AutoModelForSequenceClassification
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, RLArguments
 from medicalgpt.cli import UsageError, run_cli, setup_logging
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import expand_config_file, parse_args
-from medicalgpt.rl.rewards import RewardModelScorer, closing_ids, stop_token_ids
-from medicalgpt.rl.trainer import PPOConfig, PPOTrainer, prepare_frozen
+from medicalgpt.rl.config import PPOConfig, prepare_frozen
+from medicalgpt.rl.exam import load_exam_splits, reward_columns
+from medicalgpt.rl.rewards import RewardModelScorer, closing_ids
+from medicalgpt.rl.rollout import stop_token_ids
+from medicalgpt.rl.trainer import PPOTrainer
+from medicalgpt.rl.verifiable import VERIFIABLE_REWARDS
 from medicalgpt.templates import build_template
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.preprocess import prepare_rl_prompts
@@ -44,14 +52,110 @@ from medicalgpt.train.run import check_and_log_args, end_training, find_resume_c
 logger = logging.getLogger("medicalgpt")
 
 
+def main(argv=None):
+    argv = read_config_file(sys.argv[1:] if argv is None else argv)
+    config, model_args, data_args, lora_args, rl_args = parse_args(
+        config_class(requested_algorithm(argv)), ModelArguments, DataArguments, LoraArguments, RLArguments, argv=argv
+    )
+    setup_logging(config)
+    check_rl_args(config, model_args, rl_args)
+    check_and_log_args(config, model_args, lora_args)
+
+    # Data: exam items for --reward_funcs choice_accuracy, else SFT records; all checked before any model loads
+    if "choice_accuracy" in rl_args.reward_names:
+        train_records, eval_records = load_exam_splits(data_args, config)
+    else:
+        train_records, eval_records = load_stage_records(data_args, config, stage="sft")
+    tokenizer = load_tokenizer(model_args)
+    template = build_template(data_args.template_name, tokenizer)
+    check_format_reward(rl_args, template)
+    render = functools.partial(
+        prepare_rl_prompts,
+        template=template,
+        tokenizer=tokenizer,
+        max_source_length=rl_args.max_source_length,
+        system_prompt=data_args.system_prompt,
+    )
+    train_prompts = render(train_records or [])  # every assistant turn's preceding context, rendered
+    eval_prompts = render(eval_records or [])
+    logger.info("RL prompts: %d for training, %d for evaluation.", len(train_prompts), len(eval_prompts))
+    stops = stop_token_ids(tokenizer, template)
+    closing = closing_ids(tokenizer, template)  # the reward model reads the template's full rendering
+
+    # Model and training
+    if rl_args.rl_algorithm == "ppo":
+        trainer = build_ppo_trainer(
+            config,
+            model_args,
+            lora_args,
+            rl_args,
+            tokenizer,
+            stops,
+            closing,
+            train_prompts=train_prompts,
+            eval_prompts=eval_prompts,
+        )
+        train_ppo(trainer, config)
+    else:
+        train_dataset = prompt_dataset(tokenizer, train_prompts, train_records)
+        eval_dataset = prompt_dataset(tokenizer, eval_prompts, eval_records)
+        train_critic_free(
+            config,
+            model_args,
+            lora_args,
+            rl_args,
+            tokenizer,
+            stops,
+            closing,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+        )
+    logger.info("Outputs in %s", config.output_dir)
+
+
+def check_rl_args(config, model_args, rl_args):
+    """One-line errors, before anything loads, for a run that cannot work."""
+    if not model_args.model_name_or_path:
+        raise UsageError("ppo_training.py needs --sft_model_path (the policy to train)")
+    if "reward_model" in rl_args.reward_names and not rl_args.reward_model_path:
+        raise UsageError("--reward_funcs reward_model (the default) needs --reward_model_path")
+    weights = getattr(config, "reward_weights", None)
+    if weights is not None and len(weights) != len(rl_args.reward_names):
+        raise UsageError(
+            f"--reward_weights gives {len(weights)} weights for {len(rl_args.reward_names)} "
+            f"--reward_funcs ({rl_args.reward_funcs})"
+        )
+
+
+def check_format_reward(rl_args, template):
+    if "format" in rl_args.reward_names and getattr(template, "thinking", None) is not True:
+        raise UsageError(
+            "--reward_funcs format checks Qwen3's <think> block: use a thinking template (--template_name qwen3)"
+        )
+
+
+def prompt_dataset(tokenizer, prompts, records):
+    """trl's dataset: the rendered prompts as text, and for exam records the answer and option letters the
+    verifiable rewards read (trl passes every other column to the reward functions)."""
+    if not prompts:
+        return None
+    return Dataset.from_dict({"prompt": tokenizer.batch_decode(prompts), **reward_columns(records)})
+
+
+def read_config_file(argv):
+    """The command line with a leading run.yaml / run.json expanded into flags (once: --rl_algorithm may be there)."""
+    try:
+        return expand_config_file(argv)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise UsageError(str(error)) from error
+
+
 def requested_algorithm(argv):
-    argv = expand_config_file(argv)
-    for index, arg in enumerate(argv):
-        if arg == "--rl_algorithm" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--rl_algorithm="):
-            return arg.split("=", 1)[1]
-    return "ppo"
+    """--rl_algorithm alone: the first of two parse steps, since it picks the trainer config the full parse reads.
+    An invalid value is left for that parse (RLArguments) to reject."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--rl_algorithm", default="ppo")
+    return parser.parse_known_args(argv)[0].rl_algorithm
 
 
 def config_class(algorithm):
@@ -79,56 +183,44 @@ def frozen(model):
     return model.eval()
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config, model_args, data_args, lora_args, rl_args = parse_args(
-        config_class(requested_algorithm(argv)), ModelArguments, DataArguments, LoraArguments, RLArguments,
-        argv=argv,
-    )  # fmt: skip
-    setup_logging(config)
-    model_args.model_name_or_path = rl_args.sft_model_path or model_args.model_name_or_path
-    if not model_args.model_name_or_path or not rl_args.reward_model_path:
-        raise UsageError("ppo_training.py needs --sft_model_path and --reward_model_path")
-    check_and_log_args(config, model_args, lora_args)
-    train_records, eval_records = load_stage_records(data_args, config, stage="sft")
-    tokenizer = load_tokenizer(model_args)
-    template = build_template(data_args.template_name, tokenizer)
-    prompts = [
-        prepare_rl_prompts(records or [], template, tokenizer, rl_args.max_source_length, data_args.system_prompt)
-        for records in (train_records, eval_records)
-    ]
-    logger.info("RL prompts: %d for training, %d for evaluation.", len(prompts[0]), len(prompts[1]))
-    stops = stop_token_ids(tokenizer, template)
-    closing = closing_ids(tokenizer, template)  # the reward model reads the template's full rendering
-    if rl_args.rl_algorithm == "ppo":
-        run_ppo(config, model_args, lora_args, rl_args, tokenizer, prompts, stops, closing)
-    else:
-        run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, stops, closing)
-    logger.info("Outputs in %s", config.output_dir)
-
-
-def run_ppo(config, model_args, lora_args, rl_args, tokenizer, prompts, stops, closing=()):
-    use_peft = lora_args.use_peft or lora_args.peft_path
+def build_ppo_trainer(config, model_args, lora_args, rl_args, tokenizer, stops, closing, train_prompts, eval_prompts):
+    """Policy and critic; with LoRA the reference policy and the reward model are those two with their adapters
+    disabled, without LoRA frozen copies."""
     policy = wrap_with_lora(load_model(model_args), lora_args, config, model_args.model_name_or_path)
     critic = load_reward_model(model_args, rl_args, tokenizer)
-    reference = reward = None
-    if use_peft:
+    reference = reward_model = None
+    if lora_args.use_peft:
         critic = wrap_with_lora(critic, lora_args, config, rl_args.reward_model_path, task_type="SEQ_CLS")
     else:
-        reference, reward = frozen(load_model(model_args)), frozen(load_reward_model(model_args, rl_args, tokenizer))
-    trainer = PPOTrainer(config, policy, critic, tokenizer, prompts[0], prompts[1], stops, reference, reward, closing)
+        reference = frozen(load_model(model_args))
+        reward_model = frozen(load_reward_model(model_args, rl_args, tokenizer))
+    return PPOTrainer(
+        config,
+        policy=policy,
+        critic=critic,
+        tokenizer=tokenizer,
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+        stop_token_ids=stops,
+        ref_policy=reference,
+        reward_model=reward_model,
+        closing_ids=closing,
+    )
+
+
+def train_ppo(trainer, config):
     if config.do_train:
         metrics = trainer.train(resume_from=find_resume_checkpoint(config))
         trainer.save_policy()
         save_metrics(trainer.accelerator, config.output_dir, "train", metrics)
-    if config.do_eval and prompts[1]:
+    if config.do_eval and trainer.eval_prompts:
         save_metrics(trainer.accelerator, config.output_dir, "eval", trainer.evaluate())
     end_training(trainer.accelerator, trainer.model)
 
 
-def run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, stops, closing=()):
-    """RLOO or GRPO through trl, scored by the same reward model (and the same missing-stop penalty)."""
-    from datasets import Dataset
+def train_critic_free(config, model_args, lora_args, rl_args, tokenizer, stops, closing, train_dataset, eval_dataset):
+    """RLOO or GRPO through trl, with the rewards --reward_funcs names (weighted by --reward_weights): the reward
+    model (with the same missing-stop penalty as PPO) and the verifiable rules of medicalgpt/rl/verifiable.py."""
     from trl import GRPOTrainer, RLOOTrainer
 
     config.max_completion_length = rl_args.response_length
@@ -136,13 +228,23 @@ def run_critic_free(config, model_args, lora_args, rl_args, tokenizer, prompts, 
         per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
         config.max_steps = math.ceil(rl_args.total_episodes * config.num_generations / per_step)
     policy = wrap_with_lora(load_model(model_args), lora_args, config, model_args.model_name_or_path)
-    scorer = RewardModelScorer(frozen(load_reward_model(model_args, rl_args, tokenizer)), tokenizer, stops,
-                               rl_args.missing_eos_penalty, closing)  # fmt: skip
-    datasets = [Dataset.from_dict({"prompt": tokenizer.batch_decode(p)}) if p else None for p in prompts]
-    trainer_class = with_atomic_checkpoints(RLOOTrainer if rl_args.rl_algorithm == "rloo" else GRPOTrainer)
-    trainer = trainer_class(model=policy, reward_funcs=scorer, args=config, train_dataset=datasets[0],
-                            eval_dataset=datasets[1], processing_class=tokenizer)  # fmt: skip
-    scorer.model = prepare_frozen(scorer.model, trainer.accelerator)  # ZeRO-3: an engine, as trl's own reward models
+    scorer = None
+    if "reward_model" in rl_args.reward_names:
+        reward_model = frozen(load_reward_model(model_args, rl_args, tokenizer))
+        scorer = RewardModelScorer(reward_model, tokenizer, stops, rl_args.missing_eos_penalty, closing)
+    reward_funcs = [scorer if name == "reward_model" else VERIFIABLE_REWARDS[name] for name in rl_args.reward_names]
+    trl_trainer = RLOOTrainer if rl_args.rl_algorithm == "rloo" else GRPOTrainer
+    trainer_class = with_atomic_checkpoints(trl_trainer)
+    trainer = trainer_class(
+        model=policy,
+        reward_funcs=reward_funcs,
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    if scorer is not None:  # ZeRO-3: an inference engine, as trl prepares its own reward models
+        scorer.model = prepare_frozen(scorer.model, trainer.accelerator)
     if config.do_train:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(config))
         trainer.save_model()
