@@ -41,7 +41,7 @@ from medicalgpt.train.distill import (
     reconcile_distill_args,
     set_stop_tokens,
 )
-from medicalgpt.train.records import load_stage_records, to_dataset
+from medicalgpt.train.records import load_stage_records
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 
 logger = logging.getLogger("medicalgpt")
@@ -62,7 +62,7 @@ def main(argv=None):
     with training_args.main_process_first(desc="tokenising"):
         train_dataset, eval_dataset = (
             None if records is None else prepare_distill_dataset(
-                to_dataset(records, overwrite=data_args.overwrite_cache), template, tokenizer,
+                records, template, tokenizer,
                 training_args.max_length, distill_args.max_prompt_length, data_args.system_prompt,
                 data_args.preprocessing_num_workers, f" ({split})",
             )

@@ -21,7 +21,7 @@ from medicalgpt.cli import run_cli, setup_logging
 from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
-from medicalgpt.train.records import prepare_preference_data
+from medicalgpt.train.records import load_tokenized_preferences
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 from medicalgpt.train.trainers import PreTokenizedDPOTrainer
 
@@ -37,7 +37,7 @@ def main(argv=None):
 
     # Data
     tokenizer = load_tokenizer(model_args)
-    train_dataset, eval_dataset = prepare_preference_data(data_args, training_args, pref_args, tokenizer)
+    train_dataset, eval_dataset = load_tokenized_preferences(data_args, training_args, pref_args, tokenizer)
 
     # Model
     model = wrap_with_lora(load_model(model_args), lora_args, training_args, model_args.model_name_or_path)

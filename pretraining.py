@@ -26,7 +26,7 @@ from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
 from medicalgpt.parser import parse_args
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.preprocess import IGNORE_INDEX, prepare_pretraining_dataset
-from medicalgpt.train.records import load_stage_records, to_dataset
+from medicalgpt.train.records import load_stage_records
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 
 logger = logging.getLogger("medicalgpt")
@@ -50,8 +50,8 @@ def main(argv=None):
         )
     blocks = dict(tokenizer=tokenizer, block_size=block_size, num_proc=data_args.preprocessing_num_workers)
     with training_args.main_process_first(desc="tokenising"):
-        train_dataset = prepare_pretraining_dataset(to_dataset(train_records), desc_suffix=" (train)", **blocks)
-        eval_dataset = prepare_pretraining_dataset(to_dataset(eval_records), desc_suffix=" (eval)", **blocks)
+        train_dataset = prepare_pretraining_dataset(train_records, desc_suffix=" (train)", **blocks)
+        eval_dataset = prepare_pretraining_dataset(eval_records, desc_suffix=" (eval)", **blocks)
     logger.info("Blocks of %d tokens: %d for training.", block_size, len(train_dataset or []))
 
     # Model

@@ -28,7 +28,7 @@ from medicalgpt.rl.rewards import closing_ids
 from medicalgpt.templates import build_template
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.preprocess import to_reward_features
-from medicalgpt.train.records import prepare_preference_data
+from medicalgpt.train.records import load_tokenized_preferences
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 
 logger = logging.getLogger("medicalgpt")
@@ -46,7 +46,7 @@ def main(argv=None):
     suffix_ids = closing_ids(tokenizer, build_template(data_args.template_name, tokenizer))
     # trl drops pairs longer than max_length (--max_source_length + --max_target_length): the suffix comes on top
     training_args.max_length += len(suffix_ids)
-    train_pairs, eval_pairs = prepare_preference_data(data_args, training_args, pref_args, tokenizer)
+    train_pairs, eval_pairs = load_tokenized_preferences(data_args, training_args, pref_args, tokenizer)
     num_proc = data_args.preprocessing_num_workers
     train_dataset = to_reward_features(train_pairs, num_proc=num_proc, suffix_ids=suffix_ids)
     eval_dataset = to_reward_features(eval_pairs, num_proc=num_proc, suffix_ids=suffix_ids)

@@ -38,7 +38,7 @@ from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.losses import add_chunked_lm_head, check_liger_kernel, resolve_chunked_loss
 from medicalgpt.train.packing import PackedRowsCollator, pack_rows, resolve_packing
 from medicalgpt.train.preprocess import format_label_mask, prepare_sft_dataset
-from medicalgpt.train.records import load_stage_records, to_dataset
+from medicalgpt.train.records import load_stage_records
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 
 logger = logging.getLogger("medicalgpt")
@@ -92,10 +92,8 @@ def main(argv=None):
         overlong=sft_args.overlong,
     )
     with training_args.main_process_first(desc="tokenising"):
-        train_dataset = to_dataset(train_records, overwrite=data_args.overwrite_cache)
-        train_dataset = prepare_sft_dataset(train_dataset, desc_suffix=" (train)", **tokenise)
-        eval_dataset = to_dataset(eval_records, overwrite=data_args.overwrite_cache)
-        eval_dataset = prepare_sft_dataset(eval_dataset, desc_suffix=" (eval)", **tokenise)
+        train_dataset = prepare_sft_dataset(train_records, desc_suffix=" (train)", **tokenise)
+        eval_dataset = prepare_sft_dataset(eval_records, desc_suffix=" (eval)", **tokenise)
     log_first_sample(train_dataset, tokenizer)
 
     # Model

@@ -15,7 +15,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 @pytest.fixture(scope="session", autouse=True)
 def datasets_cache(tmp_path_factory):
-    """Tokenised data is cached between runs (medicalgpt.train.records.to_dataset): here in a temporary folder,
+    """Tokenised data is cached between runs (medicalgpt.train.records): here in a temporary folder,
     also for the scripts the tests start as subprocesses, not in ~/.cache."""
     import datasets
 

@@ -191,11 +191,3 @@ def load_tokenized_preferences(data_args, training_args, pref_args, tokenizer):
             )
             for split, records in (("train", train_records), ("eval", eval_records))
         )  # fmt: skip
-
-
-# Old names, while the stage scripts move to the new ones: load_stage_records already returns cached datasets.
-def to_dataset(records, overwrite=False):
-    return records if records is None or isinstance(records, datasets.Dataset) else cache_records(records, overwrite)
-
-
-prepare_preference_data = load_tokenized_preferences

@@ -15,7 +15,7 @@ import supervised_finetuning
 from medicalgpt.templates import get_conv_template
 from medicalgpt.train.packing import PackedRowsCollator, pack_rows, resolve_packing
 from medicalgpt.train.preprocess import IGNORE_INDEX, prepare_sft_dataset, tokenize_conversation
-from medicalgpt.train.records import to_dataset
+from medicalgpt.train.records import cache_records
 from tests.helpers import FAST_FLAGS, write_jsonl
 
 
@@ -187,7 +187,7 @@ def test_tokenised_sft_data_is_cached_between_runs(tiny_tokenizer, tmp_path, mon
     template = get_conv_template("qwen")
 
     def prepare(overwrite=False):
-        dataset = prepare_sft_dataset(to_dataset(records, overwrite=overwrite), template, tiny_tokenizer, 4096)
+        dataset = prepare_sft_dataset(cache_records(records, overwrite=overwrite), template, tiny_tokenizer, 4096)
         files = [f["filename"] for f in dataset.cache_files]
         return dataset, {path: os.stat(path).st_mtime_ns for path in files}
 
