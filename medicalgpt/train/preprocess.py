@@ -19,6 +19,8 @@ than `model_max_length` (`--overlong`, counted and logged either way):
 import logging
 from itertools import chain
 
+import datasets
+
 from medicalgpt.templates import leading_bos
 
 logger = logging.getLogger(__name__)
@@ -52,17 +54,20 @@ def prepare_pretraining_dataset(dataset, tokenizer, block_size, num_proc=None, d
     dataset = dataset.map(
         tokenize,
         batched=True,
-        num_proc=num_proc,
         remove_columns=dataset.column_names,
-        desc=f"Tokenising{desc_suffix}",
+        **_map_options(dataset, num_proc, f"Tokenising{desc_suffix}"),
     )
     return dataset.map(
         group,
         batched=True,
         batch_size=PT_MAP_BATCH,
-        num_proc=num_proc,
-        desc=f"Grouping into blocks of {block_size}{desc_suffix}",
+        **_map_options(dataset, num_proc, f"Grouping into blocks of {block_size}{desc_suffix}"),
     )
+
+
+def _map_options(dataset, num_proc, desc):
+    """`.map` options of a Dataset; a streamed IterableDataset (--streaming) takes neither."""
+    return {} if isinstance(dataset, datasets.IterableDataset) else {"num_proc": num_proc, "desc": desc}
 
 
 def tokenize_conversation(
@@ -135,10 +140,11 @@ def prepare_sft_dataset(
     dataset = dataset.map(
         tokenize,
         batched=True,
-        num_proc=num_proc,
         remove_columns=dataset.column_names,
-        desc=f"Tokenising conversations{desc_suffix}",
+        **_map_options(dataset, num_proc, f"Tokenising conversations{desc_suffix}"),
     )
+    if isinstance(dataset, datasets.IterableDataset):  # streamed: medicalgpt.train.streaming counts as it goes
+        return dataset
     skipped = _log_overlong(dataset, max_length)
     if skipped:
         dataset = dataset.filter(
