@@ -73,6 +73,13 @@ class DataArguments:
         default=None, metadata={"help": "Processes used to tokenise the data."}
     )
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenise instead of using the datasets cache."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "PT and SFT: read, tokenise and pack the data as training consumes it (a corpus too large to "
+            "write once more; a hub dataset). Needs --max_steps. See medicalgpt/train/streaming.py."
+        },
+    )
     skip_invalid_examples: bool = field(
         default=False,
         metadata={"help": "Skip records that fail validation (they are counted and reported) instead of stopping."},
