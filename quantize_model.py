@@ -7,7 +7,7 @@
         --calibration_file data/pretrain --eval_file data/eval/perplexity.txt --output_dir merged-sft-qwen-v1-gptq
 
 `--method nf4` (4-bit NormalFloat with double quantisation) and `int8` use bitsandbytes (requirements-gpu.txt), on
-a GPU or, with bitsandbytes >= 0.48, the CPU. `gptq` uses gptqmodel on a CUDA GPU, calibrated on
+a GPU or the CPU (bitsandbytes 0.50.2 measured). `gptq` uses gptqmodel on a CUDA GPU, calibrated on
 `--num_calibration_samples` windows of `--calibration_max_length` tokens of text. A LoRA adapter directory is merged
 into its base in full precision first. The folder written loads with plain transformers
 (`AutoModelForCausalLM.from_pretrained(folder)`), and with inference.py, gradio_demo.py, fastapi_server_demo.py and
@@ -104,10 +104,10 @@ def main(argv=None):
 
     quantized = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=args.trust_remote_code)
     after = measure(quantized, tokenizer, records, args)
+    config = getattr(quantized.config, "quantization_config", None)
     results = {
         "method": args.method, "model": args.model_name_or_path, "output_dir": output,
-        "quantization_config": quantized.config.quantization_config.to_dict()
-        if hasattr(quantized.config.quantization_config, "to_dict") else quantized.config.quantization_config,
+        "quantization_config": config.to_dict() if hasattr(config, "to_dict") else config,
         "before": before, "after": after, "memory_ratio": after["memory_bytes"] / before["memory_bytes"],
     }  # fmt: skip
     with open(os.path.join(output, "quantize_results.json"), "w", encoding="utf-8") as f:
