@@ -7,9 +7,9 @@ gradient as much again: more than a 0.5B model's weights. Two ways around it, sa
   kernel on GPU; on CPU its torch fallback scores every position, prompts included, and computes entropy and
   top-1 accuracy for the logs as well.
 - `--chunked_loss` (this module): the LM head and cross-entropy run on chunks of the learned positions only, each
-  chunk under activation checkpointing, so backward recomputes one chunk's logits at a time instead of keeping
-  them all. Plain torch, any device; the default on CPU, where it is the faster of the two. It logs the loss only
-  (trl's entropy and token accuracy need the fused head).
+  chunk but the last under activation checkpointing, so backward recomputes one chunk's logits at a time instead of
+  keeping them all. Plain torch, any device; the default on CPU, where it is the faster of the two. It logs the loss
+  only (trl's entropy and token accuracy need the fused head).
 """
 
 import functools
@@ -41,8 +41,14 @@ def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chu
     chunk_size = chunk_size or max(1, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
     total = hidden_states.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk_size):
-        end = start + chunk_size
-        total = total + checkpoint(_chunk_loss, lm_head, hidden[start:end], targets[start:end], use_reentrant=False)
+        chunk = (lm_head, hidden[start : start + chunk_size], targets[start : start + chunk_size])
+        if start + chunk_size >= len(targets):
+            # The last chunk is not recomputed: backward starts with it (autograd runs the latest nodes first), so its
+            # logits are freed before any other chunk's are rebuilt, and one chunk of logits at a time still holds.
+            # A step whose learned tokens fit in one chunk (the common case with a small vocabulary) recomputes none.
+            total = total + _chunk_loss(*chunk)
+        else:
+            total = total + checkpoint(_chunk_loss, *chunk, use_reentrant=False)
     if len(targets) == 0:  # keep the graph connected: an all-masked micro-batch contributes a zero gradient
         total = total + hidden_states.sum() * 0.0
     divisor = num_items_in_batch if num_items_in_batch is not None else learned.sum().clamp(min=1)

@@ -73,7 +73,18 @@ def test_chunked_loss_never_projects_more_than_a_chunk(tiny_model_dir):
     hidden = model.model(input_ids=inputs["input_ids"]).last_hidden_state
     chunked_lm_loss(hidden, model.lm_head, inputs["labels"], chunk_size=10).backward()
     learned = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
-    assert max(rows) == 10 and sum(rows) == 2 * learned  # prompts never projected; backward recomputes each chunk
+    # prompts never projected; backward recomputes every chunk but the last, whose logits it frees first
+    assert learned == 69 and rows == [10] * 6 + [9] + [10] * 6
+
+
+def test_learned_tokens_in_one_chunk_are_projected_once(tiny_model_dir):
+    model = load(tiny_model_dir)
+    inputs = batch(model.config.vocab_size)
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, output: rows.append(output.shape[0]))
+    hidden = model.model(input_ids=inputs["input_ids"]).last_hidden_state
+    chunked_lm_loss(hidden, model.lm_head, inputs["labels"], chunk_size=1000).backward()
+    assert rows == [69]  # no recomputation in backward
 
 
 def test_a_batch_without_learned_tokens_gives_a_zero_loss(tiny_model_dir):
@@ -90,7 +101,7 @@ def test_sft_trainer_losses_agree_chunked_fused_and_plain(tiny_model_dir, tiny_t
     import datasets
     from trl import SFTTrainer
 
-    from tests.test_packing import tokenised
+    from tests.train.test_packing import tokenised
 
     dataset = datasets.Dataset.from_list(tokenised(tiny_tokenizer))
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", bf16=False,
