@@ -132,8 +132,10 @@ def load_model(model_args, path=None, model_class=AutoModelForCausalLM, **model_
         revision=model_args.model_revision,
         trust_remote_code=model_args.trust_remote_code,
         device_map=resolve_device_map(model_args.device_map),
-        quantization_config=build_quantization_config(model_args, dtype),
     )
+    quantization = build_quantization_config(model_args, dtype)
+    if quantization is not None:  # an explicit None would also drop the config of a saved 4/8-bit model
+        kwargs["quantization_config"] = quantization
     attention = resolve_attention(model_args)
     if attention:
         kwargs["attn_implementation"] = attention
@@ -144,7 +146,7 @@ def load_model(model_args, path=None, model_class=AutoModelForCausalLM, **model_
         model = model_class.from_pretrained(adapter_base or path, **kwargs)
     if adapter_base:
         fit_embeddings_to_adapter_tokenizer(model, path, model_args)
-        model = merge_adapter(model, path, quantized=kwargs["quantization_config"] is not None)
+        model = merge_adapter(model, path, quantized=quantization is not None)
     return model
 
 
