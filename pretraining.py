@@ -28,6 +28,7 @@ from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.preprocess import IGNORE_INDEX, prepare_pretraining_dataset
 from medicalgpt.train.records import load_stage_records
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.streaming import stream_stage_records
 
 logger = logging.getLogger("medicalgpt")
 
@@ -41,7 +42,8 @@ def main(argv=None):
     check_and_log_args(training_args, model_args, lora_args)
 
     # Data
-    train_records, eval_records = load_stage_records(data_args, training_args, stage="pt")
+    load_records = stream_stage_records if data_args.streaming else load_stage_records  # --streaming: streamed
+    train_records, eval_records = load_records(data_args, training_args, stage="pt")
     tokenizer = load_tokenizer(model_args)
     block_size = pt_args.block_size or min(1024, tokenizer.model_max_length)
     if block_size > tokenizer.model_max_length:
@@ -52,7 +54,8 @@ def main(argv=None):
     with training_args.main_process_first(desc="tokenising"):
         train_dataset = prepare_pretraining_dataset(train_records, desc_suffix=" (train)", **blocks)
         eval_dataset = prepare_pretraining_dataset(eval_records, desc_suffix=" (eval)", **blocks)
-    logger.info("Blocks of %d tokens: %d for training.", block_size, len(train_dataset or []))
+    if not data_args.streaming:  # a stream has no length
+        logger.info("Blocks of %d tokens: %d for training.", block_size, len(train_dataset or []))
 
     # Model
     model = load_model(model_args)

@@ -40,6 +40,7 @@ from medicalgpt.train.packing import PackedRowsCollator, pack_rows, resolve_pack
 from medicalgpt.train.preprocess import format_label_mask, prepare_sft_dataset
 from medicalgpt.train.records import load_stage_records
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.streaming import finish_sft_stream, stream_stage_records
 
 logger = logging.getLogger("medicalgpt")
 
@@ -77,7 +78,8 @@ def main(argv=None):
     check_and_log_args(training_args, model_args, lora_args)
 
     # Data
-    train_records, eval_records = load_stage_records(data_args, training_args, stage="sft")
+    load_records = stream_stage_records if data_args.streaming else load_stage_records  # --streaming: streamed
+    train_records, eval_records = load_records(data_args, training_args, stage="sft")
     choice_items = choice_args.load_items(data_args.skip_invalid_examples)  # --choice_eval_file, scored in training
     tokenizer = load_tokenizer(model_args)
     template = build_template(data_args.template_name, tokenizer)
@@ -94,13 +96,20 @@ def main(argv=None):
     with training_args.main_process_first(desc="tokenising"):
         train_dataset = prepare_sft_dataset(train_records, desc_suffix=" (train)", **tokenise)
         eval_dataset = prepare_sft_dataset(eval_records, desc_suffix=" (eval)", **tokenise)
-    log_first_sample(train_dataset, tokenizer)
+    if not data_args.streaming:
+        log_first_sample(train_dataset, tokenizer)
 
     # Model
     model = load_model(model_args)
     resize_embeddings_for_tokenizer(model, tokenizer)  # a tokenizer from build_domain_tokenizer.py
     packing = resolve_packing(training_args, model)
-    if packing == "rows":
+    if packing != "trl":  # truncated and masked above: trl's passes that truncate and filter again are skipped
+        training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    if data_args.streaming:  # skipped conversations dropped, rows packed on the fly (medicalgpt/train/streaming.py)
+        pack_eval = packing == "rows" and training_args.eval_packing is not False
+        train_dataset = finish_sft_stream(train_dataset, sft_args.model_max_length, pack=packing == "rows")
+        eval_dataset = eval_dataset and finish_sft_stream(eval_dataset, sft_args.model_max_length, pack=pack_eval)
+    elif packing == "rows":
         with training_args.main_process_first(desc="packing"):
             train_dataset = pack_rows(train_dataset, sft_args.model_max_length, num_proc, desc="Packing train")
             if eval_dataset is not None and training_args.eval_packing is not False:
