@@ -226,22 +226,14 @@ QWEN3_REASONING = {
 }
 
 
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_nothink"])
 @pytest.mark.parametrize("case", QWEN3_REASONING)
-def test_qwen3_reasoning_matches_official_template(case):
+def test_qwen3_reasoning_matches_official_template(case, name):
     messages = QWEN3_REASONING[case]
     official_messages = [{**m, "role": "tool"} if m["role"] == "observation" else m for m in messages]
     complete = messages[-1]["role"] == "assistant"
-    expected = expected_official("qwen3", official_messages, None, complete)
-    assert get_conv_template("qwen3").render(messages) == expected
-
-
-@pytest.mark.parametrize("case", QWEN3_REASONING)
-def test_qwen3_nothink_reasoning_matches_official_template(case):
-    messages = QWEN3_REASONING[case]
-    official_messages = [{**m, "role": "tool"} if m["role"] == "observation" else m for m in messages]
-    complete = messages[-1]["role"] == "assistant"
-    expected = expected_official("qwen3_nothink", official_messages, None, complete)
-    assert get_conv_template("qwen3_nothink").render(messages) == expected
+    expected = expected_official(name, official_messages, None, complete)
+    assert get_conv_template(name).render(messages) == expected
 
 
 def test_qwen3_nothink_keeps_reasoning_of_the_last_answer():
