@@ -3,7 +3,8 @@
 - serve/ and eval/ never import train/, directly or through other package modules;
 - the package never imports a top-level script (template.py, supervised_finetuning.py, ...);
 - package modules stay under ~400 lines and the scripts' main() under ~80;
-- docs/DESIGN.md's layout names every package module and every script, each in its folder.
+- docs/DESIGN.md's layout names every package module and every script, each in its folder;
+- a test module imports shared test code only from tests/helpers.py (fixtures come from tests/conftest.py).
 """
 
 import ast
@@ -18,6 +19,11 @@ MODULE_LINES = 400
 MAIN_LINES = 80
 # Modules allowed over the limit: {name: (lines, why)}. Keep it empty: split a module rather than list it.
 LARGE_MODULES = {}
+# Test modules that still import from another test module: {importer: imported}. Move the shared piece into
+# tests/helpers.py and drop the entry.
+TEST_IMPORTS_TO_MOVE = {
+    "tests.train.test_losses": "tests.train.test_packing",  # tokenised(): issue 17's files, being edited meanwhile
+}
 
 
 def module_name(path):
@@ -150,3 +156,18 @@ def test_design_doc_names_every_module_and_script():
     documented = documented_layout()
     missing, stale = sorted(actual - documented), sorted(documented - actual)
     assert not missing and not stale, f"docs/DESIGN.md layout: add {missing}, remove {stale}"
+
+
+def test_tests_share_code_only_through_helpers():
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        name = module_name(path)
+        for imported in imported_names(path, name):
+            parts = imported.split(".")
+            test_module = [i for i, part in enumerate(parts) if part.startswith(("test_", "conftest"))]
+            if parts[0] != "tests" or not test_module:
+                continue
+            imported = ".".join(parts[: test_module[0] + 1])
+            if imported != name and TEST_IMPORTS_TO_MOVE.get(name) != imported:
+                offenders.append(f"{name} imports {imported}")
+    assert not offenders, "import shared test code from tests/helpers.py:\n" + "\n".join(sorted(set(offenders)))
