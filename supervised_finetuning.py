@@ -105,15 +105,11 @@ def main(argv=None):
     packing = resolve_packing(training_args, model)
     if packing != "trl":  # truncated and masked above: trl's passes that truncate and filter again are skipped
         training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    if data_args.streaming:  # skipped conversations dropped, rows packed on the fly (medicalgpt/train/streaming.py)
-        pack_eval = packing == "rows" and training_args.eval_packing is not False
-        train_dataset = finish_sft_stream(train_dataset, sft_args.model_max_length, pack=packing == "rows")
-        eval_dataset = eval_dataset and finish_sft_stream(eval_dataset, sft_args.model_max_length, pack=pack_eval)
-    elif packing == "rows":
-        with training_args.main_process_first(desc="packing"):
-            train_dataset = pack_rows(train_dataset, sft_args.model_max_length, num_proc, desc="Packing train")
-            if eval_dataset is not None and training_args.eval_packing is not False:
-                eval_dataset = pack_rows(eval_dataset, sft_args.model_max_length, num_proc, desc="Packing eval")
+    eval_packing = packing if training_args.eval_packing is not False else "off"
+    rows = dict(max_length=sft_args.model_max_length, streaming=data_args.streaming, num_proc=num_proc)
+    with training_args.main_process_first(desc="packing"):
+        train_dataset = prepare_rows(train_dataset, packing=packing, split="train", **rows)
+        eval_dataset = prepare_rows(eval_dataset, packing=eval_packing, split="eval", **rows)
     chunked_loss = resolve_chunked_loss(sft_args.chunked_loss, training_args, model)
     if chunked_loss:
         add_chunked_lm_head(model)
@@ -153,6 +149,19 @@ def main(argv=None):
         trainer.save_metrics("eval", metrics)
     end_training(trainer.accelerator, trainer.model_wrapped)
     logger.info("Outputs in %s", training_args.output_dir)
+
+
+def prepare_rows(dataset, packing, max_length, streaming, num_proc, split):
+    """Tokenised conversations -> the rows the trainer reads: packed when `packing` is "rows" (medicalgpt/train/
+    packing.py), else as they are. A stream also drops the conversations preprocessing skipped, and packs on the fly
+    (medicalgpt/train/streaming.py). None (a split not asked for) gives None."""
+    if dataset is None:
+        return None
+    if streaming:
+        return finish_sft_stream(dataset, max_length, pack=packing == "rows")
+    if packing == "rows":
+        return pack_rows(dataset, max_length, num_proc, desc=f"Packing {split}")
+    return dataset
 
 
 def log_first_sample(train_dataset, tokenizer):
