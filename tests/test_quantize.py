@@ -26,6 +26,7 @@ def logits(model):
 
 
 def export(capsys, *argv):
+    capsys.readouterr()  # what ran before (a training run's logs) is not the printed JSON
     quantize_model.main(list(argv))
     return json.loads(capsys.readouterr().out)
 
@@ -85,7 +86,7 @@ def test_an_adapter_is_merged_in_full_precision_then_quantised(tiny_model_dir, t
     quantized = logits(AutoModelForCausalLM.from_pretrained(out))
     merged = logits(load_model(ModelArguments(), adapter))
     base = logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    assert (quantized - merged).abs().max() < 0.2 * (merged - base).abs().max()  # the adapter is in the weights
+    assert (quantized - merged).norm() < 0.5 * (quantized - base).norm()  # the adapter is in the rounded weights
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == []  # the full-precision merge was removed
 
 
