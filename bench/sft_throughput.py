@@ -3,6 +3,10 @@
     python bench/sft_throughput.py --contenders ours --limit 64 --repeats 1        # a quick check, ~2 minutes
     MEDICALGPT_UPSTREAM=~/src/MedicalGPT python bench/sft_throughput.py \\
         --contenders upstream,llamafactory,ours --repeats 3                          # the full table
+    python bench/sft_throughput.py --model models/smollm2-135m-instruct --max_length 128 --limit 32 \\
+        --contenders upstream,ours_chunked,llamafactory                              # a real model (make real-model)
+    python bench/sft_throughput.py --contenders ours_chunked,llamafactory_packing --limit 128 --repeats 1 \\
+        --profile 3                                                # where the time goes: top operators of 3 steps
 
 Equal work: every contender trains on the same conversations (upstream's 1K medical SFT file, those that fit in
 --max_length tokens with every template, so nobody truncates or skips), on the same model (a Qwen2-shaped tiny model,
@@ -23,9 +27,13 @@ One row per change, so each gain is attributed:
                       it into bench/.venv-llamafactory (git-ignored); --llamafactory_python to use another.
 
 Runs are interleaved (each repeat visits every contender, in a rotated order) and repeated (--repeats), each in its
-own process with OMP_NUM_THREADS pinned (--threads). Printed: a table of medians with their spread (min-max), real
-tokens/s (real tokens / median training seconds), optimizer steps, peak RSS and the load average around each run,
-then everything as JSON. Timings taken while other jobs share the cores are noisy: read the load average.
+own process with OMP_NUM_THREADS pinned (--threads). Printed: a table of medians with their spread (min-max), the
+training's CPU seconds (all threads; less sensitive than wall time to other jobs on the machine), real tokens/s (real
+tokens / median training seconds), optimizer steps, peak RSS and the load average around each run, then everything
+as JSON. Timings taken while other jobs share the cores are noisy: read the load average.
+
+--model benches another model; one that pads with its end-of-turn token (SmolLM2-Instruct pads with <|im_end|>) is
+given its unknown token as pad, for every contender, so that real tokens can be counted as the non-padding ones.
 """
 
 import argparse
