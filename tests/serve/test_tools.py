@@ -61,7 +61,7 @@ def engine(tmp_path_factory, tiny_model_dir):
     data, out = write_jsonl(root / "tools.jsonl", TRAINING), root / MODEL
     argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train"]
     argv += ["--template_name", "qwen", "--use_peft", "True", "--lora_rank", "16", "--lora_alpha", "32"]
-    argv += ["--lora_dropout", "0", "--num_train_epochs", "80", "--learning_rate", "1e-2"]
+    argv += ["--lora_dropout", "0", "--num_train_epochs", "100", "--learning_rate", "1e-2"]
     argv += ["--per_device_train_batch_size", "4", "--save_strategy", "no", "--output_dir", str(out)]
     supervised_finetuning.main([*argv, *FAST_FLAGS])
     return load_chat_engine(ChatArguments(base_model=tiny_model_dir, lora_model=str(out), template_name="qwen"))
