@@ -2,18 +2,25 @@
 
     python evaluate.py --task choice --base_model Qwen/Qwen2.5-0.5B-Instruct --lora_model outputs-sft-qwen-v1 \\
         --template_name qwen --data_file data/eval/choice.jsonl --n_shot 3 --output_dir outputs-eval-choice
+    python evaluate.py --task choice --data_file ceval-exam --subjects medical --n_shot 5 --template_name qwen \\
+        --compare base=Qwen/Qwen2.5-0.5B-Instruct sft=outputs-sft-qwen-v1 --output_dir outputs-eval-ceval
     python evaluate.py --task qa --base_model merged-sft-qwen-v1 --template_name qwen \\
         --data_file data/eval/qa.jsonl --batch_size 8 --max_new_tokens 256 --output_dir outputs-eval-qa
     python evaluate.py --task perplexity --base_model Qwen/Qwen2.5-0.5B --lora_model outputs-pt-qwen-v1 \\
         --data_file data/eval/perplexity.txt --block_size 512 --stride 256 --output_dir outputs-eval-ppl
 
-choice: JSONL records {"question", "options": {"A": ..., ...} or [...], "answer": "B" or "ACD", "subject"?}, the
-shape of public exams such as CMExam, CMB or MedQA once converted (README: Evaluation). The prediction is the answer
-the model finds most likely right after the prompt (log-likelihood of the option letters); accuracy overall and per
-subject, with the accuracy of guessing beside it. `--n_shot N` puts N solved items of the same file (same subject
-first) before each question. `--prompt_format chat` (default) renders the question as a user turn with the chat
-template (`--template_name`, else the tokenizer's own), as SFT trained; `plain` writes `答案：` / `Answer:` after
-it, for base models.
+choice: JSONL records {"question", "options": {"A": ..., ...} or [...], "answer": "B" or "ACD", "subject"?}, or a
+public benchmark's released files read as they ship (--format, detected by default: ceval, cmmlu, mmlu, cmb, cmexam,
+medqa, medmcqa, pubmedqa; a folder of per-subject files, or a hub name; --subjects medical; medicalgpt/eval/formats.py
+and benchmarks.py). The prediction is the answer the model finds most likely right after the prompt (log-likelihood
+of the option letters, or with --choice_target option of their texts): acc, acc_norm and acc_bytes as
+lm-evaluation-harness computes them, overall and per subject, with a 95% interval and the accuracy of guessing
+beside them. `--choice_mode generate` parses the letter from the model's reply instead, also from an
+OpenAI-compatible server (--api_base, --api_key, --model). `--compare NAME=PATH ...` puts several models in one
+table (compare.md, compare.json). `--n_shot N` puts N solved items (a folder's dev/ split, else the other items of
+the file; same subject first) before each question. `--prompt_format chat` (default) renders the question as a
+user turn with the chat template (`--template_name`, else the tokenizer's own), as SFT trained; `plain` writes
+`答案：` / `Answer:` after it, for base models.
 qa: JSONL records {"question", "answer"}; answers are generated in batches (greedy unless --temperature > 0) and
 scored against the references with ROUGE-L F1 and BLEU (0-100; characters for Chinese, words for English).
 perplexity: pretraining text (.txt lines, or .json/.jsonl with "text"; a directory is searched), tokenised as

@@ -1,11 +1,7 @@
 """The three tasks of evaluate.py, and ChoiceEvalCallback, which runs the choice task while SFT trains.
 
-choice      Each candidate answer is scored by the log-likelihood the model gives its letter(s) right after the
-            prompt (the chat template's generation prompt, or `答案：` / `Answer:` in plain format), and the most
-            likely candidate is the prediction. A single-answer item's candidates are its option letters; a k-answer
-            item's are every set of k letters, written in alphabetical order as in the file ("ACD"): the score of
-            "ACD" is that of its tokens in sequence, so a model is right only when it picks the whole set. The
-            expected accuracy of guessing (`chance`) is reported beside the accuracy.
+choice      Scored in medicalgpt/eval/choice.py (log-likelihood of each candidate answer, as lm-evaluation-harness;
+            or letters parsed from generated replies).
 perplexity  Documents are tokenised as pretraining.py tokenises them (tokenizer(text) + EOS, concatenated). Windows
             of `block_size` tokens advance by `stride`; each scores the tokens the previous windows did not, so
             every token but the first is scored once, with at least block_size - stride tokens of context. With
