@@ -93,7 +93,7 @@ def detect_format(path):
             return "ceval"
         if {"Question", "A", "B"} <= set(header):
             return "cmmlu"
-        return "mmlu" if len(header) >= 3 else None
+        return "mmlu" if len(header) == 6 and header[-1].upper() in ("A", "B", "C", "D") else None
     if extension not in (".json", ".jsonl"):
         return None
     with open(path, "rb") as f:
