@@ -139,7 +139,9 @@ class Derived:
 # Options that follow from others, applied after the aliases where the script parses every field named.
 DERIVED = (
     # RM, DPO, ORPO: a pair is at most its prompt and its answer (both cut in medicalgpt/train/preprocess.py)
-    Derived("max_length", ("max_source_length", "max_target_length"), lambda source, target: source + target, True),
+    Derived(
+        "max_length", ("max_source_length", "max_target_length"), lambda prompt, answer: prompt + answer, always=True
+    ),
     # SFT cuts conversations to --model_max_length, which is trl's --max_length unless given
     Derived("model_max_length", ("max_length",), lambda length: length),
     # non-reentrant checkpointing works with frozen inputs (LoRA) and under DDP without extra flags
