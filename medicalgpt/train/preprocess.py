@@ -223,9 +223,8 @@ def tokenize_preference(record, template, tokenizer, max_source_length, max_targ
     )
     prompt = "".join(p + r for p, r in turns)
     prompt_ids = leading_bos(tokenizer, prompt) + tokenizer.encode(prompt, add_special_tokens=False)
-    chosen_ids, rejected_ids = (
-        tokenizer.encode(record[key] + template.stop_str, add_special_tokens=False) for key in ("chosen", "rejected")
-    )
+    chosen_ids = tokenizer.encode(record["chosen"] + template.stop_str, add_special_tokens=False)
+    rejected_ids = tokenizer.encode(record["rejected"] + template.stop_str, add_special_tokens=False)
     truncated = len(prompt_ids) > max_source_length or max(len(chosen_ids), len(rejected_ids)) > max_target_length
     return {
         "prompt_ids": prompt_ids[-max_source_length:],
