@@ -6,8 +6,9 @@
 lm-eval runs in its own environment, bench/.venv-lmeval (git-ignored), made here when missing: `torch==2.13.0`
 first, then `lm-eval[hf]==0.4.13` with the project's transformers 5.23.0. Its tasks are local YAMLs over the
 project's sample files themselves:
-  * one task per C-Eval subject over data/eval/ceval (`dataset_path: csv`, val scored, few-shot from dev with
-    lm-eval's first_n sampler), the option letters as choices;
+  * one task per subject over data/eval/ceval, cmmlu and mmlu (`dataset_path: csv` on the per-subject CSVs,
+    C-Eval's val and CMMLU's and MMLU's test scored, few-shot from dev/ with lm-eval's first_n sampler), the option
+    letters as choices;
   * MedQA over data/eval/medqa/dev.jsonl (`dataset_path: json`), the options' texts as choices (cloze, where
     acc_norm and acc can differ), zero-shot.
 The YAMLs reproduce evaluate.py's plain prompt (`--prompt_format plain`): the instruction line as lm-eval's
@@ -30,10 +31,16 @@ from bench.common import REPO, load_average, model_path
 
 VENV = os.path.join(REPO, "bench", ".venv-lmeval")
 LM_EVAL = ("lm-eval[hf]==0.4.13", "transformers==5.23.0")  # the project's transformers: the same tokenisation
-CEVAL = os.path.join(REPO, "data", "eval", "ceval")
-MEDQA = os.path.join(REPO, "data", "eval", "medqa", "dev.jsonl")
-SUBJECTS = ("clinical_medicine", "basic_medicine")
-CEVAL_TEXT = "{{question}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\n答案："
+EVAL = os.path.join(REPO, "data", "eval")
+MEDQA = os.path.join(EVAL, "medqa", "dev.jsonl")
+CSV_BENCHMARKS = {  # format: (folder, split scored, (question column, answer column), how datasets reads the CSV)
+    "ceval": (os.path.join(EVAL, "ceval"), "val", ("question", "answer"), "usecols: [question, A, B, C, D, answer]"),
+    "cmmlu": (os.path.join(EVAL, "cmmlu"), "test", ("Question", "Answer"), "usecols: [Question, A, B, C, D, Answer]"),
+    "mmlu": (os.path.join(EVAL, "mmlu"), "test", ("question", "answer"),
+             "column_names: [question, A, B, C, D, answer]"),
+}  # fmt: skip
+SUBJECTS = {"ceval": ("clinical_medicine", "basic_medicine"), "cmmlu": ("anatomy", "nutrition"),
+            "mmlu": ("anatomy", "medical_genetics")}  # fmt: skip
 REAL_MODEL = os.path.join(REPO, "models", "smollm2-135m-instruct")
 
 
@@ -50,16 +57,21 @@ def yaml_string(text):
     return json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML string
 
 
-def ceval_task(subject, items, n_shot):
-    from medicalgpt.eval.items import choice_instruction
+def subject_task(fmt, subject, items, n_shot):
+    """A task over one subject's released CSVs: the scored split and dev/ for first_n few-shot."""
+    from medicalgpt.eval.items import answer_cue, choice_instruction
 
-    data = {"validation": os.path.join(CEVAL, "val", f"{subject}_val.csv"),
-            "dev": os.path.join(CEVAL, "dev", f"{subject}_dev.csv")}  # fmt: skip
-    return f"""task: parity_ceval_{subject}
+    folder, split, (question, answer), reading = CSV_BENCHMARKS[fmt]
+    suffix = "" if fmt == "cmmlu" else "_{}"
+    data = {"validation": os.path.join(folder, split, f"{subject}{suffix.format(split)}.csv"),
+            "dev": os.path.join(folder, "dev", f"{subject}{suffix.format('dev')}.csv")}  # fmt: skip
+    cue, space = answer_cue(items[0])
+    text = f"{{{{{question}}}}}\nA. {{{{A}}}}\nB. {{{{B}}}}\nC. {{{{C}}}}\nD. {{{{D}}}}\n{cue}"
+    return f"""task: parity_{fmt}_{subject}
 dataset_path: csv
 dataset_kwargs:
   data_files: {json.dumps(data)}
-  usecols: [id, question, A, B, C, D, answer]
+  {reading}
   keep_default_na: false
 output_type: multiple_choice
 validation_split: validation
@@ -68,10 +80,10 @@ fewshot_config:
   sampler: first_n
 num_fewshot: {n_shot}
 description: {yaml_string(choice_instruction(items[0]) + chr(10) * 2)}
-doc_to_text: {yaml_string(CEVAL_TEXT)}
+doc_to_text: {yaml_string(text)}
 doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: "{{{{['A', 'B', 'C', 'D'].index(answer)}}}}"
-target_delimiter: ""
+doc_to_target: "{{{{['A', 'B', 'C', 'D'].index({answer})}}}}"
+target_delimiter: {yaml_string(space)}
 fewshot_delimiter: {yaml_string(chr(10) * 2)}
 metric_list:
   - metric: acc
@@ -104,20 +116,22 @@ metric_list:
 
 
 def our_side(model, tokenizer, n_shot):
-    """{task: (items, rows, prompts)} scored by evaluate.py's code, plain prompts."""
+    """{task: (items, rows, prompts, shots used)} scored by evaluate.py's code, plain prompts."""
     from medicalgpt.eval.benchmarks import load_benchmark
     from medicalgpt.eval.choice import run_choice
     from medicalgpt.eval.items import choice_text, pick_shots
 
     tasks = {}
-    for subject in SUBJECTS:
-        items, shots = load_benchmark(CEVAL, "ceval", subjects=subject)
-        _, rows = run_choice(model, tokenizer, items, None, n_shot, 8, False, shots)
-        prompts = [choice_text(item, pick_shots(items, i, n_shot, shots)) for i, item in enumerate(items)]
-        tasks[f"parity_ceval_{subject}"] = (items, rows, prompts)
+    for fmt, subjects in SUBJECTS.items():
+        for subject in subjects:
+            items, shots = load_benchmark(CSV_BENCHMARKS[fmt][0], fmt, subjects=subject)
+            n = min(n_shot, len(shots))  # lm-eval's first_n needs that many dev items of the subject
+            _, rows = run_choice(model, tokenizer, items, None, n, 8, False, shots)
+            prompts = [choice_text(item, pick_shots(items, i, n, shots)) for i, item in enumerate(items)]
+            tasks[f"parity_{fmt}_{subject}"] = (items, rows, prompts, n)
     items, _ = load_benchmark(MEDQA, "medqa")
     _, rows = run_choice(model, tokenizer, items, None, 0, 8, False, None, "option")
-    tasks["parity_medqa"] = (items, rows, [choice_text(item, [], "option") for item in items])
+    tasks["parity_medqa"] = (items, rows, [choice_text(item, [], "option") for item in items], 0)
     return tasks
 
 
@@ -136,7 +150,7 @@ def run_lm_eval(lm_eval, model, tasks_dir, out_dir, names):
 
 
 def compare(name, ours, theirs, samples):
-    items, rows, prompts = ours
+    items, rows, prompts, shots = ours
     candidates = [list(row["scores"]) for row in rows]
     lm_lls = [[float(resp[0]) for resp in sample["filtered_resps"]] for sample in samples]  # logged as strings
     lm_pred = [candidates[i][max(range(len(lls)), key=lls.__getitem__)] for i, lls in enumerate(lm_lls)]
@@ -146,6 +160,7 @@ def compare(name, ours, theirs, samples):
     return {
         "task": name,
         "items": len(items),
+        "n_shot": shots,
         "ours": {"acc": mean(row["correct"] for row in rows), "acc_norm": mean(row["correct_norm"] for row in rows)},
         "lm_eval": {"acc": theirs[name]["acc,none"], "acc_norm": theirs[name]["acc_norm,none"]},
         "same_prediction": sum(row["prediction"] == pred for row, pred in zip(rows, lm_pred)),
@@ -163,7 +178,7 @@ def mean(values):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="A local model folder (default: models/smollm2-135m-instruct, else tiny).")
-    parser.add_argument("--n_shot", type=int, default=2, help="Few-shot examples from C-Eval's dev split.")
+    parser.add_argument("--n_shot", type=int, default=2, help="Few-shot examples from dev/ (at most a subject's).")
     parser.add_argument("--work_dir", help="Keep lm-eval's task YAMLs and outputs here (default: a temporary folder).")
     args = parser.parse_args()
     model_dir = args.model or (REAL_MODEL if os.path.isfile(os.path.join(REAL_MODEL, "config.json")) else None)
@@ -179,14 +194,17 @@ def main():
         work = args.work_dir or temporary
         tasks_dir = os.path.join(work, "tasks")
         os.makedirs(tasks_dir, exist_ok=True)
-        for subject in SUBJECTS:
-            with open(os.path.join(tasks_dir, f"ceval_{subject}.yaml"), "w", encoding="utf-8") as f:
-                f.write(ceval_task(subject, ours[f"parity_ceval_{subject}"][0], args.n_shot))
+        for name, (items, _, _, n) in ours.items():
+            if name != "parity_medqa":
+                fmt, subject = name.removeprefix("parity_").split("_", 1)
+                with open(os.path.join(tasks_dir, f"{name}.yaml"), "w", encoding="utf-8") as f:
+                    f.write(subject_task(fmt, subject, items, n))
         with open(os.path.join(tasks_dir, "medqa.yaml"), "w", encoding="utf-8") as f:
             f.write(medqa_task())
         theirs, samples = run_lm_eval(lm_eval, model_dir, tasks_dir, os.path.join(work, "out"), list(ours))
-    report = {"model": model_dir, "n_shot": args.n_shot, "load_average": load_average(),
-              "tasks": [compare(name, ours[name], theirs, samples[name]) for name in ours]}  # fmt: skip
+    tasks = [compare(name, ours[name], theirs, samples[name]) for name in ours]
+    totals = {key: sum(task[key] for task in tasks) for key in ("items", "same_prediction", "same_prompt")}
+    report = {"model": model_dir, "n_shot": args.n_shot, "load_average": load_average(), "all": totals, "tasks": tasks}
     print(json.dumps(report, ensure_ascii=False, indent=2))
 
 
