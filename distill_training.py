@@ -36,6 +36,7 @@ from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.distill import (
     DistillArguments,
     DistillTrainer,
+    fit_teacher_vocabulary,
     load_teacher,
     prepare_distill_dataset,
     reconcile_distill_args,
@@ -72,6 +73,7 @@ def main(argv=None):
     # Model
     teacher = load_teacher(model_args, distill_args, training_args, tokenizer)
     student = load_model(model_args)
+    fit_teacher_vocabulary(teacher, student, tokenizer)
     set_stop_tokens(student, tokenizer, template)
     student = wrap_with_lora(student, lora_args, training_args, base_path=model_args.model_name_or_path)
     logger.info(

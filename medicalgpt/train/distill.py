@@ -141,6 +141,24 @@ def load_teacher(model_args, distill_args, training_args, student_tokenizer):
     return teacher
 
 
+def fit_teacher_vocabulary(teacher, student, tokenizer):
+    """A teacher whose output layer has more rows than the student's keeps only the student's: Qwen2.5-7B pads its
+    vocabulary to 152,064 rows and 0.5B to 151,936, both beyond the tokenizer's 151,665 tokens, and trl's GKDTrainer
+    compares the two distributions row by row (it refuses different sizes). Dropping rows no token uses leaves every
+    real token's logit as it was."""
+    size, teacher_size = (m.get_output_embeddings().weight.shape[0] for m in (student, teacher))
+    if teacher_size == size:
+        return
+    if teacher_size < size or len(tokenizer) > size:
+        raise UsageError(
+            f"--teacher_model_name_or_path: the teacher has {teacher_size} vocabulary rows and the student {size} "
+            f"(the tokenizer {len(tokenizer)} tokens); distillation needs the teacher to cover the student's"
+        )
+    logger.info("The teacher's %d vocabulary rows are cut to the student's %d (no token uses the rest).",
+                teacher_size, size)  # fmt: skip
+    teacher.resize_token_embeddings(size, mean_resizing=False)
+
+
 def set_stop_tokens(model, tokenizer, template):
     """On-policy answers end at the template's end-of-turn token or EOS: GKDTrainer's sampling reads them from the
     model's generation config, which a full student also saves with its weights."""

@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 import distill_training
 from medicalgpt.cli import UsageError
@@ -218,3 +219,26 @@ def test_upstream_opd_flags_set_lmbda_and_beta():
     )
     reconcile_distill_args(config, distill_args)
     assert (config.lmbda, config.beta) == (0.8, 0.1)
+
+
+def test_a_teacher_with_padded_vocabulary_rows_is_cut_to_the_students_exactly(tiny_model_dir, tiny_tokenizer):
+    """Qwen2.5-7B has 152,064 output rows, 0.5B 151,936: the unused rows go, every real token's logit stays."""
+    from transformers import AutoModelForCausalLM
+
+    from medicalgpt.train.distill import fit_teacher_vocabulary
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    size = student.get_output_embeddings().weight.shape[0]
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    teacher.resize_token_embeddings(size + 64)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 300]])
+    with torch.no_grad():
+        padded = teacher(ids).logits
+    fit_teacher_vocabulary(teacher, student, tiny_tokenizer)
+    with torch.no_grad():
+        cut = teacher(ids).logits
+    assert padded.shape[-1] == size + 64 and cut.shape[-1] == size
+    torch.testing.assert_close(cut, padded[..., :size], rtol=0, atol=0)
+    teacher.resize_token_embeddings(size + 8)
+    with pytest.raises(UsageError, match="needs the teacher to cover the student's"):
+        fit_teacher_vocabulary(student, teacher, tiny_tokenizer)  # the teacher is the smaller one here
