@@ -1,10 +1,13 @@
 """What the tests share: paths, the flags of a fast in-process run, writing JSONL, running a script as a user does,
 and (for the inference, merge, server and gradio tests) a LoRA adapter that learned four answers by heart."""
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +89,25 @@ def free_port():
 
 def user(text):
     return [{"role": "user", "content": text}]
+
+
+@contextlib.contextmanager
+def serving(app):
+    """An ASGI app (the FastAPI server) under uvicorn on a free loopback port, in a thread: yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def learned_spans(input_ids, labels):
