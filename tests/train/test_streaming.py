@@ -1,0 +1,125 @@
+"""--streaming True (medicalgpt/train/streaming.py): PT and SFT train for --max_steps on a stream of the same tokens as
+the cached path; validation errors still name `path:line` (or `dataset[split]:row`) before training; no --max_steps is
+a usage error; trl's own passes over already-prepared SFT data are skipped."""
+
+import datasets
+import pytest
+from transformers import Trainer
+from trl import SFTTrainer
+
+import pretraining
+import supervised_finetuning
+from medicalgpt.cli import UsageError
+from medicalgpt.data.validate import DataValidationError
+from medicalgpt.train.streaming import stream_file_records
+from tests.helpers import FAST_FLAGS, global_step, write_jsonl
+
+QA = [(f"第{i}个问题：发烧{i}天了怎么办？", f"第{i}个回答：多喝水，休息{i}天，不退烧就去医院。") for i in range(8)]
+
+
+def record_batches(monkeypatch):
+    """Every training batch as a sorted list of its unpadded (input_ids, labels) sequences."""
+    seen = []
+    original = Trainer.training_step
+
+    def spy(self, model, inputs, *args, **kwargs):
+        ids, labels = inputs["input_ids"], inputs["labels"]
+        mask = inputs.get("attention_mask")
+        for row in range(ids.shape[0]):
+            keep = mask[row].bool() if mask is not None else slice(None)
+            seen.append((tuple(ids[row][keep].tolist()), tuple(labels[row][keep].tolist())))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", spy)
+    return seen
+
+
+def test_streaming_sft_trains_max_steps_on_the_same_conversations(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": q, "output": a} for q, a in QA])
+    prepared = []  # trl's _prepare_dataset (trl 1.16, private): our data is prepared, so it must not run
+    original_prepare = SFTTrainer._prepare_dataset
+
+    def prepare_spy(self, *args, **kwargs):
+        prepared.append(args)
+        return original_prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "_prepare_dataset", prepare_spy)
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train", "--template_name"]
+    argv += ["qwen", "--packing", "False", "--max_steps", "4", "--per_device_train_batch_size", "2", *FAST_FLAGS]
+    runs = {}
+    for streaming in ("False", "True"):
+        batches = record_batches(monkeypatch)
+        out = tmp_path / f"out-{streaming}"
+        supervised_finetuning.main([*argv, "--streaming", streaming, "--output_dir", str(out)])
+        assert global_step(out) == 4
+        runs[streaming] = sorted(batches)
+    assert len(runs["True"]) == 8 and len(set(runs["True"])) == 8  # each conversation once: 4 steps of 2
+    assert runs["True"] == runs["False"]
+    assert all(-100 in labels and any(t != -100 for t in labels) for _, labels in runs["True"])  # answers only
+    assert prepared == []
+
+
+def test_streaming_sft_packs_rows_on_the_fly(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": q, "output": a} for q, a in QA])
+    positions = []
+    original = Trainer.training_step
+    monkeypatch.setattr(
+        Trainer,
+        "training_step",
+        lambda self, m, inputs, *a: positions.append(inputs["position_ids"]) or original(self, m, inputs, *a),
+    )
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train", "--streaming", "True"]
+    argv += ["--template_name", "qwen", "--packing", "True", "--max_steps", "1", "--model_max_length", "1024"]
+    argv += ["--per_device_train_batch_size", "1", "--output_dir", str(tmp_path / "out"), *FAST_FLAGS]
+    supervised_finetuning.main(argv)
+    [row] = positions  # all eight conversations (~70 tokens each) in one packed row, positions restarting
+    assert row.shape[0] == 1 and 500 < row.shape[1] <= 1024 and (row == 0).sum() == 8
+    assert global_step(tmp_path / "out") == 1
+
+
+def test_streaming_pt_trains_on_the_same_blocks(tiny_model_dir, tmp_path, monkeypatch):
+    data = tmp_path / "pt.txt"
+    data.write_text(
+        "\n".join(f"第{i}篇：发热是人体对感染的反应，体温超过三十八度要多喝水。" for i in range(12)), "utf-8"
+    )
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train", "--block_size", "64"]
+    argv += ["--per_device_train_batch_size", "1", *FAST_FLAGS]
+    runs = {}
+    for streaming in ("False", "True"):
+        batches = record_batches(monkeypatch)
+        out = tmp_path / f"out-{streaming}"
+        steps = ["--max_steps", str(len(runs["False"]))] if streaming == "True" else ["--num_train_epochs", "1"]
+        pretraining.main([*argv, *steps, "--streaming", streaming, "--output_dir", str(out)])
+        runs[streaming] = sorted(batches)
+    assert len(runs["False"]) > 3 and global_step(tmp_path / "out-True") == len(runs["False"])
+    assert runs["True"] == runs["False"]
+
+
+def test_streaming_needs_max_steps(tiny_model_dir, tmp_path):
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(tmp_path), "--do_train"]
+    with pytest.raises(UsageError, match="--streaming True needs --max_steps"):
+        pretraining.main([*argv, "--streaming", "True", "--output_dir", str(tmp_path / "out"), *FAST_FLAGS])
+
+
+def test_streamed_files_are_validated_before_training(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "q", "output": "a"}, {"instruction": "only q"}])
+    with pytest.raises(DataValidationError) as raised:
+        stream_file_records([str(path)], "sft")
+    assert [str(e) for e in raised.value.errors] == [f"{path}:2: error: output: missing"]
+    with caplog.at_level("INFO"):
+        stream = stream_file_records([str(path)], "sft", skip_invalid=True)
+    assert "skipped 1 invalid records" in caplog.text and "Validated 1 records to stream (1 skipped)" in caplog.text
+    assert [row["source"] for row in stream] == [f"{path}:1"]
+
+
+def test_streamed_hub_rows_are_validated_as_they_are_read(monkeypatch):
+    from medicalgpt.train.streaming import _hub_records
+
+    rows = [{"instruction": "q", "output": "a"}, {"instruction": "q"}, {"instruction": "q2", "output": "b"}]
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(rows).to_iterable_dataset()
+    )
+    with pytest.raises(DataValidationError, match=r"^demo\[train\]:2: error: output: missing"):
+        list(_hub_records("demo", None, "train", "sft", skip_invalid=False))
+    kept = list(_hub_records("demo", None, "train", "sft", skip_invalid=True))
+    assert [row["source"] for row in kept] == ["demo[train]:1", "demo[train]:3"]
