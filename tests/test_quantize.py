@@ -181,3 +181,12 @@ def test_gptq_calibrates_on_the_text_windows_and_exports_through_gptqmodels_api(
     assert len(stream) > 12  # more than three windows
     assert calls["calibration"] == [{"input_ids": stream[i : i + 4], "attention_mask": [1] * 4} for i in (0, 4, 8)]
     assert results["method"] == "gptq" and results["after"]["memory_bytes"] == results["before"]["memory_bytes"]
+
+
+def test_help_shows_the_commands_and_every_method(capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        quantize_model.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_code.value.code == 0
+    assert "    python quantize_model.py --model_name_or_path merged-sft-qwen-v1 --method nf4 \\" in text.splitlines()
+    assert "--method {nf4,int8,gptq}" in text

@@ -242,3 +242,13 @@ def test_a_teacher_with_padded_vocabulary_rows_is_cut_to_the_students_exactly(ti
     teacher.resize_token_embeddings(size + 8)
     with pytest.raises(UsageError, match="needs the teacher to cover the student's"):
         fit_teacher_vocabulary(student, teacher, tiny_tokenizer)  # the teacher is the smaller one here
+
+
+def test_help_shows_the_commands_and_the_distillation_options(capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        distill_training.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_code.value.code == 0
+    assert "    python distill_training.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\" in text.splitlines()
+    for flag in ("--teacher_model_name_or_path", "--teacher_load_in_4bit", "--lmbda", "--beta", "--max_new_tokens"):
+        assert flag in text
