@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 
 from medicalgpt.serve.chat import GenerationOptions
 from medicalgpt.serve.server import build_app
-from tests.helpers import ANSWERS, QA_PAIRS, REPO, free_port, qa_adapter, qa_engine
+from tests.helpers import ANSWERS, QA_PAIRS, REPO, free_port, qa_adapter, qa_engine, serving
 
 openai = pytest.importorskip("openai")
 KEY = "test-key-123"
@@ -29,19 +28,9 @@ def engine(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def server(engine):
     """The app under uvicorn on a free loopback port, in a thread of this process."""
-    import uvicorn
-
     app = build_app(engine, MODEL, api_key=KEY, defaults=GenerationOptions(temperature=0, max_new_tokens=30))
-    port = free_port()
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uvicorn_server.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uvicorn_server.should_exit = True
-    thread.join(10)
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

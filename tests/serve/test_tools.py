@@ -5,8 +5,6 @@ server renders from an OpenAI request must be what SFT rendered, or the learned 
 """
 
 import json
-import threading
-import time
 
 import httpx
 import pytest
@@ -14,7 +12,7 @@ import pytest
 from medicalgpt.serve.chat import ChatArguments, ChatPrompt, GenerationOptions, load_chat_engine
 from medicalgpt.serve.server import build_app
 from medicalgpt.serve.tools import answer_prefix, parse_tool_calls, role_messages, tool_call_events
-from tests.helpers import FAST_FLAGS, free_port, write_jsonl
+from tests.helpers import FAST_FLAGS, serving, write_jsonl
 
 openai = pytest.importorskip("openai")
 MODEL = "tool-sft"
@@ -69,19 +67,8 @@ def engine(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    import uvicorn
-
-    app = build_app(engine, MODEL, defaults=GenerationOptions(temperature=0, max_new_tokens=60))
-    port = free_port()
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uvicorn_server.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uvicorn_server.should_exit = True
-    thread.join(10)
+    with serving(build_app(engine, MODEL, defaults=GenerationOptions(temperature=0, max_new_tokens=60))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
