@@ -292,3 +292,14 @@ def test_shards_are_contiguous_and_cover_the_input_once():
     items = list(range(7))
     assert [inference.shard(items, rank, 3) for rank in range(3)] == [[0, 1], [2, 3], [4, 5, 6]]
     assert [inference.shard(items[:1], rank, 2) for rank in range(2)] == [[], [0]]
+
+
+@pytest.mark.parametrize("mode", [["--interactive"], ["--data_file", "q.txt", "--use_vllm", "True"]])
+def test_under_torchrun_only_transformers_batch_mode_runs(mode, monkeypatch, tmp_path):
+    import inference
+    from medicalgpt.cli import UsageError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="under torchrun, inference.py answers a --data_file with transformers"):
+        inference.main(["--base_model", str(tmp_path / "unused"), *mode])
