@@ -23,6 +23,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,10 +83,10 @@ def write_data(folder, count, seed=0):
 
 
 def peak_rss_mb():
-    """Peak RSS of this process plus the largest child (a map worker), in MB."""
+    """(peak RSS of this process, of its largest child: a map worker, 0 without workers), in MB."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round((own + children) / 1024)
+    return round(own / 1024), round(children / 1024)
 
 
 def measure(phase, data, workers, tokenizer_path):
@@ -98,14 +99,14 @@ def measure(phase, data, workers, tokenizer_path):
     from medicalgpt.train.records import load_file_records
 
     datasets.disable_progress_bars()
-    stage = "pt" if phase == "pt" else "sft"
+    stage = "pt" if phase in ("pt", "validate-pt") else "sft"
+    phase = "validate" if phase.startswith("validate") else phase
     path = os.path.join(data, "pt.txt" if stage == "pt" else "sft.jsonl")
     start = time.perf_counter()
-    records = load_file_records([path], stage)
+    records = load_file_records([path], stage)  # validated here, or reused from the copied records cache
     if phase == "validate":
         return {"seconds": time.perf_counter() - start, "records": len(records), "peak_rss_mb": peak_rss_mb()}
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    rss_before = peak_rss_mb()
     start = time.perf_counter()
     if phase == "sft":
         template = build_template("qwen", tokenizer)
@@ -113,24 +114,24 @@ def measure(phase, data, workers, tokenizer_path):
     else:
         out = prepare_pretraining_dataset(records, tokenizer, 1024, num_proc=workers)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "records": len(records), "rows": len(out), "peak_rss_mb": peak_rss_mb(),
-            "rss_before_mb": rss_before}  # fmt: skip
+    return {"seconds": seconds, "records": len(records), "rows": len(out), "peak_rss_mb": peak_rss_mb()}
 
 
-def run_one(phase, size, workers, data, tokenizer_path):
-    """Measure one figure in a fresh process with a fresh datasets cache."""
+def run_one(phase, size, workers, data, tokenizer_path, records_cache):
+    """Measure one figure in a fresh process, on a fresh datasets cache holding only the validated records (copied
+    from `records_cache`), so the tokenising maps are never found cached."""
     with tempfile.TemporaryDirectory(prefix="bench-data-cache-") as cache:
         env = {**os.environ, "HF_DATASETS_CACHE": cache, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        if phase != "validate":  # records validated beforehand, so the figure is the tokenising alone
-            subprocess.run([sys.executable, __file__, "--measure", "validate", data, "1", tokenizer_path],
-                           env=env, check=True, capture_output=True)  # fmt: skip
+        if phase != "validate":
+            shutil.copytree(os.path.join(records_cache, "medicalgpt"), os.path.join(cache, "medicalgpt"))
         command = [sys.executable, __file__, "--measure", phase, data, str(workers), tokenizer_path]
         done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     per_second = result["records"] / result["seconds"]
     row = {"phase": phase, "records": size, "workers": workers, "records_per_s": round(per_second),
            "records_per_s_per_worker": round(per_second / workers), "seconds": round(result["seconds"], 1),
-           "peak_rss_mb": result["peak_rss_mb"], "load_average": load_average()}  # fmt: skip
+           "peak_rss_mb": result["peak_rss_mb"][0], "worker_peak_rss_mb": result["peak_rss_mb"][1],
+           "load_average": load_average()}  # fmt: skip
     if "rows" in result:
         row["rows"] = result["rows"]
     return row
@@ -155,15 +156,28 @@ def main(argv=None):
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix="bench-data-") as data:
             write_data(data, size)
+            records_cache = validate_once(data, tokenizer)
             for phase in args.phases:
                 for workers in [1] if phase == "validate" else args.workers:
-                    rows.append(run_one(phase, size, workers, data, tokenizer))
+                    rows.append(run_one(phase, size, workers, data, tokenizer, records_cache))
                     print(json.dumps(rows[-1]), flush=True)
-    print("\n| phase | records | workers | records/s | per worker | peak RSS MB | load |")
+            shutil.rmtree(records_cache)
+    print("\n| phase | records | workers | records/s | per worker | peak RSS MB (main / worker) | load |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['phase']} | {r['records']:,} | {r['workers']} | {r['records_per_s']:,} | "
-              f"{r['records_per_s_per_worker']:,} | {r['peak_rss_mb']:,} | {r['load_average']} |")  # fmt: skip
+              f"{r['records_per_s_per_worker']:,} | {r['peak_rss_mb']:,} / {r['worker_peak_rss_mb']:,} | "
+              f"{r['load_average']} |")  # fmt: skip
+
+
+def validate_once(data, tokenizer):
+    """A datasets cache holding the validated SFT and PT records of `data`, copied for each figure."""
+    cache = tempfile.mkdtemp(prefix="bench-records-")
+    env = {**os.environ, "HF_DATASETS_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+    for phase in ("validate-sft", "validate-pt"):
+        command = [sys.executable, __file__, "--measure", phase, data, "1", tokenizer]
+        subprocess.run(command, env=env, check=True, capture_output=True)
+    return cache
 
 
 if __name__ == "__main__":
