@@ -155,7 +155,8 @@ def load_hub_benchmark(name, fmt, split, subjects, max_samples=None):
 
     fmt = HUB.get(name, fmt)
     if fmt in ("auto", "jsonl"):
-        raise UsageError(f"{name}: not a local path, nor a hub benchmark this tool knows ({', '.join(HUB)})")
+        raise UsageError(f"{name}: no such file or directory, nor a hub benchmark this tool knows ({', '.join(HUB)}; "
+                         "others: name their --format)")  # fmt: skip
     wanted = wanted_subjects(fmt, subjects)
     if fmt in PER_SUBJECT and wanted is None:
         raise UsageError(f"{name} has one configuration per subject: name them (--subjects medical or a,b,c)")
@@ -165,7 +166,8 @@ def load_hub_benchmark(name, fmt, split, subjects, max_samples=None):
         try:
             data = datasets.load_dataset(name, config)
         except Exception as error:  # offline, unknown name, no such config: one line for the user
-            raise UsageError(f"{name}: could not load it from the hub ({type(error).__name__}: {error})") from error
+            message = f"{name}: no such file or directory, and not loadable from the hub"
+            raise UsageError(f"{message} ({type(error).__name__}: {error})") from error
         if split not in data:
             raise UsageError(f"{name}: no split {split!r} (found: {', '.join(data)})")
         items += _hub_items(name, fmt, data[split], config, split)
