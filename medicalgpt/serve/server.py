@@ -251,11 +251,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         events = sse_events(stream, reply_id, created, service.model_name, usage, prompt)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     completion = await service.complete(prompt, options)
-    message, finish_reason = {"role": "assistant", "content": completion.text}, completion.finish_reason
-    if prompt.tools:
-        content, calls = parse_tool_calls(prompt.answer_prefix + completion.text)
-        if calls:
-            message, finish_reason = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+    message, finish_reason = reply_message(prompt, completion)
     choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
     return {"id": reply_id, "object": "chat.completion", "created": created, "model": service.model_name,
             "choices": [choice], "usage": usage_of(completion)}  # fmt: skip
@@ -309,6 +305,16 @@ async def http_error(request, error):
 async def server_error(request, error):
     logger.exception("Request failed")
     return error_response(500, f"internal error: {type(error).__name__}", error_type="server_error")
+
+
+def reply_message(prompt, completion):
+    """(the assistant message, finish_reason); with tools shown, the answer's <tool_call> blocks are its tool_calls."""
+    if not prompt.tools:
+        return {"role": "assistant", "content": completion.text}, completion.finish_reason
+    content, calls = parse_tool_calls(prompt.answer_prefix + completion.text)
+    if not calls:
+        return {"role": "assistant", "content": content}, completion.finish_reason
+    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
 
 def usage_of(completion):
