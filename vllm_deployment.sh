@@ -13,6 +13,8 @@
 #   SERVED_MODEL_NAME [medicalgpt]  the model id clients ask for (the adapter is SERVED_MODEL_NAME-lora)
 #   HOST [127.0.0.1]  PORT [8000]  TENSOR_PARALLEL_SIZE [1]  MAX_MODEL_LEN [the model's]
 #   VLLM_API_KEY                 when set, vLLM requires `Authorization: Bearer $VLLM_API_KEY`
+#   TOOL_CALL_PARSER             when set (hermes: the <tool_call> format of Qwen2.5/Qwen3 and of our templates),
+#                                requests may carry OpenAI `tools`, answered with `tool_calls`
 #   PYTHON [python: the active environment's; vLLM needs a CUDA GPU and `pip install vllm`]
 #   HEALTH_TIMEOUT [900 s to load the model]
 #
@@ -34,6 +36,7 @@ HOST="${HOST:-127.0.0.1}"
 PORT="${PORT:-8000}"
 TENSOR_PARALLEL_SIZE="${TENSOR_PARALLEL_SIZE:-1}"
 MAX_MODEL_LEN="${MAX_MODEL_LEN:-}"
+TOOL_CALL_PARSER="${TOOL_CALL_PARSER:-}"
 PYTHON="${PYTHON:-python}"
 HEALTH_TIMEOUT="${HEALTH_TIMEOUT:-900}"
 DRY_RUN="${DRY_RUN:-0}"
@@ -79,6 +82,9 @@ fi
 set -- "$@" --host "$HOST" --port "$PORT" --tensor-parallel-size "$TENSOR_PARALLEL_SIZE"
 if [ -n "$MAX_MODEL_LEN" ]; then
     set -- "$@" --max-model-len "$MAX_MODEL_LEN"
+fi
+if [ -n "$TOOL_CALL_PARSER" ]; then
+    set -- "$@" --enable-auto-tool-choice --tool-call-parser "$TOOL_CALL_PARSER"
 fi
 
 URL="http://$HOST:$PORT"

@@ -225,6 +225,9 @@ def test_vllm_script_dry_run_prints_the_server_command(tmp_path):
     lora = subprocess.run(["sh", "vllm_deployment.sh"], cwd=REPO, env=lora_env, capture_output=True, text=True)
     assert "--enable-lora --lora-modules 'med-lora=outputs sft'" in lora.stdout
     assert '"model": "med-lora"' in lora.stdout
+    tools = subprocess.run(["sh", "vllm_deployment.sh"], cwd=REPO, env={**env, "TOOL_CALL_PARSER": "hermes"},
+                           capture_output=True, text=True)  # fmt: skip
+    assert tools.stdout.splitlines()[0].endswith("--enable-auto-tool-choice --tool-call-parser hermes")
     if shutil.which("shellcheck"):
         check = subprocess.run(["shellcheck", "vllm_deployment.sh"], cwd=REPO, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout
