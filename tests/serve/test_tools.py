@@ -176,11 +176,27 @@ def test_streamed_text_before_a_call_is_sent_and_a_possible_call_start_held_back
     assert list(tool_call_events(["a <tool", "x"])) == [("content", "a "), ("content", "<toolx")]
 
 
-def test_results_of_parallel_calls_render_as_one_observation_turn_as_qwen_renders_them():
+def test_parallel_calls_and_their_results_render_as_qwen2_5s_official_template_renders_them(tiny_tokenizer):
+    from pathlib import Path
+
+    import trl
+
+    from medicalgpt.templates import build_template
+
     calls = [{"function": {"name": "f", "arguments": '{"x": 1}'}}, {"function": {"name": "g", "arguments": ""}}]
     messages = [*ask("q"), {"role": "assistant", "content": None, "tool_calls": calls},
                 {"role": "tool", "content": "A"}, {"role": "tool", "content": "B"}]  # fmt: skip
     converted = role_messages(messages)
     both = '[{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}]'
-    assert converted[1] == {"role": "function_call", "content": both}
-    assert converted[2] == {"role": "observation", "content": "A\n</tool_response>\n<tool_response>\nB"}
+    results = "A\n</tool_response>\n<tool_response>\nB"
+    assert converted[1:] == [{"role": "function_call", "content": both}, {"role": "observation", "content": results}]
+    tools = [DRUGS, BMI]
+    ours = "".join(p + r for p, r in build_template("qwen", tiny_tokenizer).render_turns(converted, None, tools))
+    hf_calls = [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
+                {"type": "function", "function": {"name": "g", "arguments": {}}}]  # fmt: skip
+    hf_messages = [*ask("q"), {"role": "assistant", "content": "", "tool_calls": hf_calls},
+                   {"role": "tool", "content": "A"}, {"role": "tool", "content": "B"}]  # fmt: skip
+    jinja = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text(encoding="utf-8")
+    official = tiny_tokenizer.apply_chat_template(hf_messages, tools=tools, chat_template=jinja,
+                                                  add_generation_prompt=True, tokenize=False)  # fmt: skip
+    assert ours == official
