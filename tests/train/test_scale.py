@@ -72,6 +72,9 @@ def test_records_are_written_once_and_reused_by_content(tmp_path, datasets_cache
     with caplog.at_level("INFO", logger="medicalgpt"):
         again = load_file_records([str(path)], "sft")
     assert again.cache_files == first.cache_files and "Validated records reused" in caplog.text
+    written = os.stat(first.cache_files[0]["filename"]).st_mtime_ns
+    rewritten = load_file_records([str(path)], "sft", overwrite=True)  # --overwrite_cache
+    assert os.stat(rewritten.cache_files[0]["filename"]).st_mtime_ns != written
     write_jsonl(path, small_records(4))  # new content: a new folder
     assert len(load_file_records([str(path)], "sft")) == 4
 
