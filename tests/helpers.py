@@ -91,6 +91,22 @@ def user(text):
     return [{"role": "user", "content": text}]
 
 
+def wait_for_http(url, process, headers=None, timeout=120):
+    """Poll `url` until it answers 200 while `process` (a Popen with stdout piped) runs; its output if it exits."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer in {timeout} s")
+
+
 @contextlib.contextmanager
 def serving(app):
     """An ASGI app (the FastAPI server) under uvicorn on a free loopback port, in a thread: yields its base URL."""
