@@ -5,6 +5,8 @@ server renders from an OpenAI request must be what SFT rendered, or the learned 
 """
 
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from medicalgpt.serve.chat import ChatArguments, ChatPrompt, GenerationOptions, load_chat_engine
 from medicalgpt.serve.server import build_app
 from medicalgpt.serve.tools import answer_prefix, parse_tool_calls, role_messages, tool_call_events
-from tests.helpers import FAST_FLAGS, serving, write_jsonl
+from tests.helpers import ENV, FAST_FLAGS, REPO, free_port, serving, wait_for_http, write_jsonl
 
 openai = pytest.importorskip("openai")
 MODEL = "tool-sft"
@@ -51,8 +53,8 @@ TRAINING = [  # a call, its result, the answer; the same question without tools;
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, tiny_model_dir):
-    """The tiny model + a LoRA adapter that learned TRAINING by heart (SFT through the real entry point)."""
+def adapter(tmp_path_factory, tiny_model_dir):
+    """A LoRA adapter on the tiny model that learned TRAINING by heart (SFT through the real entry point)."""
     import supervised_finetuning
 
     root = tmp_path_factory.mktemp("tool-sft")
@@ -62,7 +64,12 @@ def engine(tmp_path_factory, tiny_model_dir):
     argv += ["--lora_dropout", "0", "--num_train_epochs", "100", "--learning_rate", "1e-2"]
     argv += ["--per_device_train_batch_size", "4", "--save_strategy", "no", "--output_dir", str(out)]
     supervised_finetuning.main([*argv, *FAST_FLAGS])
-    return load_chat_engine(ChatArguments(base_model=tiny_model_dir, lora_model=str(out), template_name="qwen"))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def engine(adapter, tiny_model_dir):
+    return load_chat_engine(ChatArguments(base_model=tiny_model_dir, lora_model=adapter, template_name="qwen"))
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +100,26 @@ def test_openai_client_round_trips_a_tool_call(client):
     second = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, temperature=0)
     assert second.choices[0].message.content == DRUGS_ANSWER and second.choices[0].finish_reason == "stop"
     assert not second.choices[0].message.tool_calls
+
+
+def test_fastapi_server_demo_command_serves_tool_calls(adapter, tiny_model_dir):
+    port = free_port()
+    command = [sys.executable, "fastapi_server_demo.py", "--base_model", tiny_model_dir, "--lora_model", adapter,
+               "--template_name", "qwen", "--port", str(port), "--temperature", "0"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/v1/models", process)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model=MODEL, messages=ask(Q_BMI), tools=TOOLS)
+        (tool_call,) = reply.choices[0].message.tool_calls
+        assert (tool_call.function.name, json.loads(tool_call.function.arguments)) == (BMI["name"], BMI_ARGS)
+        messages = [*ask(Q_BMI), reply.choices[0].message, {"role": "tool", "tool_call_id": tool_call.id,
+                                                             "content": BMI_RESULT}]  # fmt: skip
+        answer = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS)
+        assert answer.choices[0].message.content == BMI_ANSWER
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def test_the_request_renders_as_sft_rendered_the_training_record(engine, client):
