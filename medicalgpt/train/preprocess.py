@@ -75,16 +75,25 @@ def tokenize_conversation(
 ):
     """One normalised SFT record -> input_ids, labels, the number of later turns dropped to fit `max_length` and
     whether the first exchange was cut (`overlong="truncate"`). Empty ids: skipped (`overlong="drop"`)."""
+    turns = render_conversation(record, template, system_prompt)
+    turn_ids = [tokenizer.encode(text, add_special_tokens=False) for turn in turns for text in turn]
+    return assemble_conversation(turns, turn_ids, tokenizer, max_length, train_on_inputs, overlong)
+
+
+def render_conversation(record, template, system_prompt=None):
+    """A normalised SFT record -> its (prompt, response) texts, turn by turn, as the template renders them."""
     system = record.get("system")
-    turns = template.render_turns(
+    return template.render_turns(
         record["messages"], system_prompt=system if system is not None else system_prompt, tools=record.get("tools")
     )
+
+
+def assemble_conversation(turns, turn_ids, tokenizer, max_length, train_on_inputs, overlong):
+    """`tokenize_conversation` from rendered `turns` and their texts' ids (prompt, response, prompt, ...)."""
     input_ids = leading_bos(tokenizer, turns[0][0]) if turns else []
     labels = [IGNORE_INDEX] * len(input_ids)
     kept, truncated = 0, False
-    for prompt, response in turns:
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-        response_ids = tokenizer.encode(response, add_special_tokens=False)
+    for prompt_ids, response_ids in zip(turn_ids[::2], turn_ids[1::2]):
         if max_length and len(input_ids) + len(prompt_ids) + len(response_ids) > max_length:
             if kept or overlong == "drop":
                 break
@@ -129,12 +138,16 @@ def prepare_sft_dataset(
         raise ValueError(f"--overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {overlong!r}")
     columns = ("input_ids", "labels", "dropped_turns", "truncated")
 
-    def tokenize(batch):
+    def tokenize(batch):  # one fast-tokenizer call for every turn of the batch: no per-text call overhead
         records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        rendered = [render_conversation(record, template, system_prompt) for record in records]
+        texts = [text for turns in rendered for turn in turns for text in turn]
+        ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
         out = [
-            tokenize_conversation(record, template, tokenizer, max_length, train_on_inputs, system_prompt, overlong)
-            for record in records
-        ]
+            assemble_conversation(turns, [next(ids) for _ in range(2 * len(turns))], tokenizer, max_length,
+                                  train_on_inputs, overlong)
+            for turns in rendered
+        ]  # fmt: skip
         return {key: [row[key] for row in out] for key in columns}
 
     dataset = dataset.map(
