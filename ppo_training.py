@@ -9,6 +9,11 @@
     torchrun --nproc_per_node 2 ppo_training.py ...          # data parallel (gloo on CPU, NCCL on GPUs)
     python ppo_training.py ... --rl_algorithm grpo --num_generations 4     # critic-free, trl's GRPOTrainer
 
+    python ppo_training.py --rl_algorithm grpo --sft_model_path Qwen/Qwen3-0.6B --template_name qwen3 \\
+        --reward_funcs choice_accuracy,format --reward_weights 1 0.2 --train_file_dir data/grpo/train.jsonl \\
+        --num_generations 8 --per_device_train_batch_size 8 --response_length 1024 --use_peft True \\
+        --do_train --output_dir outputs-grpo-qwen3      # verifiable rewards on exam items, no reward model
+
 Prompts are every assistant turn's full preceding context in SFT-format data, rendered with the template. Both
 model paths may be LoRA adapter directories. The policy is saved to output_dir as a LoRA adapter on the SFT model
 (or merged weights with --merge_policy True), loadable by inference.py. PPO knobs: --kl_coef, --cliprange,
@@ -18,6 +23,8 @@ for how they are used. Rollouts sample from exactly softmax(logits / --temperatu
 generation_config says; --local_rollout_forward_batch_size bounds their memory; --use_vllm samples them with vLLM
 on the training GPUs (medicalgpt/rl/rollout.py). The reward model reads the template's full rendering of each
 conversation, as in reward training and as any tool reading it with the official chat template (rewards.py).
+With --reward_funcs choice_accuracy the data are exam items (evaluate.py's choice files), scored by the option
+letters each answer commits to; `format` rewards Qwen3's <think> structure (medicalgpt/rl/verifiable.py).
 """
 
 import argparse
