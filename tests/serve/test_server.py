@@ -13,7 +13,7 @@ import pytest
 
 from medicalgpt.serve.chat import GenerationOptions
 from medicalgpt.serve.server import build_app
-from tests.helpers import ANSWERS, QA_PAIRS, REPO, free_port, qa_adapter, qa_engine, serving
+from tests.helpers import ANSWERS, QA_PAIRS, REPO, free_port, qa_adapter, qa_engine, serving, wait_for_http
 
 openai = pytest.importorskip("openai")
 KEY = "test-key-123"
@@ -195,14 +195,7 @@ def test_tutorial_server_command_serves_on_loopback_with_the_key_from_env(tiny_m
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {KEY}"}
-        deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"{url}/v1/models", headers=headers, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert process.poll() is None, process.stdout.read()
+        wait_for_http(f"{url}/v1/models", process, headers)
         assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 401
         reply = httpx.post(f"{url}/chat", json={"input": QA_PAIRS[0][0]}, headers=headers, timeout=60)
         assert reply.json()["response"] == QA_PAIRS[0][1]
