@@ -90,33 +90,13 @@ def main(argv=None):
     closing = closing_ids(tokenizer, template)  # the reward model reads the template's full rendering
 
     # Model and training
+    run = RLRun(config, model_args, lora_args, rl_args, tokenizer, stop_ids=stops, closing_ids=closing)
     if rl_args.rl_algorithm == "ppo":
-        trainer = build_ppo_trainer(
-            config,
-            model_args,
-            lora_args,
-            rl_args,
-            tokenizer,
-            stops,
-            closing,
-            train_prompts=train_prompts,
-            eval_prompts=eval_prompts,
-        )
-        train_ppo(trainer, config)
+        train_ppo(build_ppo_trainer(run, train_prompts=train_prompts, eval_prompts=eval_prompts), config)
     else:
         train_dataset = prompt_dataset(tokenizer, train_prompts, train_records)
         eval_dataset = prompt_dataset(tokenizer, eval_prompts, eval_records)
-        train_critic_free(
-            config,
-            model_args,
-            lora_args,
-            rl_args,
-            tokenizer,
-            stops,
-            closing,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-        )
+        train_critic_free(run, train_dataset=train_dataset, eval_dataset=eval_dataset)
     logger.info("Outputs in %s", config.output_dir)
 
 
@@ -147,6 +127,20 @@ def prompt_dataset(tokenizer, prompts, records):
     if not prompts:
         return None
     return Dataset.from_dict({"prompt": tokenizer.batch_decode(prompts), **reward_columns(records)})
+
+
+@dataclasses.dataclass
+class RLRun:
+    """What every trainer here is built from: the parsed arguments, the tokenizer, the template's stop token ids and
+    what it renders after them (the reward model reads the full rendering, medicalgpt/rl/rewards.py)."""
+
+    config: object
+    model_args: ModelArguments
+    lora_args: LoraArguments
+    rl_args: RLArguments
+    tokenizer: object
+    stop_ids: list
+    closing_ids: list
 
 
 def read_config_file(argv):
@@ -190,28 +184,29 @@ def frozen(model):
     return model.eval()
 
 
-def build_ppo_trainer(config, model_args, lora_args, rl_args, tokenizer, stops, closing, train_prompts, eval_prompts):
+def build_ppo_trainer(run, train_prompts, eval_prompts):
     """Policy and critic; with LoRA the reference policy and the reward model are those two with their adapters
     disabled, without LoRA frozen copies."""
+    config, model_args, lora_args, rl_args = run.config, run.model_args, run.lora_args, run.rl_args
     policy = wrap_with_lora(load_model(model_args), lora_args, config, model_args.model_name_or_path)
-    critic = load_reward_model(model_args, rl_args, tokenizer)
+    critic = load_reward_model(model_args, rl_args, run.tokenizer)
     reference = reward_model = None
     if lora_args.use_peft:
         critic = wrap_with_lora(critic, lora_args, config, rl_args.reward_model_path, task_type="SEQ_CLS")
     else:
         reference = frozen(load_model(model_args))
-        reward_model = frozen(load_reward_model(model_args, rl_args, tokenizer))
+        reward_model = frozen(load_reward_model(model_args, rl_args, run.tokenizer))
     return PPOTrainer(
         config,
         policy=policy,
         critic=critic,
-        tokenizer=tokenizer,
+        tokenizer=run.tokenizer,
         train_prompts=train_prompts,
         eval_prompts=eval_prompts,
-        stop_token_ids=stops,
+        stop_token_ids=run.stop_ids,
         ref_policy=reference,
         reward_model=reward_model,
-        closing_ids=closing,
+        closing_ids=run.closing_ids,
     )
 
 
@@ -225,20 +220,21 @@ def train_ppo(trainer, config):
     end_training(trainer.accelerator, trainer.model)
 
 
-def train_critic_free(config, model_args, lora_args, rl_args, tokenizer, stops, closing, train_dataset, eval_dataset):
+def train_critic_free(run, train_dataset, eval_dataset):
     """RLOO or GRPO through trl, with the rewards --reward_funcs names (weighted by --reward_weights): the reward
     model (with the same missing-stop penalty as PPO) and the verifiable rules of medicalgpt/rl/verifiable.py."""
     from trl import GRPOTrainer, RLOOTrainer
 
+    config, model_args, rl_args, tokenizer = run.config, run.model_args, run.rl_args, run.tokenizer
     config.max_completion_length = rl_args.response_length
     if rl_args.total_episodes:
         per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
         config.max_steps = math.ceil(rl_args.total_episodes * config.num_generations / per_step)
-    policy = wrap_with_lora(load_model(model_args), lora_args, config, model_args.model_name_or_path)
+    policy = wrap_with_lora(load_model(model_args), run.lora_args, config, model_args.model_name_or_path)
     scorer = None
     if "reward_model" in rl_args.reward_names:
         reward_model = frozen(load_reward_model(model_args, rl_args, tokenizer))
-        scorer = RewardModelScorer(reward_model, tokenizer, stops, rl_args.missing_eos_penalty, closing)
+        scorer = RewardModelScorer(reward_model, tokenizer, run.stop_ids, rl_args.missing_eos_penalty, run.closing_ids)
     reward_funcs = [scorer if name == "reward_model" else VERIFIABLE_REWARDS[name] for name in rl_args.reward_names]
     trl_trainer = RLOOTrainer if rl_args.rl_algorithm == "rloo" else GRPOTrainer
     trainer_class = with_atomic_checkpoints(trl_trainer)

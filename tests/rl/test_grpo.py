@@ -99,7 +99,7 @@ def test_bad_exam_items_fail_by_path_and_line_before_any_model_loads(tmp_path):
     ])  # fmt: skip
     argv = ["--rl_algorithm", "grpo", "--reward_funcs", "choice_accuracy", "--sft_model_path", "no-such-model",
             "--train_file_dir", str(exam), "--do_train", "--output_dir", str(tmp_path / "out")]  # fmt: skip
-    with pytest.raises(DataValidationError, match=rf"{exam}:2: error: answer: missing"):
+    with pytest.raises(DataValidationError, match=rf"{exam}:2: error: answer: expected the letter"):
         ppo_training.main(argv)
 
 
