@@ -292,7 +292,9 @@ def run_once(name, args, model, work, data_dir, env, index):
         return {"contender": name, "error": (done.stderr or done.stdout)[-1000:]}
     run = {"contender": name, **json.loads(lines[-1][len("BENCH ") :]), "process_s": round(wall, 1)}
     run["load_before_after"] = [load_before, load_average()]
-    print(f"{name} #{index}: {run['train_s']:.1f} s training, load {load_before} -> {load_average()}", flush=True)
+    print(f"{name} #{index}: {run['train_s']:.1f} s training ({run['train_cpu_s']:.1f} s CPU), {run['steps']} steps, "
+          f"{run['real']} real tokens, peak RSS {run['peak_rss_mb']} MB, load {load_before} -> {load_average()}",
+          flush=True)  # fmt: skip
     return run
 
 
