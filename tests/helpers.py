@@ -113,7 +113,10 @@ def serving(app):
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    # A long keep-alive: a module's client reuses connections across tests, and a connection the server closes
+    # while the client sends on it fails with "Server disconnected" (openai's client runs with max_retries=0 here).
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=600)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
