@@ -114,7 +114,18 @@ def measure(phase, data, workers, tokenizer_path):
     else:
         out = prepare_pretraining_dataset(records, tokenizer, 1024, num_proc=workers)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "records": len(records), "rows": len(out), "peak_rss_mb": peak_rss_mb()}
+    return {"seconds": seconds, "records": len(records), "rows": len(out), "peak_rss_mb": peak_rss_mb(), **rss_split()}
+
+
+def rss_split():
+    """Resident memory now, split: anonymous (the heap) and file-backed (pages of the memory-mapped Arrow files,
+    which count in the peak RSS but are page cache the kernel reclaims), in MB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {
+        key: round(int(fields[name].split()[0]) / 1024)
+        for key, name in (("anon_mb", "RssAnon"), ("file_mb", "RssFile"))
+    }
 
 
 def run_one(phase, size, workers, data, tokenizer_path, records_cache):
@@ -132,8 +143,7 @@ def run_one(phase, size, workers, data, tokenizer_path, records_cache):
            "records_per_s_per_worker": round(per_second / workers), "seconds": round(result["seconds"], 1),
            "peak_rss_mb": result["peak_rss_mb"][0], "worker_peak_rss_mb": result["peak_rss_mb"][1],
            "load_average": load_average()}  # fmt: skip
-    if "rows" in result:
-        row["rows"] = result["rows"]
+    row.update({key: result[key] for key in ("rows", "anon_mb", "file_mb") if key in result})
     return row
 
 
