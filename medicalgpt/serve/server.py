@@ -37,6 +37,22 @@ from medicalgpt.serve.tools import answer_prefix, function_schemas, parse_tool_c
 logger = logging.getLogger(__name__)
 
 
+class GenerationResponse(StreamingResponse):
+    """A streamed answer whose generation stops when the response ends, also when the client hangs up. Starlette
+    stops reading a synchronous body iterator on a disconnect without closing it, so the generator's own cleanup
+    would wait for the garbage collector; the generation would go on holding the engine meanwhile."""
+
+    def __init__(self, content, stream, **kwargs):
+        super().__init__(content, **kwargs)
+        self.stream = stream
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.cancel()
+
+
 class TextPart(BaseModel):
     type: Literal["text"] = "text"
     text: str
@@ -249,7 +265,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         usage = body.stream_options is not None and body.stream_options.include_usage
         stream = service.engine.stream(prompt, options)
         events = sse_events(stream, reply_id, created, service.model_name, usage, prompt)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        headers = {"Cache-Control": "no-cache"}
+        return GenerationResponse(events, stream, media_type="text/event-stream", headers=headers)
     completion = await service.complete(prompt, options)
     message, finish_reason = reply_message(prompt, completion)
     choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
