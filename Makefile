@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TRL_EXPERIMENTAL_SILENCE ?= 1
 
-.PHONY: install install-deepspeed install-real quickstart quickstart-real quickstart-tiny test test-real lint tiny-model \
+.PHONY: install install-deepspeed install-real quickstart quickstart-real quickstart-tiny test test-multiprocess test-real lint tiny-model \
 	real-model qwen-tokenizer clean
 
 install: $(VENV)/.installed
@@ -111,6 +111,11 @@ test: $(VENV)/.installed
 # on 2 cores. CI runs it after `make test`.
 test-real: real-model qwen-tokenizer
 	$(PY) -m pytest -q -m real_model tests/quickstart/test_real_model.py
+
+# The longest multi-process runs (DeepSpeed ZeRO-3 on CPU processes, two nodes on loopback, the run_*.sh chain):
+# ~5 minutes on 2 cores, kept out of `make test` so that it stays under 10. CI runs them after `make test`.
+test-multiprocess: $(VENV)/.installed
+	$(PY) -m pytest -q -m multiprocess tests
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -44,6 +44,7 @@ def run_stage(workspace, script, model=None, **env):
     return result
 
 
+@pytest.mark.multiprocess
 def test_run_scripts_pick_up_the_previous_stage_output(workspace, tiny_model_dir):
     run_stage(workspace, "run_pt.sh", tiny_model_dir)
     assert adapter_base(workspace / "outputs-pt-qwen-v1") == tiny_model_dir
@@ -71,6 +72,7 @@ def sft_argv(model, data, out):
             "--save_strategy", "no", *FAST_FLAGS]  # fmt: skip
 
 
+@pytest.mark.multiprocess
 def test_two_nodes_on_loopback_and_accelerate_launch_are_one_data_parallel_group(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": f"问题{i}", "output": f"回答{i}"} for i in range(16)])
     single = run([sys.executable, *sft_argv(tiny_model_dir, data, tmp_path / "single")])

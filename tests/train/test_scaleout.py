@@ -188,6 +188,7 @@ def test_run_cli_keeps_the_traceback_of_internal_errors(tmp_path):
         run_cli(lost_checkpoint)
 
 
+@pytest.mark.multiprocess
 @needs_deepspeed
 def test_deepspeed_zero3_sft_trains_like_one_process(tiny_model_dir, sft_data, tmp_path):
     """ZeRO-3 over 2 processes x 2 examples and one process x 4: the same LR curve and, gathered into a normal HF
@@ -214,6 +215,7 @@ def lora_b_max(adapter_dir):
     return max(weight.abs().max().item() for name, weight in weights.items() if "lora_B" in name)
 
 
+@pytest.mark.multiprocess
 @needs_deepspeed
 def test_deepspeed_zero3_reward_model_and_dpo_adapters_load(tiny_model_dir, tmp_path):
     """LoRA on ZeRO-3-partitioned weights: the adapters are gathered whole on save, trained, and load."""
@@ -240,6 +242,7 @@ def test_deepspeed_zero3_reward_model_and_dpo_adapters_load(tiny_model_dir, tmp_
     assert load_model(ModelArguments(model_name_or_path=str(dpo))).config.vocab_size > 0
 
 
+@pytest.mark.multiprocess
 @needs_deepspeed
 def test_deepspeed_zero3_ppo_saves_every_ranks_optimizer_shard_and_resumes(tiny_model_dir, tmp_path):
     """PPO on accelerate's DeepSpeed plugin: generation from gathered weights, the same LR per update as one process,
