@@ -27,6 +27,19 @@ def global_step(output_dir):
     return json.loads((output_dir / "trainer_state.json").read_text())["global_step"]
 
 
+# A normalised two-turn SFT record with a system prompt (the SFT and distillation tests tokenise it).
+CONVERSATION = {
+    "messages": [
+        {"role": "user", "content": "小孩发烧怎么办？"},
+        {"role": "assistant", "content": "先测体温，多喝水。"},
+        {"role": "user", "content": "What if it lasts three days?"},
+        {"role": "assistant", "content": "Please see a doctor."},
+    ],
+    "system": "你是一名医生。",
+    "tools": None,
+}
+
+
 def write_jsonl(path, records):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,6 @@ one --compare table (base against fine-tuned), by generated replies, and by repl
 of the project's own server."""
 
 import json
-import threading
-import time
 
 import pytest
 
@@ -14,7 +12,7 @@ from medicalgpt.eval.benchmarks import load_benchmark
 from medicalgpt.eval.compare import model_specs
 from medicalgpt.eval.items import choice_sft_records
 from medicalgpt.serve.chat import ChatArguments
-from tests.helpers import FAST_FLAGS, REPO, free_port, write_jsonl
+from tests.helpers import FAST_FLAGS, REPO, serving, write_jsonl
 
 CEVAL = str(REPO / "data" / "eval" / "ceval")
 DEV = ["--data_file", CEVAL, "--split", "dev", "--template_name", "qwen"]
@@ -55,8 +53,6 @@ def test_dev_accuracy_goes_from_chance_to_right_in_one_comparison(fine_tuned, ti
 
 
 def test_generated_letters_are_right_after_fine_tuning_locally_and_over_the_api(fine_tuned, tmp_path):
-    import uvicorn
-
     from medicalgpt.serve.chat import GenerationOptions, load_chat_engine
     from medicalgpt.serve.server import build_app
 
@@ -65,19 +61,9 @@ def test_generated_letters_are_right_after_fine_tuning_locally_and_over_the_api(
     assert local["accuracy"] >= 0.9 and local["unparsed"] == 0
     engine = load_chat_engine(ChatArguments(base_model=fine_tuned["model"], template_name="qwen"))
     app = build_app(engine, "ceval-sft", api_key="k", defaults=GenerationOptions(temperature=0, max_new_tokens=4))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        api = evaluate.main([*flags, "--api_base", f"http://127.0.0.1:{port}/v1", "--api_key", "k", "--model",
-                             "ceval-sft", "--output_dir", str(tmp_path / "api")])  # fmt: skip
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving(app) as url:
+        api = evaluate.main([*flags, "--api_base", f"{url}/v1", "--api_key", "k", "--model", "ceval-sft",
+                             "--output_dir", str(tmp_path / "api")])  # fmt: skip
     replies = [[json.loads(line)["reply"] for line in (tmp_path / name / "choice_predictions.jsonl").open()]
                for name in ("local", "api")]  # fmt: skip
     assert replies[0] == replies[1] and api["accuracy"] == local["accuracy"]

@@ -11,18 +11,7 @@ from medicalgpt.cli import UsageError
 from medicalgpt.templates import get_conv_template
 from medicalgpt.train.distill import teacher_kl, tokenize_for_distillation
 from medicalgpt.train.preprocess import IGNORE_INDEX, tokenize_conversation
-from tests.helpers import FAST_FLAGS, REPO, qa_adapter, run, write_jsonl
-
-TWO_TURNS = {
-    "messages": [
-        {"role": "user", "content": "小孩发烧怎么办？"},
-        {"role": "assistant", "content": "先测体温，多喝水。"},
-        {"role": "user", "content": "What if it lasts three days?"},
-        {"role": "assistant", "content": "Please see a doctor."},
-    ],
-    "system": "你是一名医生。",
-    "tools": None,
-}
+from tests.helpers import CONVERSATION, FAST_FLAGS, REPO, qa_adapter, run, write_jsonl
 
 
 def alpaca_lines(start, stop):
@@ -32,8 +21,8 @@ def alpaca_lines(start, stop):
 
 def test_each_assistant_turn_is_a_row_with_sfts_ids_and_only_its_answer_marked(tiny_tokenizer):
     template = get_conv_template("qwen")
-    rows = tokenize_for_distillation(TWO_TURNS, template, tiny_tokenizer, max_length=512, max_prompt_length=256)
-    sft = tokenize_conversation(TWO_TURNS, template, tiny_tokenizer)
+    rows = tokenize_for_distillation(CONVERSATION, template, tiny_tokenizer, max_length=512, max_prompt_length=256)
+    sft = tokenize_conversation(CONVERSATION, template, tiny_tokenizer)
     assert [row["input_ids"] for row in rows] == [sft["input_ids"][: len(rows[0]["input_ids"])], sft["input_ids"]]
     answers = [
         tiny_tokenizer.decode([t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]) for row in rows
@@ -49,9 +38,9 @@ def test_each_assistant_turn_is_a_row_with_sfts_ids_and_only_its_answer_marked(t
 
 def test_long_prompts_keep_their_last_tokens_and_answers_their_first(tiny_tokenizer):
     template = get_conv_template("qwen")
-    full = tokenize_for_distillation(TWO_TURNS, template, tiny_tokenizer, max_length=512, max_prompt_length=512)[1]
+    full = tokenize_for_distillation(CONVERSATION, template, tiny_tokenizer, max_length=512, max_prompt_length=512)[1]
     prompt_len = full["completion_mask"].index(1)
-    cut = tokenize_for_distillation(TWO_TURNS, template, tiny_tokenizer, max_length=12, max_prompt_length=8)[1]
+    cut = tokenize_for_distillation(CONVERSATION, template, tiny_tokenizer, max_length=12, max_prompt_length=8)[1]
     assert cut["input_ids"] == full["input_ids"][prompt_len - 8 : prompt_len + 4]
     assert cut["completion_mask"] == [0] * 8 + [1] * 4
 

@@ -6,18 +6,7 @@ import torch
 import supervised_finetuning
 from medicalgpt.templates import get_conv_template, template_from_tokenizer
 from medicalgpt.train.preprocess import format_label_mask, tokenize_conversation
-from tests.helpers import FAST_FLAGS, REPO, learned_spans, write_jsonl
-
-CONVERSATION = {
-    "messages": [
-        {"role": "user", "content": "小孩发烧怎么办？"},
-        {"role": "assistant", "content": "先测体温，多喝水。"},
-        {"role": "user", "content": "What if it lasts three days?"},
-        {"role": "assistant", "content": "Please see a doctor."},
-    ],
-    "system": "你是一名医生。",
-    "tools": None,
-}
+from tests.helpers import CONVERSATION, FAST_FLAGS, REPO, learned_spans, write_jsonl
 
 
 def chat_messages(record):
