@@ -60,15 +60,17 @@ def main(argv=None):
     train_records, eval_records = load_stage_records(data_args, training_args, stage="sft")
     tokenizer = load_tokenizer(model_args)
     template = build_template(data_args.template_name, tokenizer)
+    tokenise = dict(
+        template=template,
+        tokenizer=tokenizer,
+        max_length=training_args.max_length,
+        max_prompt_length=distill_args.max_prompt_length,
+        system_prompt=data_args.system_prompt,
+        num_proc=data_args.preprocessing_num_workers,
+    )
     with training_args.main_process_first(desc="tokenising"):
-        train_dataset, eval_dataset = (
-            None if records is None else prepare_distill_dataset(
-                records, template, tokenizer,
-                training_args.max_length, distill_args.max_prompt_length, data_args.system_prompt,
-                data_args.preprocessing_num_workers, f" ({split})",
-            )
-            for split, records in (("train", train_records), ("eval", eval_records))
-        )  # fmt: skip
+        train_dataset = prepare_distill_dataset(train_records, desc_suffix=" (train)", **tokenise)
+        eval_dataset = prepare_distill_dataset(eval_records, desc_suffix=" (eval)", **tokenise)
 
     # Model
     teacher = load_teacher(model_args, distill_args, training_args, tokenizer)

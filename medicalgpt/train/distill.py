@@ -101,7 +101,9 @@ def prepare_distill_dataset(dataset, template, tokenizer, max_length, max_prompt
                             num_proc=None, desc_suffix=""):  # fmt: skip
     """Dataset of normalised SFT records -> {"input_ids", "completion_mask", "prompt"}, one row per assistant turn,
     the columns trl's DataCollatorForChatML (GKDTrainer's collator) reads: it splits each row into prompt and answer
-    at the mask's first 1."""
+    at the mask's first 1. None (a split that was not asked for) gives None."""
+    if dataset is None:
+        return None
 
     def tokenize(batch):
         records = [dict(zip(batch, values)) for values in zip(*batch.values())]
