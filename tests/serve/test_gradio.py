@@ -92,14 +92,22 @@ def test_tutorial_gradio_command_answers_in_the_browser(browser, tiny_model_dir,
 
 
 class Recorder:
-    """Records the conversations the page asks the engine to continue."""
+    """Records the conversations the page asks the engine to continue, and paces the answer to 20 pieces a second: the
+    tiny model writes thousands, and a browser re-rendering that flood on a busy 2-core machine took clicks longer
+    than 30 s to process."""
 
-    def __init__(self, engine):
-        self.engine, self.seen = engine, []
+    def __init__(self, engine, seconds_per_piece=0.05):
+        self.engine, self.seen, self.seconds_per_piece = engine, [], seconds_per_piece
 
     def stream(self, messages, options):
         self.seen.append(messages)
-        return self.engine.stream(messages, options)
+        pieces = iter(self.engine.stream(messages, options))
+        try:
+            for piece in pieces:
+                time.sleep(self.seconds_per_piece)
+                yield piece
+        finally:
+            pieces.close()  # a stop click closes this generator; closing the engine's stream ends the generation
 
     def __getattr__(self, name):  # everything else (fitting the context, encoding) is the engine's
         return getattr(self.engine, name)
