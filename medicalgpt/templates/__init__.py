@@ -34,7 +34,13 @@ from medicalgpt.templates.conversation import (
     get_conv_template,
     register_conv_template,
 )
-from medicalgpt.templates.tokenizer import TokenizerTemplate, build_template, leading_bos, template_from_tokenizer
+from medicalgpt.templates.tokenizer import (
+    TokenizerTemplate,
+    build_template,
+    encode_texts,
+    leading_bos,
+    template_from_tokenizer,
+)
 
 __all__ = [
     "ConversationTemplate",
@@ -46,4 +52,5 @@ __all__ = [
     "template_from_tokenizer",
     "build_template",
     "leading_bos",
+    "encode_texts",
 ]

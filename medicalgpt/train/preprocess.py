@@ -21,7 +21,7 @@ from itertools import chain
 
 import datasets
 
-from medicalgpt.templates import leading_bos
+from medicalgpt.templates import encode_texts, leading_bos
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def prepare_pretraining_dataset(dataset, tokenizer, block_size, num_proc=None, d
         raise ValueError("The tokenizer has no EOS token to end documents with.")
 
     def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=True)["input_ids"]
+        ids = encode_texts(tokenizer, batch["text"], add_special_tokens=True)
         return {"input_ids": [doc + [eos] for doc in ids]}
 
     def group(batch):
@@ -138,11 +138,11 @@ def prepare_sft_dataset(
         raise ValueError(f"--overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {overlong!r}")
     columns = ("input_ids", "labels", "dropped_turns", "truncated")
 
-    def tokenize(batch):  # one fast-tokenizer call for every turn of the batch: no per-text call overhead
+    def tokenize(batch):  # one fast-tokenizer call for every turn of the batch (encode_texts): no per-text overhead
         records = [dict(zip(batch, values)) for values in zip(*batch.values())]
         rendered = [render_conversation(record, template, system_prompt) for record in records]
         texts = [text for turns in rendered for turn in turns for text in turn]
-        ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        ids = iter(encode_texts(tokenizer, texts))
         out = [
             assemble_conversation(turns, [next(ids) for _ in range(2 * len(turns))], tokenizer, max_length,
                                   train_on_inputs, overlong)

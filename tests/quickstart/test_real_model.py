@@ -164,6 +164,27 @@ def test_label_masks_of_every_upstream_sft_record_under_the_qwen_tokenizer(qwen)
     assert plain > 1900 and compared > 230 and ids_differ <= 0.02 * compared, (plain, compared, ids_differ)
 
 
+@pytest.mark.skipif(not UPSTREAM_SFT.is_dir(), reason=f"{UPSTREAM_SFT} is absent (upstream data beside the repo)")
+def test_fast_encoding_gives_the_ids_of_the_ordinary_call_on_every_upstream_text(qwen, real_model_dir):
+    """encode_texts (the Rust backend's encode_batch_fast) and tokenizer(texts) agree on every rendered prompt and
+    answer of the upstream SFT files, under Qwen2.5's and SmolLM2's real tokenizers."""
+    from transformers import AutoTokenizer
+
+    from medicalgpt.data.validate import find_data_files, load_records
+    from medicalgpt.templates import encode_texts, get_conv_template
+    from medicalgpt.templates.tokenizer import plain_backend
+
+    records = load_records(find_data_files(str(UPSTREAM_SFT), "sft"), "sft", True)
+    template = get_conv_template("qwen")
+    turns = [turn for r in records for turn in template.render_turns(r["messages"], tools=r.get("tools"))]
+    texts = [text for turn in turns for text in turn]
+    for tokenizer in (qwen, AutoTokenizer.from_pretrained(real_model_dir)):
+        assert plain_backend(tokenizer) is not None
+        for add_special_tokens in (False, True):
+            expected = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+            assert encode_texts(tokenizer, texts, add_special_tokens=add_special_tokens) == expected
+
+
 def test_domain_tokenizer_does_not_lengthen_held_out_text(qwen_dir, qwen, tmp_path, capsys):
     """A fragment-heavy SentencePiece vocabulary (upstream's baichuan_vocab.txt, or a sample of its kind): ASCII
     continuation pieces and symbol runs are left out, and held-out English and Chinese text gets no longer."""
