@@ -16,12 +16,16 @@ than `model_max_length` (`--overlong`, counted and logged either way):
 - `drop`: such a conversation is skipped whole (the model never sees long answers, and learns to answer shorter).
 """
 
+import functools
+import hashlib
 import logging
 from itertools import chain
+from pathlib import Path
 
 import datasets
 
-from medicalgpt.templates import encode_texts, leading_bos
+from medicalgpt.templates import ConversationTemplate, TokenizerTemplate, encode_texts, leading_bos
+from medicalgpt.templates.tokenizer import plain_backend
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ def prepare_pretraining_dataset(dataset, tokenizer, block_size, num_proc=None, d
         tokenize,
         batched=True,
         remove_columns=dataset.column_names,
-        **_map_options(dataset, num_proc, f"Tokenising{desc_suffix}"),
+        **_map_options(dataset, num_proc, f"Tokenising{desc_suffix}", tokenizer, None, "pt"),
     )
     return dataset.map(
         group,
@@ -65,9 +69,40 @@ def prepare_pretraining_dataset(dataset, tokenizer, block_size, num_proc=None, d
     )
 
 
-def _map_options(dataset, num_proc, desc):
-    """`.map` options of a Dataset; a streamed IterableDataset (--streaming) takes neither."""
-    return {} if isinstance(dataset, datasets.IterableDataset) else {"num_proc": num_proc, "desc": desc}
+def _map_options(dataset, num_proc, desc, tokenizer=None, template=None, *settings):
+    """`.map` options of a Dataset; a streamed IterableDataset (--streaming) takes none. A tokenising map (given its
+    tokenizer, template and settings) also gets its cache key from `tokenising_fingerprint`."""
+    if isinstance(dataset, datasets.IterableDataset):
+        return {}
+    options = {"num_proc": num_proc, "desc": desc}
+    if tokenizer is not None:
+        options["new_fingerprint"] = tokenising_fingerprint(dataset, tokenizer, template, *settings)
+    return options
+
+
+def tokenising_fingerprint(dataset, tokenizer, template, *settings):
+    """The cache key of a tokenising `.map`, from what decides its output: the records (their fingerprint), the
+    tokenizer's serialised backend, the template, the settings and the source of this module and of the templates.
+
+    Without it datasets hashes the map's function by pickling its closure, the tokenizer included: ~1.3 s for
+    Qwen2.5's 151k-token vocabulary, on every split of every run. None (datasets hashes as usual) for a tokenizer
+    or template this cannot describe cheaply."""
+    backend = plain_backend(tokenizer)
+    if backend is None or not isinstance(template, (ConversationTemplate, TokenizerTemplate, type(None))):
+        return None
+    if isinstance(template, TokenizerTemplate):
+        template = ("tokenizer", tokenizer.chat_template, template.chat_template_kwargs)
+    tokenizer_key = (backend.to_str(), type(tokenizer).__name__, tokenizer.bos_token, tokenizer.eos_token_id)
+    key = [dataset._fingerprint, tokenizer_key, repr(template), settings, _code_hash()]
+    return hashlib.sha256(repr(key).encode("utf-8")).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=1)
+def _code_hash():
+    """A hash of the code that turns records into ids: this module and the templates package."""
+    package = Path(__file__).resolve().parents[1]
+    files = [Path(__file__).resolve(), *sorted((package / "templates").rglob("*.py"))]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()
 
 
 def tokenize_conversation(
@@ -150,11 +185,12 @@ def prepare_sft_dataset(
         ]  # fmt: skip
         return {key: [row[key] for row in out] for key in columns}
 
+    settings = ("sft", max_length, train_on_inputs, system_prompt, overlong)
     dataset = dataset.map(
         tokenize,
         batched=True,
         remove_columns=dataset.column_names,
-        **_map_options(dataset, num_proc, f"Tokenising conversations{desc_suffix}"),
+        **_map_options(dataset, num_proc, f"Tokenising conversations{desc_suffix}", tokenizer, template, *settings),
     )
     if isinstance(dataset, datasets.IterableDataset):  # streamed: medicalgpt.train.streaming counts as it goes
         return dataset

@@ -94,3 +94,45 @@ def test_invalid_records_leave_nothing_behind_and_skipped_ones_are_counted(tmp_p
         open(os.path.join(os.path.dirname(records.cache_files[0]["filename"]), "summary.json")).read()
     )
     assert (summary["records"], summary["skipped"]) == (2, 1)
+
+
+def test_tokenised_data_is_reused_by_its_own_key_and_the_tokenizer_is_never_pickled_to_hash_it(
+    tmp_path, datasets_cache, tiny_tokenizer, monkeypatch
+):
+    """The tokenising map's cache key comes from tokenising_fingerprint: the same records, tokenizer, template and
+    settings reuse the cache file; each of them changed gives a new key; datasets never pickles the tokenizer."""
+    import copy
+
+    from datasets.fingerprint import Hasher
+
+    from medicalgpt.templates import get_conv_template
+    from medicalgpt.train.preprocess import prepare_pretraining_dataset, prepare_sft_dataset, tokenising_fingerprint
+
+    hashed = []
+    original_hash = Hasher.hash
+    monkeypatch.setattr(Hasher, "hash", classmethod(lambda cls, value: hashed.append(value) or original_hash(value)))
+    records = load_file_records([str(write_jsonl(tmp_path / "sft.jsonl", small_records(20)))], "sft")
+    qwen, chatml = get_conv_template("qwen"), get_conv_template("chatml")
+    first = prepare_sft_dataset(records, qwen, tiny_tokenizer, 64)
+    again = prepare_sft_dataset(records, qwen, tiny_tokenizer, 64)
+    assert again.cache_files == first.cache_files and again["input_ids"] == first["input_ids"]
+    (tmp_path / "pt.txt").write_text("".join(f"第{i}段：发烧时多喝水。\n" for i in range(20)), encoding="utf-8")
+    documents = load_file_records([str(tmp_path / "pt.txt")], "pt")
+    blocks = prepare_pretraining_dataset(documents, tiny_tokenizer, 32)
+    assert prepare_pretraining_dataset(documents, tiny_tokenizer, 32).cache_files == blocks.cache_files
+    closures = [cell.cell_contents for value in hashed for cell in getattr(value, "__closure__", None) or ()]
+    assert hashed and not any(value is tiny_tokenizer for value in [*hashed, *closures])
+
+    key = tokenising_fingerprint(records, tiny_tokenizer, qwen, "sft", 64, False, None, "truncate")
+    grown = copy.deepcopy(tiny_tokenizer)
+    grown.add_tokens(["发烧"])
+    others = [
+        tokenising_fingerprint(records.select(range(10)), tiny_tokenizer, qwen, "sft", 64, False, None, "truncate"),
+        tokenising_fingerprint(records, grown, qwen, "sft", 64, False, None, "truncate"),
+        tokenising_fingerprint(records, tiny_tokenizer, chatml, "sft", 64, False, None, "truncate"),
+        tokenising_fingerprint(records, tiny_tokenizer, qwen, "sft", 65, False, None, "truncate"),
+        tokenising_fingerprint(records, tiny_tokenizer, qwen, "sft", 64, True, None, "truncate"),
+        tokenising_fingerprint(records, tiny_tokenizer, qwen, "sft", 64, False, "Be brief.", "truncate"),
+        tokenising_fingerprint(records, tiny_tokenizer, qwen, "sft", 64, False, None, "drop"),
+    ]
+    assert len({key, *others}) == 1 + len(others)
