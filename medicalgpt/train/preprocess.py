@@ -46,26 +46,20 @@ def prepare_pretraining_dataset(dataset, tokenizer, block_size, num_proc=None, d
     if eos is None:
         raise ValueError("The tokenizer has no EOS token to end documents with.")
 
-    def tokenize(batch):
-        ids = encode_texts(tokenizer, batch["text"], add_special_tokens=True)
-        return {"input_ids": [doc + [eos] for doc in ids]}
+    key = (tokenizer, None, "pt", block_size)  # what the blocks depend on: tokenising_fingerprint
 
-    def group(batch):
-        stream = list(chain.from_iterable(batch["input_ids"]))
+    def tokenize_and_group(batch):  # one pass: no intermediate dataset of every document's ids is written and reread
+        ids = encode_texts(tokenizer, batch["text"], add_special_tokens=True)
+        stream = list(chain.from_iterable(doc + [eos] for doc in ids))
         blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
         return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
 
-    dataset = dataset.map(
-        tokenize,
-        batched=True,
-        remove_columns=dataset.column_names,
-        **_map_options(dataset, num_proc, f"Tokenising{desc_suffix}", tokenizer, None, "pt"),
-    )
     return dataset.map(
-        group,
+        tokenize_and_group,
         batched=True,
         batch_size=PT_MAP_BATCH,
-        **_map_options(dataset, num_proc, f"Grouping into blocks of {block_size}{desc_suffix}"),
+        remove_columns=dataset.column_names,
+        **_map_options(dataset, num_proc, f"Tokenising into {block_size}-token blocks{desc_suffix}", *key),
     )
 
 

@@ -24,6 +24,20 @@ def test_blocks_keep_every_token_and_end_each_document_with_eos(tiny_tokenizer):
     assert blocks["labels"] == blocks["input_ids"]
 
 
+def test_blocks_are_cut_per_thousand_documents_in_one_pass(tiny_tokenizer):
+    """Each 1,000 documents end in their own shorter block (PT_MAP_BATCH), with or without --streaming."""
+    docs = [f"第{i}段：发烧{i % 7}天，多喝水。" for i in range(2_500)]
+    ids = [tiny_tokenizer(doc)["input_ids"] + [tiny_tokenizer.eos_token_id] for doc in docs]
+    expected = []
+    for start in range(0, len(docs), 1000):
+        stream = [i for doc in ids[start : start + 1000] for i in doc]
+        expected += [stream[i : i + 64] for i in range(0, len(stream), 64)]
+    records = datasets.Dataset.from_dict({"text": docs})
+    assert prepare_pretraining_dataset(records, tiny_tokenizer, 64)["input_ids"] == expected
+    streamed = prepare_pretraining_dataset(records.to_iterable_dataset(), tiny_tokenizer, 64)
+    assert [row["input_ids"] for row in streamed] == expected
+
+
 def test_short_corpus_still_yields_one_block(tiny_tokenizer):
     blocks = prepare_pretraining_dataset(datasets.Dataset.from_dict({"text": ["短文本"]}), tiny_tokenizer, 512)
     assert len(blocks) == 1
