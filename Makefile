@@ -59,7 +59,7 @@ $(TINY_MODEL)/config.json: $(VENV)/.installed medicalgpt/quickstart/tiny_model.p
 
 quickstart: quickstart-$(MODEL)
 
-# The real model (SmolLM2-135M-Instruct) on CPU in ~3 minutes (3.1 measured on a quiet machine): its answers to three medical questions, SFT with LoRA
+# The real model (SmolLM2-135M-Instruct) on CPU in ~3 minutes (2.4-3.1 measured on a quiet machine): its answers to three medical questions, SFT with LoRA
 # on the English sample data (held-out loss before and after), its answers again, DPO from the SFT adapter, merge,
 # and the final answers; then a table of what each stage moved and the answers side by side.
 QS_DATA := $(QUICKSTART)/data
