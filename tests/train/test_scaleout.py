@@ -58,6 +58,27 @@ def test_sft_lr_curve_under_torchrun_equals_one_process(tiny_model_dir, sft_data
     assert learning_rates(two) == learning_rates(one)
 
 
+@pytest.mark.multiprocess
+def test_streaming_sft_under_torchrun_trains_like_one_process(tiny_model_dir, sft_data, tmp_path):
+    """--streaming over 2 processes x 2 examples and one process x 4: accelerate's rank 0 reads the stream and hands
+    each rank its share of every batch (no rank reads the same records), so after 4 steps the weights equal one
+    process's to float rounding, far from the initial ones. Ranks each reading the whole stream would train on
+    records 0-1 twice where one process trains on 0-3."""
+    from transformers import AutoModelForCausalLM
+
+    flags = ["--streaming", "True", "--max_steps", "4", "--learning_rate", "1e-2", "--save_strategy", "no"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    supervised_finetuning.main(sft_argv(tiny_model_dir, sft_data, one, *flags, "--per_device_train_batch_size", "4"))
+    argv = sft_argv(tiny_model_dir, sft_data, two, *flags, "--per_device_train_batch_size", "2")
+    result = run([*TORCHRUN, "--master_port", "29733", "supervised_finetuning.py", *argv])
+    assert result.returncode == 0, result.stderr[-3000:]
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    reference, parallel = (AutoModelForCausalLM.from_pretrained(out).state_dict() for out in (one, two))
+    for name, weight in reference.items():
+        torch.testing.assert_close(parallel[name], weight, atol=1e-4, rtol=0)
+    assert max((reference[name] - initial[name]).abs().max() for name in initial) > 1e-2
+
+
 def test_dpo_lr_curve_under_torchrun_equals_one_process(tiny_model_dir, tmp_path):
     pairs = [{"prompt": f"问题{i}", "chosen": "请去看医生。", "rejected": "多喝热水。"} for i in range(8)]
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
