@@ -132,10 +132,12 @@ def leading_bos(tokenizer, first_text):
 def encode_texts(tokenizer, texts, add_special_tokens=False):
     """Token ids of each of `texts`, the same as `tokenizer(texts, add_special_tokens=...)["input_ids"]`, faster for
     a plain fast tokenizer (see plain_backend): ~30% less time when tokenising a corpus."""
-    backend = plain_backend(tokenizer)
+    texts, backend = list(texts), plain_backend(tokenizer)
+    if not texts:  # the ordinary call fails on an empty batch
+        return []
     if backend is None:
-        return tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
-    return [encoding.ids for encoding in backend.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)]
+        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
 
 def plain_backend(tokenizer):

@@ -65,13 +65,19 @@ def test_chunked_loss_under_lora_trains_the_same_adapter_gradients(tiny_model_di
     assert_same(plain, chunked)
 
 
-def test_chunked_loss_never_projects_more_than_a_chunk(tiny_model_dir):
-    model = load(tiny_model_dir)
-    inputs = batch(model.config.vocab_size)
+def projected_rows(model, inputs, chunk_size):
+    """Rows the LM head projects, call by call, in the chunked loss's forward and backward."""
     rows = []
     model.lm_head.register_forward_hook(lambda module, args, output: rows.append(output.shape[0]))
     hidden = model.model(input_ids=inputs["input_ids"]).last_hidden_state
-    chunked_lm_loss(hidden, model.lm_head, inputs["labels"], chunk_size=10).backward()
+    chunked_lm_loss(hidden, model.lm_head, inputs["labels"], chunk_size=chunk_size).backward()
+    return rows
+
+
+def test_chunked_loss_never_projects_more_than_a_chunk(tiny_model_dir):
+    model = load(tiny_model_dir)
+    inputs = batch(model.config.vocab_size)
+    rows = projected_rows(model, inputs, chunk_size=10)
     learned = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
     # prompts never projected; backward recomputes every chunk but the last, whose logits it frees first
     assert learned == 69 and rows == [10] * 6 + [9] + [10] * 6
@@ -79,11 +85,7 @@ def test_chunked_loss_never_projects_more_than_a_chunk(tiny_model_dir):
 
 def test_learned_tokens_in_one_chunk_are_projected_once(tiny_model_dir):
     model = load(tiny_model_dir)
-    inputs = batch(model.config.vocab_size)
-    rows = []
-    model.lm_head.register_forward_hook(lambda module, args, output: rows.append(output.shape[0]))
-    hidden = model.model(input_ids=inputs["input_ids"]).last_hidden_state
-    chunked_lm_loss(hidden, model.lm_head, inputs["labels"], chunk_size=1000).backward()
+    rows = projected_rows(model, batch(model.config.vocab_size), chunk_size=1000)
     assert rows == [69]  # no recomputation in backward
 
 
