@@ -25,6 +25,9 @@ like SFT's: inference.py, merge_peft_adapter.py and the next stages load it.
 import logging
 import sys
 
+import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
+
+# isort: split
 from trl.experimental.gkd import GKDConfig
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments
@@ -44,6 +47,7 @@ from medicalgpt.train.distill import (
 )
 from medicalgpt.train.records import load_stage_records
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.run_summary import add_run_summary
 
 logger = logging.getLogger("medicalgpt")
 
@@ -93,6 +97,7 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
+    add_run_summary(trainer, model_args, data_args, lora_args, distill_args)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
         trainer.save_model()

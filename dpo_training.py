@@ -14,6 +14,9 @@ trl's DPOConfig works (`--beta`, `--loss_type sigmoid|ipo|...`, `--learning_rate
 import logging
 import sys
 
+import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
+
+# isort: split
 from trl import DPOConfig
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
@@ -23,6 +26,7 @@ from medicalgpt.parser import parse_args
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_tokenized_preferences
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.run_summary import add_run_summary
 from medicalgpt.train.trainers import PreTokenizedDPOTrainer
 
 logger = logging.getLogger("medicalgpt")
@@ -52,6 +56,7 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
+    add_run_summary(trainer, model_args, data_args, lora_args, pref_args)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
         trainer.save_model()

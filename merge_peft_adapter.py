@@ -21,6 +21,9 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
+import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
+
+# isort: split
 import torch
 from transformers import AutoModelForSequenceClassification
 

@@ -13,6 +13,9 @@ learning rate is 1e-6: pass `--learning_rate` for LoRA (e.g. 5e-5).
 import logging
 import sys
 
+import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
+
+# isort: split
 from trl.experimental.orpo import ORPOConfig
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, OrpoArguments, PreferenceArguments
@@ -22,6 +25,7 @@ from medicalgpt.parser import parse_args
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_tokenized_preferences
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.run_summary import add_run_summary
 from medicalgpt.train.trainers import PreTokenizedORPOTrainer
 
 logger = logging.getLogger("medicalgpt")
@@ -49,6 +53,7 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
+    add_run_summary(trainer, model_args, data_args, lora_args, pref_args)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
         trainer.save_model()

@@ -37,6 +37,10 @@ import os
 import sys
 
 import yaml
+
+import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
+
+# isort: split
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification
 
@@ -55,6 +59,7 @@ from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.preprocess import prepare_rl_prompts
 from medicalgpt.train.records import load_stage_records
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.run_summary import add_run_summary, log_run_summary
 
 logger = logging.getLogger("medicalgpt")
 
@@ -85,14 +90,14 @@ def main(argv=None):
     )
     train_prompts = render(train_records or [])  # every assistant turn's preceding context, rendered
     eval_prompts = render(eval_records or [])
-    logger.info("RL prompts: %d for training, %d for evaluation.", len(train_prompts), len(eval_prompts))
+    logger.debug("RL prompts: %d for training, %d for evaluation.", len(train_prompts), len(eval_prompts))
     stops = stop_token_ids(tokenizer, template)
     closing = closing_ids(tokenizer, template)  # the reward model reads the template's full rendering
 
     # Model and training
     run = RLRun(config, model_args, lora_args, rl_args, tokenizer, stop_ids=stops, closing_ids=closing)
     if rl_args.rl_algorithm == "ppo":
-        train_ppo(build_ppo_trainer(run, train_prompts=train_prompts, eval_prompts=eval_prompts), config)
+        train_ppo(build_ppo_trainer(run, train_prompts=train_prompts, eval_prompts=eval_prompts), run)
     else:
         train_dataset = prompt_dataset(tokenizer, train_prompts, train_records)
         eval_dataset = prompt_dataset(tokenizer, eval_prompts, eval_records)
@@ -210,7 +215,18 @@ def build_ppo_trainer(run, train_prompts, eval_prompts):
     )
 
 
-def train_ppo(trainer, config):
+def train_ppo(trainer, run):
+    config = run.config
+    if config.do_train and trainer.accelerator.is_main_process:
+        log_run_summary(
+            "ppo_training.py",
+            (run.model_args, run.lora_args, run.rl_args),
+            model=trainer.model.policy,
+            args=config,
+            steps=f"{trainer.num_updates:,} PPO updates of {trainer.global_batch:,} prompts",
+            data=f"{len(trainer.train_prompts):,} prompts for training, {len(trainer.eval_prompts):,} for evaluation",
+            unit="prompts",
+        )
     if config.do_train:
         metrics = trainer.train(resume_from=find_resume_checkpoint(config))
         trainer.save_policy()
@@ -246,6 +262,7 @@ def train_critic_free(run, train_dataset, eval_dataset):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
+    add_run_summary(trainer, model_args, run.lora_args, rl_args)
     if scorer is not None:  # ZeRO-3: an inference engine, as trl prepares its own reward models
         scorer.model = prepare_frozen(scorer.model, trainer.accelerator)
     if config.do_train:

@@ -17,6 +17,9 @@ import logging
 import math
 import sys
 
+import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
+
+# isort: split
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PretrainingArguments
@@ -28,6 +31,7 @@ from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.preprocess import IGNORE_INDEX, prepare_pretraining_dataset
 from medicalgpt.train.records import load_stage_records
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.run_summary import add_run_summary
 from medicalgpt.train.streaming import stream_stage_records
 
 logger = logging.getLogger("medicalgpt")
@@ -72,6 +76,7 @@ def main(argv=None):
         processing_class=tokenizer,
         data_collator=collator,
     )
+    add_run_summary(trainer, model_args, data_args, lora_args, pt_args)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
         trainer.save_model()

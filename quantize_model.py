@@ -26,6 +26,9 @@ import os
 import shutil
 import sys
 
+import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
+
+# isort: split
 import torch
 from transformers import AutoModelForCausalLM
 

@@ -17,6 +17,9 @@ is saved with the `score` head; `ppo_training.py --reward_model_path` and `merge
 import logging
 import sys
 
+import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
+
+# isort: split
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
@@ -30,6 +33,7 @@ from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.preprocess import to_reward_features
 from medicalgpt.train.records import load_tokenized_preferences
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.run_summary import add_run_summary
 
 logger = logging.getLogger("medicalgpt")
 
@@ -64,6 +68,7 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
+    add_run_summary(trainer, model_args, data_args, lora_args, pref_args)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
         trainer.save_model()

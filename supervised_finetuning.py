@@ -25,6 +25,9 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
+
+# isort: split
 from trl import SFTConfig, SFTTrainer
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, SupervisedArguments
@@ -40,6 +43,7 @@ from medicalgpt.train.packing import PackedRowsCollator, pack_rows, resolve_pack
 from medicalgpt.train.preprocess import format_label_mask, prepare_sft_dataset
 from medicalgpt.train.records import load_stage_records
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.run_summary import add_run_summary
 from medicalgpt.train.streaming import finish_sft_stream, stream_stage_records
 
 logger = logging.getLogger("medicalgpt")
@@ -113,7 +117,7 @@ def main(argv=None):
     chunked_loss = resolve_chunked_loss(sft_args.chunked_loss, training_args, model)
     if chunked_loss:
         add_chunked_lm_head(model)
-    logger.info("Batches: %s (--packing); loss: %s.", packing, "chunked" if chunked_loss else "trl's fused LM head")
+    logger.debug("Batches: %s (--packing); loss: %s.", packing, "chunked" if chunked_loss else "trl's fused LM head")
     model = wrap_with_lora(model, lora_args, training_args, base_path=model_args.model_name_or_path)
 
     # Train
@@ -127,6 +131,7 @@ def main(argv=None):
         processing_class=tokenizer,
         data_collator=collator if packing == "rows" else None,
     )
+    add_run_summary(trainer, model_args, data_args, lora_args, sft_args, choice_args)
     if choice_items:  # choice_accuracy logged every --choice_eval_steps (medicalgpt/eval/tasks.py)
         callback = ChoiceEvalCallback(
             trainer,
@@ -168,7 +173,7 @@ def log_first_sample(train_dataset, tokenizer):
     if train_dataset is not None and len(train_dataset):
         sample = train_dataset[0]
         text = format_label_mask(sample["input_ids"], sample["labels"], tokenizer)
-        logger.info("First training sample, learned tokens in [LEARN]...[/LEARN]:\n%s", text)
+        logger.debug("First training sample, learned tokens in [LEARN]...[/LEARN]:\n%s", text)
 
 
 if __name__ == "__main__":

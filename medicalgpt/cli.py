@@ -6,6 +6,7 @@ import sys
 import datasets
 import transformers
 
+from medicalgpt.console import is_verbose
 from medicalgpt.data.files import InputNotFoundError
 from medicalgpt.data.validate import DataValidationError
 
@@ -31,18 +32,19 @@ def run_cli(main):
 def setup_logging(training_args=None):
     """English logs through `logging`. Tools (chat, merge, evaluation) log ours at INFO. Training logs ours at INFO
     from the main process and warnings only from the others; `--log_level` sets both ours and the libraries' (which
-    stay at WARNING otherwise)."""
+    stay at WARNING otherwise). `--verbose` (medicalgpt/console.py) adds our debug lines on the main process."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         handlers=[logging.StreamHandler()],
     )
+    verbose = logging.DEBUG if is_verbose() else logging.INFO
     if training_args is None:
-        logging.getLogger("medicalgpt").setLevel(logging.INFO)
+        logging.getLogger("medicalgpt").setLevel(verbose)
         return
     explicit = training_args.log_level if training_args.should_log else training_args.log_level_replica
     explicit = None if explicit == "passive" else transformers.utils.logging.log_levels[explicit]
-    ours = explicit or (logging.INFO if training_args.should_log else logging.WARNING)
+    ours = explicit or (verbose if training_args.should_log else logging.WARNING)
     for name in ("medicalgpt", "template"):
         logging.getLogger(name).setLevel(ours)
     libraries = explicit or logging.WARNING

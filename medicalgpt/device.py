@@ -16,7 +16,8 @@ always kept: the tutorial's explicit `--bf16` keeps its meaning. The choice is l
 """
 
 PRECISION_FLAGS = ("bf16", "fp16")
-CHECKPOINTING_FLAG = "gradient_checkpointing"
+CHECKPOINTING_FLAG = "gradient_checkpointing"  # the tutorial's name; transformers 5.23's is activation_checkpointing
+CHECKPOINTING_FLAGS = (CHECKPOINTING_FLAG, "activation_checkpointing")
 
 _defaulted = set()  # the flags the last fit_to_device call chose, for describe_choice
 
@@ -47,7 +48,7 @@ def fit_to_device(values, argv, kind=None):
     if "bf16" in values and not given & set(PRECISION_FLAGS):
         values["bf16"] = kind == "cuda-bf16"
         _defaulted.add("bf16")
-    if CHECKPOINTING_FLAG in values and CHECKPOINTING_FLAG not in given and kind == "cpu":
+    if CHECKPOINTING_FLAG in values and not given & set(CHECKPOINTING_FLAGS) and kind == "cpu":
         values[CHECKPOINTING_FLAG] = False
         _defaulted.add(CHECKPOINTING_FLAG)
     return values

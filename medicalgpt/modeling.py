@@ -274,5 +274,5 @@ def wrap_with_lora(model, lora_args, training_args, base_path, task_type="CAUSAL
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("Trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / total)
+    logger.debug("Trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / total)
     return model

@@ -24,6 +24,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from medicalgpt.args import LegacyArguments
+from medicalgpt.console import ConsoleArguments, set_verbose
 from medicalgpt.device import fit_to_device
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -40,6 +41,7 @@ def parse_args(config_class, *dataclass_types, argv=None, description=None):
     ours = [_without_fields(cls, shared) for cls in dataclass_types]
     training = f"training ({config_class.__name__}: the trainer's options, as transformers / trl document them)"
     parsed_types = [*map(_as_group, ours), _as_group(config_class, training), _as_group(LegacyArguments)]
+    parsed_types.append(_as_group(ConsoleArguments))
     parser = HfArgumentParser(parsed_types, allow_abbrev=False, **help_options(description, config_file=True))
     _allow_bare_bool_flags(parser)
     try:
@@ -50,6 +52,7 @@ def parse_args(config_class, *dataclass_types, argv=None, description=None):
     if unknown:
         _fail(f"unrecognized arguments: {' '.join(unknown)}")
     values = vars(namespace)
+    set_verbose(values.pop("verbose"))
     try:
         legacy = _build(LegacyArguments, values)
         _apply_legacy_flags(legacy, values)
@@ -146,15 +149,36 @@ DERIVED = (
     Derived("model_max_length", ("max_length",), lambda length: length),
     # non-reentrant checkpointing works with frozen inputs (LoRA) and under DDP without extra flags
     Derived(
-        "gradient_checkpointing_kwargs",
-        ("gradient_checkpointing",),
+        "activation_checkpointing_kwargs",
+        ("activation_checkpointing",),
         lambda on: {"use_reentrant": False} if on else None,
     ),
 )
 
 
+# The tutorial's names for what transformers 5.23 calls activation checkpointing. Its TrainingArguments warns
+# (FutureWarning) whenever `gradient_checkpointing*` is not None, and trl 1.16's configs default it to True: the value
+# moves to the new name, the old one is left None, and TrainingArguments mirrors it back (so
+# `training_args.gradient_checkpointing` still reads it).
+CHECKPOINTING_NAMES = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
+
+
+def resolve_checkpointing_names(values):
+    """`--gradient_checkpointing` (given, or the config's default) as `activation_checkpointing` unless that is set."""
+    for old, new in CHECKPOINTING_NAMES:
+        if old in values and new in values:
+            if values[new] is None:
+                values[new] = values[old]
+            values[old] = None
+    return values
+
+
 def resolve_aliases(values):
     """Apply `ALIASES`, then `DERIVED`, to the parsed `values` (one flat dict of every option)."""
+    resolve_checkpointing_names(values)
     for alias in ALIASES:
         given = values.get(alias.name) not in (None, False)
         if given and alias.target in values and not (alias.fills_only and values[alias.target] is not None):
@@ -262,9 +286,12 @@ def _default_to_cpu(values):
 
 
 def parse_cli(dataclass_types, argv=None, description=None):
-    """HfArgumentParser over `dataclass_types`; a bad value exits with argparse's message, not a traceback."""
-    parser = HfArgumentParser(dataclass_types, allow_abbrev=False, **help_options(description))
+    """HfArgumentParser over `dataclass_types` (and --verbose); a bad value exits with argparse's message, not a
+    traceback."""
+    parser = HfArgumentParser([*dataclass_types, ConsoleArguments], allow_abbrev=False, **help_options(description))
     try:
-        return parser.parse_args_into_dataclasses(args=argv)
+        *parsed, console = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:
         parser.error(str(error))
+    set_verbose(console.verbose)
+    return tuple(parsed)

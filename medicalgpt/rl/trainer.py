@@ -77,9 +77,9 @@ class PPOTrainer(PPOCheckpoints):
         for model in (policy, critic, ref_policy, reward_model):
             if model is not None:
                 disable_dropout(model)
-        if config.gradient_checkpointing:
+        if config.activation_checkpointing:
             for model in (policy, critic):
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs)
+                model.activation_checkpointing_enable(config.activation_checkpointing_kwargs)
         self.model = PolicyAndValue(policy, critic)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)

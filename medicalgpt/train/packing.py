@@ -77,7 +77,7 @@ def pack_rows(dataset, max_length, num_proc=None, desc=""):
         dataset.select_columns(["input_ids", "labels"]), row_length, "bfd", {"num_proc": num_proc, "desc": desc}
     )
     tokens = sum(lengths)
-    logger.info(
+    logger.debug(
         "Packed %d conversations into %d rows of up to %d tokens (%.1f%% of the rows' tokens are padding).",
         len(dataset), len(packed), row_length, 100 * (1 - tokens / max(1, len(packed) * row_length)),
     )  # fmt: skip

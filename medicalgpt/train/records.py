@@ -70,7 +70,7 @@ def load_stage_records(data_args, training_args, stage):
         train, evaluation = train.select(range(held_out, len(train))), train.select(range(held_out))
     train = _take(train, data_args.max_train_samples)
     evaluation = _take(evaluation, data_args.max_eval_samples) if training_args.do_eval else None
-    logger.info("Records: %d for training, %d for evaluation.", len(train or []), len(evaluation or []))
+    logger.debug("Records: %d for training, %d for evaluation.", len(train or []), len(evaluation or []))
     return train, evaluation
 
 
@@ -113,7 +113,7 @@ def _cached_records(digest, records, reports, stage, skip_invalid, overwrite):
     if os.path.isdir(folder):
         with open(os.path.join(folder, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
-        logger.info(
+        logger.debug(
             "Validated records reused from %s: %d records (%d skipped as invalid, %d warnings when validated).",
             folder, summary["records"], summary["skipped"], summary["warnings"],
         )  # fmt: skip

@@ -10,19 +10,26 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from medicalgpt.cli import UsageError
 from medicalgpt.device import describe_choice
+from medicalgpt.modeling import MODEL_FLAG, check_paths
 
 logger = logging.getLogger("medicalgpt")
 
 
 def check_and_log_args(training_args, model_args, lora_args=None):
-    """Check that the run can go on this device, then log the effective arguments once. Nothing is changed: flags
-    that depend on each other were reconciled by the parser (medicalgpt/parser.py `ALIASES`, `DERIVED`)."""
+    """Check that the run can go on this device and that its model paths exist, before anything is printed; then
+    log the effective arguments at debug level (--verbose; the run summary writes them to output_dir/run_args.json,
+    medicalgpt/train/run_summary.py). Nothing is changed: flags that depend on each other were reconciled by the
+    parser (medicalgpt/parser.py `ALIASES`, `DERIVED`)."""
     check_sharding_device(training_args)
-    logger.info(describe_choice(training_args))
-    logger.info("Model arguments: %s", model_args)
+    tokenizer = model_args.tokenizer_name_or_path
+    for path, flag in ((model_args.model_name_or_path, MODEL_FLAG), (tokenizer, "--tokenizer_name_or_path")):
+        if path:
+            check_paths(model_args, path, flag)
+    logger.debug(describe_choice(training_args))
+    logger.debug("Model arguments: %s", model_args)
     if lora_args is not None:
-        logger.info("LoRA arguments: %s", lora_args)
-    logger.info("Training arguments: %s", training_args.to_json_string())
+        logger.debug("LoRA arguments: %s", lora_args)
+    logger.debug("Training arguments: %s", training_args.to_json_string())
 
 
 def check_sharding_device(training_args):

@@ -21,6 +21,11 @@ class PreTokenizedDPOTrainer(DPOTrainer):
 class PreTokenizedORPOTrainer(ORPOTrainer):
     """ORPOTrainer on datasets that already hold prompt_ids, chosen_ids and rejected_ids."""
 
+    def __init__(self, model=None, args=None, **kwargs):
+        if args is not None:  # its collator reads columns the model does not take; trl 1.16 sets this with a warning
+            args.remove_unused_columns = False
+        super().__init__(model=model, args=args, **kwargs)
+
     def tokenize_row(self, feature, model=None):
         return build_orpo_features(feature["prompt_ids"], feature["chosen_ids"], feature["rejected_ids"])
 

@@ -69,7 +69,7 @@ def test_records_are_written_once_and_reused_by_content(tmp_path, datasets_cache
         {"role": "user", "content": "问题0：发烧0天怎么办？"},
         {"role": "assistant", "content": "回答0：多喝水，观察0天。"},
     ]
-    with caplog.at_level("INFO", logger="medicalgpt"):
+    with caplog.at_level("DEBUG", logger="medicalgpt"):
         again = load_file_records([str(path)], "sft")
     assert again.cache_files == first.cache_files and "Validated records reused" in caplog.text
     written = os.stat(first.cache_files[0]["filename"]).st_mtime_ns
