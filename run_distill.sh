@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/launch.sh
+# The tutorial's flags are in examples/distill_lora.yaml; the folders and the model, which the overrides set, are given here.
 
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}
 TEACHER=${TEACHER:-Qwen/Qwen2.5-7B-Instruct}
@@ -15,44 +16,11 @@ DATA_DIR=${DATA_DIR:-./data/finetune}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs-distill-qwen-v1}
 TEMPLATE=${TEMPLATE:-qwen}
 
-launch distill_training.py \
+launch distill_training.py examples/distill_lora.yaml \
     --model_name_or_path "$MODEL" \
     --teacher_model_name_or_path "$TEACHER" \
     --teacher_load_in_4bit "$TEACHER_4BIT" \
     --template_name "$TEMPLATE" \
     --train_file_dir "$DATA_DIR" \
     --validation_file_dir "$DATA_DIR" \
-    --per_device_train_batch_size 4 \
-    --per_device_eval_batch_size 4 \
-    --gradient_accumulation_steps 4 \
-    --do_train \
-    --do_eval \
-    --eval_on_start True \
-    --use_peft True \
-    --max_train_samples 1000 \
-    --max_eval_samples 20 \
-    --lmbda 0.5 \
-    --beta 0.5 \
-    --temperature 0.9 \
-    --max_new_tokens 128 \
-    --max_length 1024 \
-    --max_prompt_length 512 \
-    --num_train_epochs 1 \
-    --learning_rate 1e-4 \
-    --warmup_ratio 0.05 \
-    --logging_steps 10 \
-    --eval_steps 50 \
-    --eval_strategy steps \
-    --save_steps 200 \
-    --save_strategy steps \
-    --save_total_limit 3 \
-    --output_dir "$OUTPUT_DIR" \
-    --target_modules all \
-    --lora_rank 8 \
-    --lora_alpha 16 \
-    --lora_dropout 0.05 \
-    --torch_dtype bfloat16 \
-    --bf16 True \
-    --device_map auto \
-    --report_to tensorboard \
-    --gradient_checkpointing False
+    --output_dir "$OUTPUT_DIR"

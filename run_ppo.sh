@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/launch.sh
+# The tutorial's flags are in examples/ppo_full.yaml; the folders and the model, which the overrides set, are given here.
 
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}
 SFT_OUTPUT=${SFT_OUTPUT:-outputs-sft-qwen-v1}
@@ -16,23 +17,10 @@ DATA_DIR=${DATA_DIR:-./data/finetune}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs-ppo-qwen-v1}
 TEMPLATE=${TEMPLATE:-qwen}
 
-launch ppo_training.py \
+launch ppo_training.py examples/ppo_full.yaml \
     --sft_model_path "$(pick_model "$MODEL_GIVEN" "$SFT_OUTPUT" "$MODEL")" \
     --reward_model_path "$(pick_model "${REWARD_MODEL:-}" "$RM_OUTPUT" "$MODEL" REWARD_MODEL)" \
     --template_name "$TEMPLATE" \
-    --torch_dtype bfloat16 \
     --train_file_dir "$DATA_DIR" \
     --validation_file_dir "$DATA_DIR" \
-    --max_source_length 1024 \
-    --response_length 1000 \
-    --per_device_train_batch_size 1 \
-    --gradient_accumulation_steps 4 \
-    --gradient_checkpointing True \
-    --do_train \
-    --total_episodes 30000 \
-    --output_dir "$OUTPUT_DIR" \
-    --missing_eos_penalty 1.0 \
-    --eval_strategy steps \
-    --eval_steps 100 \
-    --num_train_epochs 3 \
-    --report_to tensorboard
+    --output_dir "$OUTPUT_DIR"

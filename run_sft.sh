@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/launch.sh
+# The tutorial's flags are in examples/sft_lora.yaml; the folders and the model, which the overrides set, are given here.
 
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}
 PT_MERGED=${PT_MERGED:-merged-pt-qwen-v1}
@@ -13,45 +14,9 @@ DATA_DIR=${DATA_DIR:-./data/finetune}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs-sft-qwen-v1}
 TEMPLATE=${TEMPLATE:-qwen}
 
-launch supervised_finetuning.py \
+launch supervised_finetuning.py examples/sft_lora.yaml \
     --model_name_or_path "$(pick_model "$MODEL_GIVEN" "$PT_MERGED" "$MODEL")" \
     --train_file_dir "$DATA_DIR" \
     --validation_file_dir "$DATA_DIR" \
-    --per_device_train_batch_size 4 \
-    --per_device_eval_batch_size 4 \
-    --do_train \
-    --do_eval \
     --template_name "$TEMPLATE" \
-    --use_peft True \
-    --max_train_samples 1000 \
-    --max_eval_samples 10 \
-    --model_max_length 4096 \
-    --num_train_epochs 1 \
-    --learning_rate 2e-5 \
-    --warmup_ratio 0.05 \
-    --weight_decay 0.05 \
-    --logging_strategy steps \
-    --logging_steps 10 \
-    --eval_steps 50 \
-    --eval_strategy steps \
-    --save_steps 500 \
-    --save_strategy steps \
-    --save_total_limit 13 \
-    --gradient_accumulation_steps 8 \
-    --preprocessing_num_workers 4 \
-    --output_dir "$OUTPUT_DIR" \
-    --overwrite_output_dir \
-    --ddp_timeout 30000 \
-    --logging_first_step True \
-    --target_modules all \
-    --lora_rank 8 \
-    --lora_alpha 16 \
-    --lora_dropout 0.05 \
-    --torch_dtype bfloat16 \
-    --bf16 \
-    --device_map auto \
-    --report_to tensorboard \
-    --ddp_find_unused_parameters False \
-    --gradient_checkpointing True \
-    --cache_dir ./cache \
-    --flash_attn True
+    --output_dir "$OUTPUT_DIR"

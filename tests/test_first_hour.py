@@ -222,6 +222,7 @@ def test_recorded_base_given_again_as_base_is_merged_once(chained):
 @pytest.fixture
 def script_workspace(tmp_path):
     shutil.copytree(REPO / "scripts", tmp_path / "scripts")
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
     for script in REPO.glob("run_*.sh"):
         shutil.copy(script, tmp_path / script.name)
     for output in ("merged-pt-qwen-v1", "outputs-sft-qwen-v1", "outputs-rm-qwen-v1"):

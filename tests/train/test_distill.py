@@ -181,6 +181,7 @@ def test_run_distill_sh_starts_a_command_line_the_script_accepts(tmp_path):
     from tests.helpers import ENV
 
     shutil.copytree(REPO / "scripts", tmp_path / "scripts")
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
     shutil.copy(REPO / "run_distill.sh", tmp_path)
     env = {**ENV, "PYTHON": "true", "TEACHER": "teacher-7b", "EXTRA_ARGS": "--max_steps 3"}
     result = subprocess.run(["sh", "run_distill.sh"], cwd=tmp_path, env=env, capture_output=True, text=True)

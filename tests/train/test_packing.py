@@ -174,9 +174,11 @@ def test_sft_packs_by_default_and_not_when_told(tiny_model_dir, tmp_path, caplog
     data = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": f"问题{i}", "output": "回答" * i} for i in range(1, 9)])
     argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train", "--max_steps", "1",
             "--template_name", "qwen", "--save_strategy", "no", *FAST_FLAGS]  # fmt: skip
-    with caplog.at_level("INFO", logger="medicalgpt"):
+    with caplog.at_level("DEBUG", logger="medicalgpt"):
         supervised_finetuning.main([*argv, "--output_dir", str(tmp_path / "packed"), "--verbose"])
-        supervised_finetuning.main([*argv, "--output_dir", str(tmp_path / "padded"), "--packing", "False", "--verbose"])
+        supervised_finetuning.main(
+            [*argv, "--output_dir", str(tmp_path / "padded"), "--packing", "False", "--verbose"]
+        )
     assert "Packed 8 conversations into" in caplog.text
     assert "Batches: rows (--packing)" in caplog.text and "Batches: off (--packing)" in caplog.text
 
