@@ -29,7 +29,8 @@ from trl.experimental.gkd import GKDConfig
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments
 from medicalgpt.cli import run_cli, setup_logging
-from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
 from medicalgpt.templates import build_template
 from medicalgpt.train.checkpoints import with_atomic_checkpoints

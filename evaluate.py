@@ -40,9 +40,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from medicalgpt.cli import UsageError, run_cli, setup_logging
+from medicalgpt.cli import run_cli, setup_logging
 from medicalgpt.data.files import find_data_files
 from medicalgpt.data.validate import load_records
+from medicalgpt.errors import UsageError
 from medicalgpt.eval.benchmarks import load_benchmark
 from medicalgpt.eval.choice import TARGETS, run_choice, run_choice_generate
 from medicalgpt.eval.compare import api_generator, compare_table, model_specs, write_comparison

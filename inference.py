@@ -31,9 +31,10 @@ from datetime import timedelta
 
 from tqdm import tqdm
 
-from medicalgpt.cli import UsageError, run_cli, setup_logging
+from medicalgpt.cli import run_cli, setup_logging
 from medicalgpt.data.prompt_files import load_prompt_records
-from medicalgpt.data.validate import DataValidationError, Issue
+from medicalgpt.data.validate import Issue
+from medicalgpt.errors import DataValidationError, UsageError
 from medicalgpt.parser import parse_cli
 from medicalgpt.serve.chat import ChatArguments, PromptTooLongError, dropped_note, fit_context, load_chat_engine
 
@@ -202,7 +203,7 @@ def run_vllm_batch(chat_args, items, output_file):
         from vllm.lora.request import LoRARequest
     except ImportError as error:
         raise UsageError("--use_vllm needs vLLM (a CUDA machine): pip install vllm") from error
-    from medicalgpt.modeling import load_tokenizer
+    from medicalgpt.model.loader import load_tokenizer
     from medicalgpt.serve.chat import tokenizer_source
     from medicalgpt.templates import build_template
 

@@ -17,7 +17,8 @@ from trl.experimental.orpo import ORPOConfig
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, OrpoArguments, PreferenceArguments
 from medicalgpt.cli import run_cli, setup_logging
-from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_tokenized_preferences

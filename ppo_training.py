@@ -41,8 +41,10 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, RLArguments
-from medicalgpt.cli import UsageError, run_cli, setup_logging
-from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.cli import run_cli, setup_logging
+from medicalgpt.errors import UsageError
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import expand_config_file, parse_args
 from medicalgpt.rl.config import PPOConfig, prepare_frozen
 from medicalgpt.rl.exam import load_exam_splits, reward_columns

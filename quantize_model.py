@@ -30,9 +30,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from medicalgpt.args import ModelArguments
-from medicalgpt.cli import UsageError, run_cli, setup_logging
+from medicalgpt.cli import run_cli, setup_logging
 from medicalgpt.data.files import find_data_files
 from medicalgpt.data.validate import load_records
+from medicalgpt.errors import UsageError
 from medicalgpt.export.quantize import (
     QuantizeArguments,
     calibration_samples,
@@ -41,7 +42,8 @@ from medicalgpt.export.quantize import (
     quantize_bnb,
     quantize_gptq,
 )
-from medicalgpt.modeling import load_model, load_tokenizer, read_adapter_base
+from medicalgpt.model.adapter import read_adapter_base
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_cli
 
 logger = logging.getLogger("medicalgpt")

@@ -22,7 +22,8 @@ from trl import RewardConfig, RewardTrainer
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
 from medicalgpt.cli import run_cli, setup_logging
-from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
 from medicalgpt.rl.rewards import closing_ids
 from medicalgpt.templates import build_template

@@ -29,9 +29,10 @@ from trl import SFTConfig, SFTTrainer
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, SupervisedArguments
 from medicalgpt.cli import run_cli, setup_logging
-from medicalgpt.data.vocab import resize_embeddings_for_tokenizer
 from medicalgpt.eval.tasks import ChoiceEvalArguments, ChoiceEvalCallback
-from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.embeddings import resize_embeddings_for_tokenizer
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
 from medicalgpt.templates import build_template
 from medicalgpt.train.checkpoints import with_atomic_checkpoints

@@ -14,7 +14,8 @@ import statistics
 import tempfile
 from dataclasses import dataclass, field
 
-from medicalgpt.train.preprocess import IGNORE_INDEX, format_label_mask, tokenize_conversation, tokenize_preference
+from medicalgpt.constants import IGNORE_INDEX
+from medicalgpt.train.preprocess import format_label_mask, tokenize_conversation, tokenize_preference
 
 UNLIMITED = 1 << 60
 

@@ -15,9 +15,8 @@ import glob
 import logging
 import os
 
-from medicalgpt.cli import UsageError
-from medicalgpt.data.files import InputNotFoundError
-from medicalgpt.data.validate import DataValidationError, Issue
+from medicalgpt.data.validate import Issue
+from medicalgpt.errors import DataValidationError, InputNotFoundError, UsageError
 from medicalgpt.eval.formats import FORMATS, check_rows, detect_format, read_rows
 from medicalgpt.eval.items import load_eval_items
 

@@ -21,7 +21,8 @@ import logging
 import math
 import re
 
-from medicalgpt.data.validate import DataValidationError, Issue
+from medicalgpt.data.validate import Issue
+from medicalgpt.errors import DataValidationError
 from medicalgpt.eval.items import answer_cue, choice_conversation, choice_text, pick_shots
 from medicalgpt.eval.scoring import context_length, next_token_logprobs, pad_id_of, span_logprobs
 from medicalgpt.templates import leading_bos

@@ -18,8 +18,9 @@ import os
 import re
 import string
 
-from medicalgpt.data.files import InputNotFoundError, read_units
-from medicalgpt.data.validate import DataValidationError, Issue
+from medicalgpt.data.files import read_units
+from medicalgpt.data.validate import Issue
+from medicalgpt.errors import DataValidationError, InputNotFoundError
 from medicalgpt.eval.text_metrics import is_chinese
 
 logger = logging.getLogger(__name__)

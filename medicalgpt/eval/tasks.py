@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 from transformers import TrainerCallback
 
-from medicalgpt.cli import UsageError
-from medicalgpt.data.validate import DataValidationError, Issue
+from medicalgpt.data.validate import Issue
+from medicalgpt.errors import DataValidationError, UsageError
 from medicalgpt.eval.choice import run_choice
 from medicalgpt.eval.items import load_eval_items
 from medicalgpt.eval.scoring import pad_id_of, span_logprobs
@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 def load_scoring_model(chat_args):
     """(model, tokenizer) of --base_model (+ --lora_model, merged), as load_chat_engine loads them, with no
     conversation template needed (perplexity and plain-format prompts work on base models without one)."""
-    from medicalgpt.modeling import load_model, load_model_with_adapter, load_tokenizer, read_adapter_base
+    from medicalgpt.model.adapter import read_adapter_base
+    from medicalgpt.model.loader import load_model, load_model_with_adapter, load_tokenizer
     from medicalgpt.serve.chat import tokenizer_source
 
     model_args = chat_args.model_arguments()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medicalgpt.cli import UsageError
+from medicalgpt.errors import UsageError
 
 logger = logging.getLogger("medicalgpt")
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from trl.experimental.gkd import GKDTrainer
 
-from medicalgpt.cli import UsageError
-from medicalgpt.modeling import load_model, load_tokenizer
+from medicalgpt.errors import UsageError
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.templates import leading_bos
 
 logger = logging.getLogger("medicalgpt")

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from medicalgpt.train.preprocess import IGNORE_INDEX, sequence_lengths
+from medicalgpt.constants import IGNORE_INDEX
+from medicalgpt.train.preprocess import sequence_lengths
 
 logger = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import datasets
 
+from medicalgpt.constants import IGNORE_INDEX
 from medicalgpt.templates import ConversationTemplate, TokenizerTemplate, encode_texts, leading_bos
 from medicalgpt.templates.tokenizer import plain_backend
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 PT_MAP_BATCH = 1000
 OVERLONG_POLICIES = ("truncate", "drop")
 # A cut first exchange keeps at most this share of the length for its prompt when the answer needs the rest: answers

@@ -18,9 +18,9 @@ import shutil
 import datasets
 import pyarrow as pa
 
-from medicalgpt.cli import UsageError
 from medicalgpt.data.files import find_data_files
 from medicalgpt.data.validate import FileReport, check_reports, check_usable, iter_file_records, iter_row_records
+from medicalgpt.errors import UsageError
 from medicalgpt.templates import build_template
 
 logger = logging.getLogger("medicalgpt")

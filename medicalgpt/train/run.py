@@ -8,8 +8,8 @@ import os
 from torch.nn.parallel import DistributedDataParallel
 from transformers.trainer_utils import get_last_checkpoint
 
-from medicalgpt.cli import UsageError
 from medicalgpt.device import describe_choice
+from medicalgpt.errors import UsageError
 
 logger = logging.getLogger("medicalgpt")
 

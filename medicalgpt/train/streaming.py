@@ -19,16 +19,9 @@ import logging
 import datasets
 from trl.data_utils import pack_dataset
 
-from medicalgpt.cli import UsageError
 from medicalgpt.data.files import find_data_files
-from medicalgpt.data.validate import (
-    DataValidationError,
-    FileReport,
-    check_reports,
-    check_usable,
-    iter_file_records,
-    iter_row_records,
-)
+from medicalgpt.data.validate import FileReport, check_reports, check_usable, iter_file_records, iter_row_records
+from medicalgpt.errors import DataValidationError, UsageError
 from medicalgpt.train.records import FEATURES
 
 logger = logging.getLogger("medicalgpt")

@@ -8,7 +8,7 @@ prompt and the learned answer exactly as SFT and inference see them.
 from trl import DPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
-from medicalgpt.train.preprocess import IGNORE_INDEX
+from medicalgpt.constants import IGNORE_INDEX
 
 
 class PreTokenizedDPOTrainer(DPOTrainer):

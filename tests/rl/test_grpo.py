@@ -8,8 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ppo_training
 import supervised_finetuning
-from medicalgpt.cli import UsageError
-from medicalgpt.data.validate import DataValidationError
+from medicalgpt.errors import DataValidationError, UsageError
 from medicalgpt.rl.exam import exam_accuracy, load_exam_records
 from medicalgpt.rl.rollout import stop_token_ids
 from medicalgpt.templates import build_template

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from medicalgpt.data.validate import DataValidationError
+from medicalgpt.errors import DataValidationError
 from medicalgpt.serve.chat import ChatArguments, GenerationOptions, PromptTooLongError, load_chat_engine, until_stop
 from tests.helpers import ANSWERS, QA_PAIRS, REPO, free_port, qa_adapter, qa_engine, user, write_jsonl
 
@@ -226,7 +226,7 @@ def test_too_long_history_forgets_the_oldest_exchange(engine):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
 def test_use_vllm_without_vllm_says_what_to_install(tmp_path):
     import inference
-    from medicalgpt.cli import UsageError
+    from medicalgpt.errors import UsageError
 
     data = tmp_path / "q.txt"
     data.write_text("hi\n", encoding="utf-8")
@@ -236,7 +236,7 @@ def test_use_vllm_without_vllm_says_what_to_install(tmp_path):
 
 def test_a_full_model_passed_as_lora_model_is_a_clear_error(tiny_model_dir, tmp_path):
     import inference
-    from medicalgpt.cli import UsageError
+    from medicalgpt.errors import UsageError
 
     data = tmp_path / "q.txt"
     data.write_text("hi\n", encoding="utf-8")
@@ -297,7 +297,7 @@ def test_shards_are_contiguous_and_cover_the_input_once():
 @pytest.mark.parametrize("mode", [["--interactive"], ["--data_file", "q.txt", "--use_vllm", "True"]])
 def test_under_torchrun_only_transformers_batch_mode_runs(mode, monkeypatch, tmp_path):
     import inference
-    from medicalgpt.cli import UsageError
+    from medicalgpt.errors import UsageError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.chdir(tmp_path)

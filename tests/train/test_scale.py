@@ -10,7 +10,7 @@ import sys
 import datasets
 import pytest
 
-from medicalgpt.data.validate import DataValidationError
+from medicalgpt.errors import DataValidationError
 from medicalgpt.train.records import load_file_records
 from tests.helpers import ENV, REPO, write_jsonl
 

@@ -133,7 +133,7 @@ def test_sft_on_a_pt_adapter_chains_and_loads_whole(tiny_model_dir, tmp_path):
 
     import pretraining
     from medicalgpt.args import ModelArguments
-    from medicalgpt.modeling import load_model
+    from medicalgpt.model.loader import load_model
 
     pt_data = tmp_path / "pt.txt"
     pt_data.write_text("\n".join(f"第{i}条：发热时多喝水。" for i in range(20)), encoding="utf-8")
@@ -203,7 +203,7 @@ def test_qlora_4bit_trains_the_adapter(tiny_model_dir, tmp_path):
 
 
 def test_unknown_template_is_a_usage_error_listing_the_known_ones(tiny_model_dir, tmp_path):
-    from medicalgpt.cli import UsageError
+    from medicalgpt.errors import UsageError
 
     data = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "头痛？", "output": "休息。"}])
     with pytest.raises(UsageError, match="qwen"):
