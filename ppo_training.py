@@ -48,13 +48,13 @@ from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import expand_config_file, parse_args
 from medicalgpt.rl.config import PPOConfig, prepare_frozen
 from medicalgpt.rl.exam import load_exam_splits, reward_columns
+from medicalgpt.rl.prompts import prepare_rl_prompts
 from medicalgpt.rl.rewards import RewardModelScorer, closing_ids
 from medicalgpt.rl.rollout import stop_token_ids
 from medicalgpt.rl.trainer import PPOTrainer
 from medicalgpt.rl.verifiable import VERIFIABLE_REWARDS
 from medicalgpt.templates import build_template
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
-from medicalgpt.train.preprocess import prepare_rl_prompts
 from medicalgpt.train.records import load_stage_records
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 

@@ -34,11 +34,12 @@ from medicalgpt.model.adapter import wrap_with_lora
 from medicalgpt.model.embeddings import resize_embeddings_for_tokenizer
 from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
+from medicalgpt.processors.display import format_label_mask
+from medicalgpt.processors.sft import prepare_sft_dataset
 from medicalgpt.templates import build_template
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.losses import add_chunked_lm_head, check_liger_kernel, resolve_chunked_loss
 from medicalgpt.train.packing import PackedRowsCollator, pack_rows, resolve_packing
-from medicalgpt.train.preprocess import format_label_mask, prepare_sft_dataset
 from medicalgpt.train.records import load_stage_records
 from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
 from medicalgpt.train.streaming import finish_sft_stream, stream_stage_records

@@ -68,8 +68,15 @@ def token_report(args, records) -> None:
     import transformers
 
     from medicalgpt.args import ModelArguments
-    from medicalgpt.data.lengths import check_end_of_turn, measure, plot_lengths, record_stage, render_masks, summarize
     from medicalgpt.model.loader import load_tokenizer
+    from medicalgpt.processors.lengths import (
+        check_end_of_turn,
+        measure,
+        plot_lengths,
+        record_stage,
+        render_masks,
+        summarize,
+    )
     from medicalgpt.templates import get_conv_template, template_from_tokenizer
 
     transformers.utils.logging.set_verbosity_error()  # not "sequence longer than model_max_length": we count those

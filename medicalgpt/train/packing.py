@@ -23,7 +23,7 @@ from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from medicalgpt.constants import IGNORE_INDEX
-from medicalgpt.train.preprocess import sequence_lengths
+from medicalgpt.processors.sft import sequence_lengths
 
 logger = logging.getLogger(__name__)
 

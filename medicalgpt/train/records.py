@@ -179,7 +179,7 @@ def cache_records(records, overwrite=False):
 
 def load_tokenized_preferences(data_args, training_args, pref_args, tokenizer):
     """Validated preference records -> tokenised (train, eval) datasets of prompt_ids / chosen_ids / rejected_ids."""
-    from medicalgpt.train.preprocess import prepare_preference_dataset
+    from medicalgpt.processors.preference import prepare_preference_dataset
 
     train_records, eval_records = load_stage_records(data_args, training_args, stage="preference")
     template = build_template(data_args.template_name, tokenizer)

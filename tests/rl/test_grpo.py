@@ -10,9 +10,9 @@ import ppo_training
 import supervised_finetuning
 from medicalgpt.errors import DataValidationError, UsageError
 from medicalgpt.rl.exam import exam_accuracy, load_exam_records
+from medicalgpt.rl.prompts import prepare_rl_prompts
 from medicalgpt.rl.rollout import stop_token_ids
 from medicalgpt.templates import build_template
-from medicalgpt.train.preprocess import prepare_rl_prompts
 from tests.helpers import FAST_FLAGS, REPO, write_jsonl
 
 SYMPTOMS = ["头痛", "咳嗽", "发烧", "胃痛", "腰痛", "失眠", "牙痛", "鼻塞", "腹泻", "皮疹", "耳鸣", "乏力"]

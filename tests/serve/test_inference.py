@@ -109,7 +109,7 @@ def test_batched_left_padded_generation_equals_one_at_a_time(engine):
 
 
 def test_prompt_tokens_are_those_sft_trained_on(engine, tiny_tokenizer):
-    from medicalgpt.train.preprocess import tokenize_conversation
+    from medicalgpt.processors.sft import tokenize_conversation
 
     conversation = [*user("q1"), {"role": "assistant", "content": "a1"}, *user("q2")]
     trained = tokenize_conversation({"messages": [*conversation, {"role": "assistant", "content": "a2"}]},

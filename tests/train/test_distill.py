@@ -9,9 +9,9 @@ import torch
 import distill_training
 from medicalgpt.constants import IGNORE_INDEX
 from medicalgpt.errors import UsageError
+from medicalgpt.processors.sft import tokenize_conversation
 from medicalgpt.templates import get_conv_template
 from medicalgpt.train.distill import teacher_kl, tokenize_for_distillation
-from medicalgpt.train.preprocess import tokenize_conversation
 from tests.helpers import CONVERSATION, FAST_FLAGS, REPO, qa_adapter, run, write_jsonl
 
 

@@ -11,8 +11,8 @@ import dpo_training
 import orpo_training
 import reward_modeling
 from medicalgpt.errors import DataValidationError
+from medicalgpt.processors.preference import tokenize_preference
 from medicalgpt.templates import get_conv_template
-from medicalgpt.train.preprocess import tokenize_preference
 from tests.helpers import FAST_FLAGS, REPO, global_step, run, write_jsonl
 
 RECORD = {

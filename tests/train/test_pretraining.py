@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import pretraining
 from medicalgpt.constants import IGNORE_INDEX
-from medicalgpt.train.preprocess import prepare_pretraining_dataset
+from medicalgpt.processors.pt import prepare_pretraining_dataset
 from tests.helpers import FAST_FLAGS, REPO
 
 DOCS = ["发烧是身体对感染的一种反应。", "Drink water and rest.", "高血压患者应定期测量血压，按时服药。" * 3]

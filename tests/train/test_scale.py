@@ -105,8 +105,10 @@ def test_tokenised_data_is_reused_by_its_own_key_and_the_tokenizer_is_never_pick
 
     from datasets.fingerprint import Hasher
 
+    from medicalgpt.processors.fingerprint import tokenising_fingerprint
+    from medicalgpt.processors.pt import prepare_pretraining_dataset
+    from medicalgpt.processors.sft import prepare_sft_dataset
     from medicalgpt.templates import get_conv_template
-    from medicalgpt.train.preprocess import prepare_pretraining_dataset, prepare_sft_dataset, tokenising_fingerprint
 
     hashed = []
     original_hash = Hasher.hash

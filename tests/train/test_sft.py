@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import supervised_finetuning
+from medicalgpt.processors.display import format_label_mask
+from medicalgpt.processors.sft import tokenize_conversation
 from medicalgpt.templates import get_conv_template, template_from_tokenizer
-from medicalgpt.train.preprocess import format_label_mask, tokenize_conversation
 from tests.helpers import CONVERSATION, FAST_FLAGS, REPO, learned_spans, write_jsonl
 
 
@@ -176,7 +177,7 @@ def test_upstream_sft_files_tokenise_with_tool_calls(tiny_tokenizer):
     import datasets
 
     from medicalgpt.data.validate import find_data_files, load_records
-    from medicalgpt.train.preprocess import prepare_sft_dataset
+    from medicalgpt.processors.sft import prepare_sft_dataset
 
     records = load_records(find_data_files(str(UPSTREAM_SFT), "sft"), "sft", skip_invalid=True)
     assert len(records) == 300 + 1000 + 999  # one upstream record has no answer at all: reported, skipped

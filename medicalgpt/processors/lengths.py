@@ -15,7 +15,9 @@ import tempfile
 from dataclasses import dataclass, field
 
 from medicalgpt.constants import IGNORE_INDEX
-from medicalgpt.train.preprocess import format_label_mask, tokenize_conversation, tokenize_preference
+from medicalgpt.processors.display import format_label_mask
+from medicalgpt.processors.preference import tokenize_preference
+from medicalgpt.processors.sft import tokenize_conversation
 
 UNLIMITED = 1 << 60
 
