@@ -33,7 +33,7 @@ from medicalgpt.model.adapter import wrap_with_lora
 from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
 from medicalgpt.templates import build_template
-from medicalgpt.train.checkpoints import with_atomic_checkpoints
+from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.distill import (
     DistillArguments,
     DistillTrainer,
@@ -44,7 +44,8 @@ from medicalgpt.train.distill import (
     set_stop_tokens,
 )
 from medicalgpt.train.records import load_stage_records
-from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.resume import find_resume_checkpoint
+from medicalgpt.train.run import check_and_log_args, end_training
 
 logger = logging.getLogger("medicalgpt")
 

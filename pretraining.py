@@ -27,9 +27,10 @@ from medicalgpt.model.embeddings import resize_embeddings_for_tokenizer
 from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
 from medicalgpt.processors.pt import prepare_pretraining_dataset
-from medicalgpt.train.checkpoints import with_atomic_checkpoints
+from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_stage_records
-from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.resume import find_resume_checkpoint
+from medicalgpt.train.run import check_and_log_args, end_training
 from medicalgpt.train.streaming import stream_stage_records
 
 logger = logging.getLogger("medicalgpt")

@@ -28,9 +28,10 @@ from medicalgpt.parser import parse_args
 from medicalgpt.processors.reward import to_reward_features
 from medicalgpt.rl.rewards import closing_ids
 from medicalgpt.templates import build_template
-from medicalgpt.train.checkpoints import with_atomic_checkpoints
+from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_tokenized_preferences
-from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.resume import find_resume_checkpoint
+from medicalgpt.train.run import check_and_log_args, end_training
 
 logger = logging.getLogger("medicalgpt")
 

@@ -12,7 +12,7 @@ import torch
 import evaluate
 import quantize_model
 from medicalgpt.errors import DataValidationError, UsageError
-from medicalgpt.eval.tasks import tokenize_documents
+from medicalgpt.eval.perplexity import tokenize_documents
 from tests.helpers import REPO, write_jsonl
 
 PPL_FILE = str(REPO / "data" / "eval" / "perplexity.txt")

@@ -11,7 +11,7 @@ GPTQ (`--method gptq`) quantises layer by layer on a GPU against calibration tex
 (`GPTQModel.load(path, QuantizeConfig(bits, group_size))`, `.quantize(calibration)`, `.save(folder)`); transformers
 reloads its output where gptqmodel is installed. Without CUDA it stops with a one-line error naming the flag.
 
-Perplexity: medicalgpt.eval.tasks.run_perplexity, the windows of `evaluate.py --task perplexity` (per token).
+Perplexity: medicalgpt.eval.perplexity.run_perplexity, the windows of `evaluate.py --task perplexity` (per token).
 Memory: `model.get_memory_footprint()` (weights and buffers, bytes), and the peak CUDA allocation where a GPU ran.
 """
 
@@ -158,7 +158,7 @@ def calibration_samples(tokenizer, records, count, max_length):
     """gptq calibration: the text as one token stream (documents tokenised as pretraining.py does, EOS-ended), cut
     into `count` samples of `max_length` tokens (fewer when the text is short); {"input_ids", "attention_mask"}
     each, the form GPTQModel.quantize accepts."""
-    from medicalgpt.eval.tasks import tokenize_documents
+    from medicalgpt.eval.perplexity import tokenize_documents
 
     stream = [token for doc in tokenize_documents(tokenizer, [r["text"] for r in records], False) for token in doc]
     samples = [stream[i : i + max_length] for i in range(0, len(stream), max_length)][:count]
@@ -184,7 +184,7 @@ def quantize_gptq(source, args, folder, calibration):
 
 def measure(model, tokenizer, records, args):
     """{"memory_bytes", "perplexity", "loss", "tokens"} of `model` (perplexity only with records)."""
-    from medicalgpt.eval.tasks import run_perplexity
+    from medicalgpt.eval.perplexity import run_perplexity
 
     figures = {"memory_bytes": int(model.get_memory_footprint())}
     if records:

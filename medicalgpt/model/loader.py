@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 MODEL_FLAG = "--model_name_or_path"  # named in a model-path error when the path was not typed after another flag
 
 
-
 def check_paths(model_args, path, flag=None):
     """`path` (and, for an adapter directory, the base it names) can be loaded; else a one-line ModelPathError."""
     check_model_path(path, flag, model_args.cache_dir, model_args.model_revision)
@@ -143,7 +142,6 @@ def load_model(model_args, path=None, model_class=AutoModelForCausalLM, **model_
     return model
 
 
-
 def load_model_with_adapter(
     model_args, adapter_path, model_class=AutoModelForCausalLM, tokenizer=None, **model_kwargs
 ):
@@ -166,11 +164,7 @@ def load_model_with_adapter(
     return merge_adapter(model, adapter_path, quantized=quantized)
 
 
-
 def _same_path(a, b):
     """Whether two model paths name the same folder (an adapter's recorded base given again as the base model: it
     loads whole, chain included, and must not be merged a second time)."""
     return bool(a and b) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
-
-
-

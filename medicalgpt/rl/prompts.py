@@ -1,6 +1,9 @@
 """RL prompts: the token ids of every assistant turn's preceding context in SFT records, as PPO, RLOO and GRPO
-roll out from them."""
+roll out from them, and the dataset trl's RLOO / GRPO read them from."""
 
+from datasets import Dataset
+
+from medicalgpt.rl.exam import reward_columns
 from medicalgpt.templates import leading_bos
 
 
@@ -18,3 +21,11 @@ def prepare_rl_prompts(records, template, tokenizer, max_source_length, system_p
             ids = leading_bos(tokenizer, text) + tokenizer.encode(text, add_special_tokens=False)
             prompts.append(ids[-max_source_length:])
     return prompts
+
+
+def prompt_dataset(tokenizer, prompts, records):
+    """trl's dataset: the rendered prompts as text, and for exam records the answer and option letters the
+    verifiable rewards read (trl passes every other column to the reward functions)."""
+    if not prompts:
+        return None
+    return Dataset.from_dict({"prompt": tokenizer.batch_decode(prompts), **reward_columns(records)})

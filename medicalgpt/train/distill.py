@@ -75,7 +75,7 @@ def reconcile_distill_args(training_args, distill_args):
 def tokenize_for_distillation(record, template, tokenizer, max_length, max_prompt_length, system_prompt=None):
     """One normalised SFT record -> {"input_ids": [...], "completion_mask": [...]} per assistant turn: the prompt
     (everything before the turn, 0s in the mask) then the answer with its end-of-turn token (1s). The pieces are
-    encoded as SFT encodes them (medicalgpt.train.preprocess.tokenize_conversation), so the ids are SFT's."""
+    encoded as SFT encodes them (medicalgpt.processors.sft.tokenize_conversation), so the ids are SFT's."""
     system = record.get("system")
     turns = template.render_turns(
         record["messages"], system_prompt=system if system is not None else system_prompt, tools=record.get("tools")

@@ -7,7 +7,7 @@ SFT get a `datasets.IterableDataset`. The Trainer cannot know its length, so --m
   records. No eval split is held out of a stream: give --validation_file_dir (or a hub `validation` split).
 - A hub dataset (--dataset_name) is streamed from the hub and validated as it is read: an invalid row stops the run
   with `dataset[split]:row`, or is skipped and counted with --skip_invalid_examples.
-- Tokenisation is the same code as without --streaming (medicalgpt.train.preprocess), batch by batch: PT documents
+- Tokenisation is the same code as without --streaming (medicalgpt.processors), batch by batch: PT documents
   are grouped into --block_size blocks per STREAM_BATCH documents (the same blocks as the cached path); SFT
   conversations are packed on the fly (best fit decreasing within each STREAM_BATCH conversations, trl's
   `pack_dataset`) when --packing says rows. Conversations cut or skipped to fit --model_max_length are counted and
@@ -127,7 +127,7 @@ class OverlongCounter:
 
 
 def finish_sft_stream(dataset, max_length, pack=False):
-    """Tokenised SFT stream (medicalgpt.train.preprocess.prepare_sft_dataset) -> {"input_ids", "labels"} with the
+    """Tokenised SFT stream (medicalgpt.processors.sft.prepare_sft_dataset) -> {"input_ids", "labels"} with the
     skipped conversations dropped and counted; packed into rows of up to `max_length` tokens with their
     `seq_lengths` (trl's best fit decreasing, per STREAM_BATCH conversations) when `pack`."""
     counter = OverlongCounter(max_length)

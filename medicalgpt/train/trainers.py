@@ -1,4 +1,4 @@
-"""trl's DPO and ORPO trainers fed with pairs tokenised by `medicalgpt.train.preprocess.tokenize_preference`.
+"""trl's DPO and ORPO trainers fed with pairs tokenised by `medicalgpt.processors.preference.tokenize_preference`.
 
 Both trainers would otherwise re-tokenise text themselves and append the tokenizer's EOS, which is not always the
 template's end-of-turn token (Qwen2.5 base: `<|endoftext|>` vs `<|im_end|>`). Tokenising once, here, keeps the

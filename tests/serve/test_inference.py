@@ -287,11 +287,11 @@ def test_torchrun_two_processes_split_the_prompts_and_write_the_one_process_file
 
 
 def test_shards_are_contiguous_and_cover_the_input_once():
-    import inference
+    from medicalgpt.serve.batch_inference import shard
 
     items = list(range(7))
-    assert [inference.shard(items, rank, 3) for rank in range(3)] == [[0, 1], [2, 3], [4, 5, 6]]
-    assert [inference.shard(items[:1], rank, 2) for rank in range(2)] == [[], [0]]
+    assert [shard(items, rank, 3) for rank in range(3)] == [[0, 1], [2, 3], [4, 5, 6]]
+    assert [shard(items[:1], rank, 2) for rank in range(2)] == [[], [0]]
 
 
 @pytest.mark.parametrize("mode", [["--interactive"], ["--data_file", "q.txt", "--use_vllm", "True"]])

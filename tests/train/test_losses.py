@@ -9,7 +9,7 @@ import supervised_finetuning
 from medicalgpt.cli import run_cli
 from medicalgpt.constants import IGNORE_INDEX
 from medicalgpt.errors import UsageError
-from medicalgpt.train.losses import add_chunked_lm_head, chunked_lm_loss
+from medicalgpt.train.chunked_loss import add_chunked_lm_head, chunked_lm_loss
 from tests.helpers import FAST_FLAGS, write_jsonl
 
 

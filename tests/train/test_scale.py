@@ -20,7 +20,7 @@ import resource, sys
 import datasets
 from transformers import AutoTokenizer
 from medicalgpt.templates import build_template
-from medicalgpt.train.preprocess import prepare_sft_dataset
+from medicalgpt.processors.sft import prepare_sft_dataset
 from medicalgpt.train.records import load_file_records
 
 datasets.disable_progress_bars()
