@@ -82,9 +82,11 @@ def main(argv=None):
     student = wrap_with_lora(student, lora_args, training_args, base_path=model_args.model_name_or_path)
     logger.info(
         "Distilling %s into %s: on-policy share %.2f (--lmbda), divergence beta %.2f (--beta).",
-        training_args.teacher_model_name_or_path, model_args.model_name_or_path, training_args.lmbda,
+        training_args.teacher_model_name_or_path,
+        model_args.model_name_or_path,
+        training_args.lmbda,
         training_args.beta,
-    )  # fmt: skip
+    )
 
     # Train
     trainer = with_atomic_checkpoints(DistillTrainer)(

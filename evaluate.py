@@ -69,8 +69,14 @@ def main(argv=None):
     evaluate = {"choice": evaluate_choice, "qa": evaluate_qa, "perplexity": evaluate_perplexity}[args.task]
     metrics, rows = evaluate(chat_args, args, data)
     settings = {"choice": CHOICE_SETTINGS, "qa": (), "perplexity": ()}[args.task]
-    results = {"task": args.task, "base_model": chat_args.base_model, "lora_model": chat_args.lora_model,
-               "data_file": args.data_file, **{key: getattr(args, key) for key in settings}, **metrics}  # fmt: skip
+    results = {
+        "task": args.task,
+        "base_model": chat_args.base_model,
+        "lora_model": chat_args.lora_model,
+        "data_file": args.data_file,
+        **{key: getattr(args, key) for key in settings},
+        **metrics,
+    }
     if args.task == "qa":
         results.update(temperature=chat_args.temperature, max_new_tokens=chat_args.max_new_tokens)
     write_results(args.output_dir, args.task, results, rows)
@@ -145,8 +151,9 @@ def run_comparison(chat_args, args, benchmark):
     metrics, rows = compare_choice(chat_args, args, benchmark)
     settings = {"data_file": args.data_file, **{key: getattr(args, key) for key in CHOICE_SETTINGS}}
     for name in metrics:
-        write_results(os.path.join(args.output_dir, name), "choice", {"model": name, **settings, **metrics[name]},
-                      rows[name])  # fmt: skip
+        write_results(
+            os.path.join(args.output_dir, name), "choice", {"model": name, **settings, **metrics[name]}, rows[name]
+        )
     write_comparison(args.output_dir, metrics, {"task": "choice", **settings, "compare": args.compare})
     print(compare_table(metrics))
     logger.info("Comparison in %s", os.path.join(args.output_dir, "compare.md"))

@@ -135,8 +135,10 @@ def main(argv=None):
     if args.batch_size < 1:
         raise UsageError("--batch_size must be at least 1")
     if world_size() > 1 and (args.interactive or args.use_vllm):
-        raise UsageError("under torchrun, inference.py answers a --data_file with transformers (no --interactive, "
-                         "no --use_vllm: vLLM spreads one process over GPUs itself)")  # fmt: skip
+        raise UsageError(
+            "under torchrun, inference.py answers a --data_file with transformers (no --interactive, "
+            "no --use_vllm: vLLM spreads one process over GPUs itself)"
+        )
     items = load_prompt_records(args.data_file) if args.data_file else None
     if args.use_vllm:
         if not items:

@@ -18,7 +18,8 @@ token), or skipped with `--overlong drop`. Any option of trl's SFTConfig works (
 
 Speed and memory: conversations are packed into rows where the attention kernel keeps them apart (`--packing`,
 medicalgpt/train/packing.py), and the loss never builds the whole [tokens x vocab] logits (trl's fused LM head, or
-`--chunked_loss`, medicalgpt/train/chunked_loss.py). Tokenised data is cached between runs (`--overwrite_cache` redoes it).
+`--chunked_loss`, medicalgpt/train/chunked_loss.py). Tokenised data is cached between runs (`--overwrite_cache`
+redoes it).
 """
 
 import logging

@@ -8,11 +8,11 @@ The checks are those the training scripts run (medicalgpt/data/validate.py): wha
     python validate_jsonl.py data/pretrain data/finetune data/reward    # each record's stage is inferred
     python validate_jsonl.py data --quiet                                # errors and the total only
 
-With a tokenizer, the token lengths as training tokenises them (medicalgpt/processors/lengths.py): the distribution, how many
-records `--model_max_length` (SFT) or `--max_source_length`/`--max_target_length` (preference) would truncate, and
-how many supervised tokens that loses; `--plot` draws the histogram, `--show N` prints N records with what the
-model learns marked [LEARN]...[/LEARN] (check that the end-of-turn token is inside: a model that never learns it
-never stops).
+With a tokenizer, the token lengths as training tokenises them (medicalgpt/processors/lengths.py): the distribution,
+how many records `--model_max_length` (SFT) or `--max_source_length`/`--max_target_length` (preference) would
+truncate, and how many supervised tokens that loses; `--plot` draws the histogram, `--show N` prints N records with
+what the model learns marked [LEARN]...[/LEARN] (check that the end-of-turn token is inside: a model that never
+learns it never stops).
 
     python validate_jsonl.py data/finetune --tokenizer Qwen/Qwen2.5-0.5B-Instruct --template_name qwen \\
         --model_max_length 512 --plot lengths.png --show 2

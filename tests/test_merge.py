@@ -94,8 +94,8 @@ def test_reward_model_adapter_merges_into_a_sequence_classifier(tiny_model_dir, 
 @pytest.mark.parametrize("embeddings_in_adapter", [True, False])
 def test_extended_vocabulary_adapter_merges_with_grown_embeddings(tiny_model_dir, tmp_path, embeddings_in_adapter,
                                                                   caplog):  # fmt: skip
-    """After build_domain_tokenizer.py, training grows the embeddings (medicalgpt.model.embeddings); the merge grows them the
-    same way, so the new tokens' rows match whether the adapter saved them (modules_to_save) or not."""
+    """After build_domain_tokenizer.py, training grows the embeddings (medicalgpt.model.embeddings); the merge grows
+    them the same way, so the new tokens' rows match whether the adapter saved them (modules_to_save) or not."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -24,9 +24,11 @@ CHOICE_SETTINGS = (  # what results.json records of a choice run, beside the met
 class EvalChatArguments(ChatArguments):
     base_model: str | None = field(
         default=None,
-        metadata={"help": "Model path or hub name (a merged model, or the base of --lora_model); not needed with "
-                  "--api_base, nor with --compare (then the base of its adapters)."},
-    )  # fmt: skip
+        metadata={
+            "help": "Model path or hub name (a merged model, or the base of --lora_model); not needed with "
+            "--api_base, nor with --compare (then the base of its adapters)."
+        },
+    )
     max_new_tokens: int = field(default=256, metadata={"help": "Most tokens generated per answer (qa)."})
     temperature: float = field(
         default=0.0, metadata={"help": "Sampling temperature of qa answers; 0 (default) = greedy, reproducible."}
@@ -55,26 +57,36 @@ class EvaluationArguments:
         metadata={"help": "choice: the benchmark's file format (default: detected).", "choices": ("auto", *FORMATS)},
     )
     split: str | None = field(
-        default=None, metadata={"help": "choice: the split of a benchmark folder scored (default: C-Eval val, "
-                                "CMMLU test, MMLU test); few-shot examples come from dev/."},
-    )  # fmt: skip
+        default=None,
+        metadata={
+            "help": "choice: the split of a benchmark folder scored (default: C-Eval val, "
+            "CMMLU test, MMLU test); few-shot examples come from dev/."
+        },
+    )
     subjects: str | None = field(
         default=None, metadata={"help": "choice: 'medical' (the built-in list of C-Eval, CMMLU, MMLU) or a,b,c."}
     )
     choice_mode: str = field(
         default="loglikelihood",
-        metadata={"help": "choice: loglikelihood (score each answer) or generate (parse the letter from a reply).",
-                  "choices": ("loglikelihood", "generate")},
-    )  # fmt: skip
+        metadata={
+            "help": "choice: loglikelihood (score each answer) or generate (parse the letter from a reply).",
+            "choices": ("loglikelihood", "generate"),
+        },
+    )
     choice_target: str = field(
         default="letter",
-        metadata={"help": "choice: score the option letters, or the options' texts (acc_norm differs).",
-                  "choices": TARGETS},
-    )  # fmt: skip
+        metadata={
+            "help": "choice: score the option letters, or the options' texts (acc_norm differs).",
+            "choices": TARGETS,
+        },
+    )
     compare: list[str] | None = field(
-        default=None, metadata={"help": "choice: several models in one table, NAME=PATH each (PATH: a model folder, "
-                                "an adapter folder, a hub name, or with --api_base a served model)."},
-    )  # fmt: skip
+        default=None,
+        metadata={
+            "help": "choice: several models in one table, NAME=PATH each (PATH: a model folder, "
+            "an adapter folder, a hub name, or with --api_base a served model)."
+        },
+    )
     api_base: str | None = field(
         default=None,
         metadata={"help": "choice, generate: an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1."},

@@ -15,9 +15,11 @@ class ChoiceEvalArguments:
 
     choice_eval_file: str | None = field(
         default=None,
-        metadata={"help": "Exam questions (evaluate.py --task choice format) scored during training: "
-                  "logs choice_accuracy (default: none)."},
-    )  # fmt: skip
+        metadata={
+            "help": "Exam questions (evaluate.py --task choice format) scored during training: "
+            "logs choice_accuracy (default: none)."
+        },
+    )
     choice_eval_steps: int = field(
         default=100, metadata={"help": "Score --choice_eval_file every N optimizer steps (0: only at the end)."}
     )

@@ -200,7 +200,11 @@ def choice_sft_records(items):
     evaluate.py as the user turn, the answer letters as the assistant's: training on a benchmark's dev split
     teaches exactly what `--task choice` scores."""
     return [
-        {"messages": [{"role": "user", "content": choice_message(item)},
-                      {"role": "assistant", "content": item["answer"]}]}
+        {
+            "messages": [
+                {"role": "user", "content": choice_message(item)},
+                {"role": "assistant", "content": item["answer"]},
+            ]
+        }
         for item in items
-    ]  # fmt: skip
+    ]

@@ -80,11 +80,22 @@ def run_perplexity(model, tokenizer, records, block_size, stride=None, batch_siz
     if not tokens:
         raise UsageError("Too little text: no token has a token before it to be predicted from.")
     loss = nll.sum().item() / tokens
-    metrics = {"perplexity": math.exp(min(loss, 50)), "loss": loss, "tokens": tokens, "documents": len(documents),
-               "windows": len(windows), "block_size": block_size, "stride": stride}  # fmt: skip
+    metrics = {
+        "perplexity": math.exp(min(loss, 50)),
+        "loss": loss,
+        "tokens": tokens,
+        "documents": len(documents),
+        "windows": len(windows),
+        "block_size": block_size,
+        "stride": stride,
+    }
     rows = [
-        {"source": record.get("source"), "tokens": int(n), "loss": (s / n if n else None),
-         "perplexity": (math.exp(min(s / n, 50)) if n else None)}
+        {
+            "source": record.get("source"),
+            "tokens": int(n),
+            "loss": (s / n if n else None),
+            "perplexity": (math.exp(min(s / n, 50)) if n else None),
+        }
         for record, s, n in zip(records, nll.tolist(), count.tolist())
-    ]  # fmt: skip
+    ]
     return metrics, rows

@@ -35,8 +35,14 @@ def run_qa(engine, items, options, batch_size=8, progress=True):
     truncated = sum(completion.finish_reason == "length" for completion in completions)
     metrics = {**metrics, "items": len(items), "truncated": truncated}
     rows = [
-        {**item["record"], "source": item["source"], "prediction": prediction, "rouge_l": round(r, 2),
-         "bleu": round(b, 2), "finish_reason": completion.finish_reason}
+        {
+            **item["record"],
+            "source": item["source"],
+            "prediction": prediction,
+            "rouge_l": round(r, 2),
+            "bleu": round(b, 2),
+            "finish_reason": completion.finish_reason,
+        }
         for item, prediction, r, b, completion in zip(items, predictions, rouge, bleu, completions)
-    ]  # fmt: skip
+    ]
     return metrics, rows

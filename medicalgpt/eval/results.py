@@ -21,8 +21,10 @@ def write_results(output_dir, task, results, rows):
 def results_table(task, m):
     if task == "choice":
         rows = [("subject", "items", "acc", "acc_norm", "95% interval")]
-        rows += [(name, s["items"], f"{s['accuracy']:.4f}", f"{s['acc_norm']:.4f}", "{:.3f}-{:.3f}".format(*s["ci95"]))
-                 for name, s in [*m["subjects"].items(), ("all", m)]]  # fmt: skip
+        rows += [
+            (name, s["items"], f"{s['accuracy']:.4f}", f"{s['acc_norm']:.4f}", "{:.3f}-{:.3f}".format(*s["ci95"]))
+            for name, s in [*m["subjects"].items(), ("all", m)]
+        ]
         rows += [("chance (guessing)", "", f"{m['chance']:.4f}", "", "")]
     elif task == "qa":
         rows = [("items", "ROUGE-L", "BLEU"), (m["items"], f"{m['rouge_l']:.2f}", f"{m['bleu']:.2f}")]

@@ -101,10 +101,11 @@ def prepare_sft_dataset(
         texts = [text for turns in rendered for turn in turns for text in turn]
         ids = iter(encode_texts(tokenizer, texts))
         out = [
-            assemble_conversation(turns, [next(ids) for _ in range(2 * len(turns))], tokenizer, max_length,
-                                  train_on_inputs, overlong)
+            assemble_conversation(
+                turns, [next(ids) for _ in range(2 * len(turns))], tokenizer, max_length, train_on_inputs, overlong
+            )
             for turns in rendered
-        ]  # fmt: skip
+        ]
         return {key: [row[key] for row in out] for key in columns}
 
     settings = ("sft", max_length, train_on_inputs, system_prompt, overlong)

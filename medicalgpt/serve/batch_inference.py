@@ -110,6 +110,8 @@ def run_vllm_batch(chat_args, items, output_file):
     )
     lora = LoRARequest("adapter", 1, chat_args.lora_model) if chat_args.lora_model else None
     outputs = llm.generate(prompts, params, lora_request=lora)
-    lines = [json.dumps({**record, "output": result.outputs[0].text}, ensure_ascii=False) + "\n"
-             for (_, record, _), result in zip(items, outputs)]  # fmt: skip
+    lines = [
+        json.dumps({**record, "output": result.outputs[0].text}, ensure_ascii=False) + "\n"
+        for (_, record, _), result in zip(items, outputs)
+    ]
     write_lines(output_file, lines)

@@ -42,7 +42,7 @@ FEATURES = {  # the normalised record of each stage (medicalgpt.data.shapes), as
             "rejected": _STRING,
             "source": _STRING,
         }
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -115,8 +115,11 @@ def _cached_records(digest, records, reports, stage, skip_invalid, overwrite):
             summary = json.load(f)
         logger.info(
             "Validated records reused from %s: %d records (%d skipped as invalid, %d warnings when validated).",
-            folder, summary["records"], summary["skipped"], summary["warnings"],
-        )  # fmt: skip
+            folder,
+            summary["records"],
+            summary["skipped"],
+            summary["warnings"],
+        )
         return datasets.Dataset.from_file(os.path.join(folder, RECORDS_FILE))
     staging = f"{folder}.partial-{os.getpid()}"
     try:
@@ -185,9 +188,17 @@ def load_tokenized_preferences(data_args, training_args, pref_args, tokenizer):
     template = build_template(data_args.template_name, tokenizer)
     with training_args.main_process_first(desc="tokenising"):
         return tuple(
-            None if records is None else prepare_preference_dataset(
-                records, template, tokenizer, pref_args.max_source_length, pref_args.max_target_length,
-                data_args.system_prompt, data_args.preprocessing_num_workers, f" ({split})",
+            None
+            if records is None
+            else prepare_preference_dataset(
+                records,
+                template,
+                tokenizer,
+                pref_args.max_source_length,
+                pref_args.max_target_length,
+                data_args.system_prompt,
+                data_args.preprocessing_num_workers,
+                f" ({split})",
             )
             for split, records in (("train", train_records), ("eval", eval_records))
-        )  # fmt: skip
+        )

@@ -88,9 +88,10 @@ def _file_records(files, stage):
 def _stream_hub_split(data_args, split, stage):
     options = {"name": data_args.dataset_name, "config": data_args.dataset_config_name, "split": split}
     return datasets.IterableDataset.from_generator(
-        _hub_records, gen_kwargs={**options, "stage": stage, "skip_invalid": data_args.skip_invalid_examples},
+        _hub_records,
+        gen_kwargs={**options, "stage": stage, "skip_invalid": data_args.skip_invalid_examples},
         features=FEATURES[stage],
-    )  # fmt: skip
+    )
 
 
 def _hub_records(name, config, split, stage, skip_invalid):
@@ -121,8 +122,12 @@ class OverlongCounter:
         if self.seen // LOG_EVERY > before // LOG_EVERY and (self.truncated or self.shortened or self.skipped):
             logger.warning(
                 "Streamed %d conversations: %d truncated, %d lost later turns, %d skipped to fit model_max_length=%d.",
-                self.seen, self.truncated, self.shortened, self.skipped, self.max_length,
-            )  # fmt: skip
+                self.seen,
+                self.truncated,
+                self.shortened,
+                self.skipped,
+                self.max_length,
+            )
         return keep
 
 
