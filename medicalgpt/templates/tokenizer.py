@@ -2,7 +2,7 @@
 (`build_template`), and the BOS a tokenizer adds in front of rendered text (`leading_bos`)."""
 
 from medicalgpt.templates.conversation import PromptMethods, conv_templates, get_conv_template, split_exchanges
-from medicalgpt.templates.tool_calls import parse_tool_calls, parse_tools
+from medicalgpt.templates.tool_format import parse_tool_calls, parse_tools
 
 PROBE_ANSWER = "MEDICALGPT_PROBE_ANSWER"
 
