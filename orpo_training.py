@@ -12,6 +12,7 @@ learning rate is 1e-6: pass `--learning_rate` for LoRA (e.g. 5e-5).
 
 import logging
 import sys
+from dataclasses import dataclass, field
 
 import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
 
@@ -20,20 +21,30 @@ from trl.experimental.orpo import ORPOConfig
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, OrpoArguments, PreferenceArguments
 from medicalgpt.cli import run_cli, setup_logging
-from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
-from medicalgpt.train.checkpoints import with_atomic_checkpoints
+from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_tokenized_preferences
-from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.resume import find_resume_checkpoint
+from medicalgpt.train.run import check_and_log_args, end_training
 from medicalgpt.train.run_summary import add_run_summary
 from medicalgpt.train.trainers import PreTokenizedORPOTrainer
 
 logger = logging.getLogger("medicalgpt")
 
 
+@dataclass
+class OrpoConfig(ORPOConfig):
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep the dataset's columns: ORPO's collator reads them (trl 1.16 unsets it, warning)."},
+    )
+
+
 def main(argv=None):
     training_args, model_args, data_args, lora_args, pref_args, _ = parse_args(
-        ORPOConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, OrpoArguments, argv=argv
+        OrpoConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, OrpoArguments, argv=argv
     )
     setup_logging(training_args)
     check_and_log_args(training_args, model_args, lora_args)

@@ -13,9 +13,9 @@ import pytest
 
 from tests.helpers import ENV, FAST_FLAGS, REPO, free_port, global_step, run, write_jsonl
 
-WORKSPACE_ITEMS = ["medicalgpt", "scripts", "examples", "data", "template.py", "pretraining.py", "supervised_finetuning.py",
-                   "reward_modeling.py", "ppo_training.py", "dpo_training.py", "orpo_training.py",
-                   "merge_peft_adapter.py", "inference.py"]  # fmt: skip
+WORKSPACE_ITEMS = ["medicalgpt", "scripts", "examples", "data", "template.py", "pretraining.py",
+                   "supervised_finetuning.py", "reward_modeling.py", "ppo_training.py", "dpo_training.py",
+                   "orpo_training.py", "merge_peft_adapter.py", "inference.py"]  # fmt: skip
 
 
 def adapter_base(path):

@@ -43,8 +43,13 @@ def add_run_summary(trainer, *arguments):
     summary's callback goes before the progress bar's (Trainer.pop_callback / add_callback), so the summary is printed
     before the bar starts."""
     caller = inspect.currentframe().f_back.f_globals.get("__file__") or sys.argv[0]
+    script = os.path.basename(caller)
+    if not hasattr(trainer, "add_callback"):  # PPO's own trainer (medicalgpt/rl/trainer.py): summarised now
+        if trainer.config.do_train and trainer.accelerator.is_main_process:
+            log_ppo_summary(trainer, script, arguments)
+        return
     bars = [trainer.pop_callback(bar) for bar in (ProgressCallback, PrinterCallback)]
-    trainer.add_callback(RunSummaryCallback(trainer, *arguments, script=os.path.basename(caller)))
+    trainer.add_callback(RunSummaryCallback(trainer, *arguments, script=script))
     for bar in bars:
         if bar is not None:
             trainer.add_callback(bar)
@@ -73,6 +78,19 @@ class RunSummaryCallback(TrainerCallback):
             data=data_line(dataset_rows(train), dataset_rows(evaluation), tokens),
             tokens_per_row=tokens,
         )
+
+
+def log_ppo_summary(trainer, script, arguments):
+    """The summary of PPO's own trainer, in its units: prompts, and PPO updates of `global_batch` prompts."""
+    log_run_summary(
+        script,
+        arguments,
+        model=trainer.model.policy,
+        args=trainer.config,
+        steps=f"{trainer.num_updates:,} PPO updates of {trainer.global_batch:,} prompts",
+        data=f"{len(trainer.train_prompts):,} prompts for training, {len(trainer.eval_prompts):,} for evaluation",
+        unit="prompts",
+    )
 
 
 def log_run_summary(script, arguments, model, args, steps, data, tokens_per_row=None, unit="rows"):

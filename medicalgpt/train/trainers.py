@@ -1,4 +1,4 @@
-"""trl's DPO and ORPO trainers fed with pairs tokenised by `medicalgpt.train.preprocess.tokenize_preference`.
+"""trl's DPO and ORPO trainers fed with pairs tokenised by `medicalgpt.processors.preference.tokenize_preference`.
 
 Both trainers would otherwise re-tokenise text themselves and append the tokenizer's EOS, which is not always the
 template's end-of-turn token (Qwen2.5 base: `<|endoftext|>` vs `<|im_end|>`). Tokenising once, here, keeps the
@@ -8,7 +8,7 @@ prompt and the learned answer exactly as SFT and inference see them.
 from trl import DPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
-from medicalgpt.train.preprocess import IGNORE_INDEX
+from medicalgpt.constants import IGNORE_INDEX
 
 
 class PreTokenizedDPOTrainer(DPOTrainer):
@@ -20,11 +20,6 @@ class PreTokenizedDPOTrainer(DPOTrainer):
 
 class PreTokenizedORPOTrainer(ORPOTrainer):
     """ORPOTrainer on datasets that already hold prompt_ids, chosen_ids and rejected_ids."""
-
-    def __init__(self, model=None, args=None, **kwargs):
-        if args is not None:  # its collator reads columns the model does not take; trl 1.16 sets this with a warning
-            args.remove_unused_columns = False
-        super().__init__(model=model, args=args, **kwargs)
 
     def tokenize_row(self, feature, model=None):
         return build_orpo_features(feature["prompt_ids"], feature["chosen_ids"], feature["rejected_ids"])
