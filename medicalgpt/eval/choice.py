@@ -9,7 +9,13 @@ of a k-answer item every set of k letters ("ACD"), so a model is right only when
     acc_bytes  the most likely per UTF-8 byte of it (lm-eval's acc_bytes)
 With letter targets every candidate of an item has the same length, so the three agree; they differ on option
 texts. Ties go to the first candidate in option order, as numpy's argmax does. Each accuracy comes with lm-eval's
-standard error (sqrt(p(1 - p) / (n - 1))) and a 95% Wilson interval, overall and per subject.
+standard error (sqrt(p(1 - p) / (n - 1))) and a 95% Wilson interval, overall and per subject, beside two baselines a
+model must beat: chance (guessing) and the majority answer (always answering the most common one: 0.552 "yes" on
+PubMedQA's test set).
+
+A prompt longer than the model's context first loses its shots; one still too long keeps its end, as lm-eval keeps
+the last tokens of a context (`truncated`: how many items, overall and per subject). An item whose answers alone do
+not fit is an error naming it, or is skipped with --skip_invalid_examples (`skipped`).
 
 Generate (`run_choice_generate`): the model answers the chat-format prompt and the letter(s) are parsed from the
 reply (`parse_choice`); an unparsable reply counts as wrong and is reported.
@@ -58,33 +64,58 @@ def encode_choice(item, shots, tokenizer, encode=None, target="letter"):
 
 
 def build_choice_prompts(items, tokenizer, encode, n_shot, max_length, shot_pool=None, target="letter"):
-    """Per item (prompt ids, continuations, shots used); shots are dropped while the prompt is too long. An item
-    that does not fit even zero-shot is a path:line error."""
+    """Per item (prompt ids, continuations, shots used, prompt tokens cut): shots are dropped while the prompt is too
+    long; a zero-shot prompt still too long keeps its last tokens (lm-eval's left truncation). An item whose
+    longest answer alone does not fit is a path:line error (DataValidationError; see `fit_choice_items`)."""
     prompts, errors = [], []
     for index, item in enumerate(items):
         shots = pick_shots(items, index, n_shot, shot_pool)
         while True:
             prompt, continuations = encode_choice(item, shots, tokenizer, encode, target)
-            longest = len(prompt) + max(len(ids) for ids in continuations.values())
-            if longest <= max_length or not shots:
+            answer = max(len(ids) for ids in continuations.values())
+            if len(prompt) + answer <= max_length or not shots:
                 break
             shots = shots[:-1]
-        if longest > max_length:
+        cut = max(0, len(prompt) + answer - max_length)
+        if answer >= max_length:
             path, line = item["source"].rsplit(":", 1)
-            message = f"the prompt ({longest} tokens) exceeds the model's context of {max_length} tokens"
-            errors.append(Issue(path, int(line) if line.isdigit() else 0, "error", "question", message))
-        prompts.append((prompt, continuations, len(shots)))
+            message = f"its longest answer ({answer} tokens) leaves no room in the model's context of {max_length}"
+            errors.append(Issue(path, int(line) if line.isdigit() else line, "error", "options", message))
+        prompts.append((prompt[cut:], continuations, len(shots), cut))
     if errors:
         raise DataValidationError(errors)
-    if n_shot and any(used < n_shot for _, _, used in prompts):
+    if n_shot and any(used < n_shot for _, _, used, _ in prompts):
         logger.warning("Fewer than %d shots for some items (too few solved items, or prompts too long).", n_shot)
+    truncated = sum(cut > 0 for *_, cut in prompts)
+    if truncated:
+        logger.warning(
+            "%d of %d items are longer than the model's context of %d tokens: each keeps its last tokens, as "
+            "lm-evaluation-harness does (`truncated` in the results, per subject).",
+            truncated,
+            len(prompts),
+            max_length,
+        )
     return prompts
+
+
+def fit_choice_items(items, build, skip_invalid=False):
+    """`build(items)` (build_choice_prompts with its settings) -> (items, prompts, skipped): with `skip_invalid`, the
+    items its DataValidationError names are left out (counted and logged) and the rest built again."""
+    try:
+        return items, build(items), 0
+    except DataValidationError as error:
+        if not skip_invalid:
+            raise
+        named, message = {f"{issue.path}:{issue.line}" for issue in error.errors}, str(error)
+    kept = [item for item in items if item["source"] not in named]
+    logger.warning("Skipped %d items (--skip_invalid_examples):\n%s", len(items) - len(kept), message)
+    return kept, build(kept), len(items) - len(kept)
 
 
 def score_choices(model, prompts, pad_id, batch_size=8, desc=None):
     """[{candidate: log-likelihood}] per prompt: one forward per prompt when every candidate is one token, one
     per candidate otherwise."""
-    single = [i for i, (_, conts, _) in enumerate(prompts) if all(len(ids) == 1 for ids in conts.values())]
+    single = [i for i, (_, conts, *_) in enumerate(prompts) if all(len(ids) == 1 for ids in conts.values())]
     targets = [[ids[0] for ids in prompts[i][1].values()] for i in single]
     scores = [None] * len(prompts)
     found = next_token_logprobs(model, [prompts[i][0] for i in single], targets, pad_id, batch_size, desc)
@@ -107,19 +138,31 @@ def predictions(scores, texts):
 
 
 def run_choice(
-    model, tokenizer, items, encode=None, n_shot=0, batch_size=8, progress=True, shot_pool=None, target="letter"
+    model,
+    tokenizer,
+    items,
+    encode=None,
+    n_shot=0,
+    batch_size=8,
+    progress=True,
+    shot_pool=None,
+    target="letter",
+    skip_invalid=False,
 ):
     """acc, acc_norm, acc_bytes overall and per subject -> (metrics, per-item rows)."""
     was_training = model.training
     model.eval()
     max_length = context_length(model, tokenizer)
-    prompts = build_choice_prompts(items, tokenizer, encode, n_shot, max_length, shot_pool, target)
+    build = lambda chosen: build_choice_prompts(  # noqa: E731
+        chosen, tokenizer, encode, n_shot, max_length, shot_pool, target
+    )
+    items, prompts, skipped = fit_choice_items(items, build, skip_invalid)
     try:
         scores = score_choices(model, prompts, pad_id_of(tokenizer), batch_size, "Scoring" if progress else None)
     finally:
         model.train(was_training)
     rows = []
-    for item, item_scores, (_, _, shots) in zip(items, scores, prompts):
+    for item, item_scores, (_, _, shots, cut) in zip(items, scores, prompts):
         texts = candidates_of(item, target)
         prediction, norm, by_bytes = predictions(item_scores, texts)
         answer = item["answer"]
@@ -136,13 +179,17 @@ def run_choice(
                 "correct_bytes": by_bytes == answer,
                 "scores": rounded,
                 "shots": shots,
+                "truncated_tokens": cut,
             }
         )
-    return choice_metrics(rows, [len(s) for s in scores]), rows
+    metrics = choice_metrics(rows, [len(s) for s in scores], [item["answer"] for item in items])
+    return {**metrics, "skipped": skipped}, rows
 
 
-def choice_metrics(rows, candidate_counts):
-    """Overall and per-subject accuracies (acc, acc_norm, acc_bytes), standard error, 95% interval, chance."""
+def choice_metrics(rows, candidate_counts, answers=None):
+    """Overall and per-subject accuracies (acc, acc_norm, acc_bytes), standard error, 95% interval; the chance and
+    majority-answer baselines; the items truncated to fit the context."""
+    answers = answers or [row.get("answer") for row in rows]
     subjects = collections.defaultdict(list)
     for index, row in enumerate(rows):
         subjects[row.get("subject") or "(no subject)"].append(index)
@@ -159,11 +206,20 @@ def choice_metrics(rows, candidate_counts):
             "acc_stderr": math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else None,
             "ci95": wilson_interval(correct, n),
             "chance": sum(1 / candidate_counts[i] for i in indices) / n,
+            **majority(answers[i] for i in indices),
+            "truncated": sum(rows[i].get("truncated_tokens", 0) > 0 for i in indices),
         }
         return result
 
     overall = summary(range(len(rows)))
     return {**overall, "subjects": {name: summary(v) for name, v in sorted(subjects.items())}}
+
+
+def majority(answers):
+    """The accuracy of always giving the most common answer, and that answer (the first of equals)."""
+    counts = collections.Counter(answers)
+    answer, count = counts.most_common(1)[0]
+    return {"majority": count / sum(counts.values()), "majority_answer": answer}
 
 
 def wilson_interval(successes, n, z=1.959964):
@@ -220,6 +276,6 @@ def run_choice_generate(generate, items, n_shot=0, shot_pool=None, batch_size=8)
                 "correct": prediction == item["answer"],
             }
         )
-    metrics = choice_metrics(rows, [len(candidates_of(item)) for item in items])
+    metrics = choice_metrics(rows, [len(candidates_of(item)) for item in items], [item["answer"] for item in items])
     metrics["unparsed"] = sum(row["prediction"] is None for row in rows)
     return metrics, rows

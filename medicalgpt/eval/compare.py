@@ -46,7 +46,8 @@ def model_specs(specs, chat_args, api_base=None):
 
 
 def compare_table(results):
-    """{name: choice metrics} -> the Markdown table: a row per subject, overall, chance; a column per model."""
+    """{name: choice metrics} -> the Markdown table: a row per subject, overall, chance and majority answer; a column
+    per model."""
     names = list(results)
     subjects = sorted({subject for metrics in results.values() for subject in metrics["subjects"]})
     header = ["subject", "items", *names]
@@ -62,7 +63,9 @@ def compare_table(results):
         items = next(s["items"] for s in summaries if s)
         lines.append(f"| {subject} | {items} | " + " | ".join(cell(s) if s else "-" for s in summaries) + " |")
     lines.append(f"| **overall** | {first['items']} | " + " | ".join(cell(results[n]) for n in names) + " |")
-    lines.append(f"| chance | {first['items']} | " + " | ".join(f"{results[n]['chance']:.3f}" for n in names) + " |")
+    for baseline in ("chance", "majority"):  # guessing; always the most common answer
+        values = " | ".join(f"{results[n][baseline]:.3f}" for n in names)
+        lines.append(f"| {baseline} | {first['items']} | {values} |")
     return "\n".join(lines) + "\n\nAccuracy [95% Wilson interval].\n"
 
 

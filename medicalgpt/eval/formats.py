@@ -300,10 +300,8 @@ def _pubmedqa(path):
     if not isinstance(data, dict):
         yield 1, None, None, "expected a JSON object {pubid: {QUESTION, CONTEXTS, final_decision}}"
         return
-    position = 0
     for pubid, record in data.items():
-        position = max(text.find(json.dumps(pubid), position), position)
-        line = text.count("\n", 0, position) + 1
+        line = f"PMID {pubid}" if pubid.isdigit() else pubid  # where: the release is one line of JSON, keyed by PMID
         if not isinstance(record, dict):
             yield line, None, None, f"{pubid}: expected an object"
             continue

@@ -20,12 +20,10 @@ def write_results(output_dir, task, results, rows):
 
 def results_table(task, m):
     if task == "choice":
-        rows = [("subject", "items", "acc", "acc_norm", "95% interval")]
-        rows += [
-            (name, s["items"], f"{s['accuracy']:.4f}", f"{s['acc_norm']:.4f}", "{:.3f}-{:.3f}".format(*s["ci95"]))
-            for name, s in [*m["subjects"].items(), ("all", m)]
-        ]
-        rows += [("chance (guessing)", "", f"{m['chance']:.4f}", "", "")]
+        rows = [("subject", "items", "acc", "acc_norm", "95% interval", "chance", "majority", "truncated")]
+        rows += [_choice_row(name, s) for name, s in [*m["subjects"].items(), ("all", m)]]
+        if m.get("skipped"):
+            rows += [(f"skipped (--skip_invalid_examples): {m['skipped']}", "", "", "", "", "", "", "")]
     elif task == "qa":
         rows = [("items", "ROUGE-L", "BLEU"), (m["items"], f"{m['rouge_l']:.2f}", f"{m['bleu']:.2f}")]
     else:
@@ -34,6 +32,13 @@ def results_table(task, m):
     rows = [[str(cell) for cell in row] for row in rows]
     width = [max(_columns(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c + " " * (w - _columns(c)) for c, w in zip(row, width)).rstrip() for row in rows)
+
+
+def _choice_row(name, s):
+    """One subject's accuracies, interval, the two baselines (guessing, the most common answer), items truncated."""
+    interval, majority = "{:.3f}-{:.3f}".format(*s["ci95"]), f"{s['majority']:.3f} ({s['majority_answer']})"
+    accuracy, norm, chance = f"{s['accuracy']:.4f}", f"{s['acc_norm']:.4f}", f"{s['chance']:.3f}"
+    return (name, s["items"], accuracy, norm, interval, chance, majority, s.get("truncated", 0))
 
 
 def _columns(text):

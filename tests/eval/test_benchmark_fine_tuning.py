@@ -43,8 +43,10 @@ def test_dev_accuracy_goes_from_chance_to_right_in_one_comparison(fine_tuned, ti
     table = (out / "compare.md").read_text(encoding="utf-8").splitlines()
     assert table[0] == "| subject | items | base | sft |"
     cell = lambda m: "{:.3f} [{:.3f}, {:.3f}]".format(m["accuracy"], *m["ci95"])  # noqa: E731
-    assert table[-4] == f"| **overall** | 7 | {cell(base)} | {cell(sft)} |"
-    assert table[-3] == "| chance | 7 | 0.250 | 0.250 |" and table[-1] == "Accuracy [95% Wilson interval]."
+    assert table[-5] == f"| **overall** | 7 | {cell(base)} | {cell(sft)} |"
+    assert table[-4] == "| chance | 7 | 0.250 | 0.250 |" and table[-1] == "Accuracy [95% Wilson interval]."
+    majority = base["majority"]  # the same items for both models
+    assert sft["majority"] == majority and table[-3] == f"| majority | 7 | {majority:.3f} | {majority:.3f} |"
     assert any(line.startswith("| clinical_medicine | 3 |") for line in table)
     saved = json.loads((out / "compare.json").read_text())
     assert saved["models"]["sft"]["accuracy"] == sft["accuracy"] and saved["split"] == "dev"

@@ -27,7 +27,7 @@ SAMPLES = {  # format: (path, items, {subject: items}, first source, first item'
     "medqa": ("medqa/dev.jsonl", 3, {"step1": 2, "step2&3": 1}, "medqa/dev.jsonl:1", "A 24-year-old", "B", 5),
     "medmcqa": ("medmcqa/dev.json", 4, {"Pharmacology": 1, "Ophthalmology": 1, "Pediatrics": 1, "Pathology": 1},
                 "medmcqa/dev.json:1", "Drug of choice", "C", 4),
-    "pubmedqa": ("pubmedqa/ori_pqal.json", 3, {"(no subject)": 3}, "pubmedqa/ori_pqal.json:2",
+    "pubmedqa": ("pubmedqa/ori_pqal.json", 3, {"(no subject)": 3}, "pubmedqa/ori_pqal.json:PMID 90000001",
                  "Abstract: Adults with mild", "A", 3),
 }  # fmt: skip
 
@@ -68,7 +68,8 @@ def test_sample_items_are_read_as_released():
     assert pubmedqa[0]["question"].endswith("12 weeks. Resting systolic pressure fell by 7 mmHg more in the walking "
                                             "group than in the usual care group.\nQuestion: Does daily walking lower "
                                             "resting blood pressure in adults with mild hypertension?")  # fmt: skip
-    assert [item["source"].rsplit(":", 1)[1] for item in pubmedqa] == ["2", "19", "36"]
+    ids = ["PMID 90000001", "PMID 90000002", "PMID 90000003"]  # the release is one line: the PubMed id locates an item
+    assert [item["source"].rsplit(":", 1)[1] for item in pubmedqa] == ids
 
 
 def test_folders_score_one_split_and_take_shots_from_dev(tiny_tokenizer):
