@@ -1,0 +1,100 @@
+"""Every command in README.md, README_zh.md and docs/ runs as written: the scripts, modules, recipes and config files
+it names exist, and every --flag it gives a script is one that script's parser accepts."""
+
+import contextlib
+import importlib
+import io
+import re
+import shlex
+
+import pytest
+
+from tests.helpers import REPO
+
+DOCS = [REPO / "README.md", REPO / "README_zh.md", *sorted((REPO / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(bash|sh|shell|console)\n(.*?)^```", re.M | re.S)
+SEPARATORS = {"&&", "||", ";", "|", "&"}
+REPO_FOLDERS = ("examples/", "configs/", "data/", "scripts/", "docs/", "tests/", "bench/")
+FLAG = re.compile(r"--[A-Za-z][\w-]*")
+
+
+def shell_commands(path):
+    """(line, [tokens]) for each command of the file's shell blocks: continuations joined, comments dropped, split
+    at && ; | (the tokens of `a && b` are two commands)."""
+    text = path.read_text(encoding="utf-8")
+    for block in FENCE.finditer(text):
+        start = text.count("\n", 0, block.start(2)) + 1
+        joined = block.group(2).replace("\\\n", " ")
+        for offset, line in enumerate(joined.splitlines()):
+            line = line.removeprefix("$ ")
+            try:
+                tokens = shlex.split(line, comments=True)
+            except ValueError:  # a line of a heredoc or a JSON body
+                continue
+            command = []
+            for token in [*tokens, ";"]:
+                if token in SEPARATORS:
+                    if command:
+                        yield start + offset, command
+                    command = []
+                else:
+                    command.append(token)
+
+
+def all_commands():
+    return [(path, line, tokens) for path in DOCS if path.exists() for line, tokens in shell_commands(path)]
+
+
+def script_of(tokens):
+    """(script, its flags) of a command that runs one of the project's scripts, else (None, [])."""
+    for index, token in enumerate(tokens):
+        if re.fullmatch(r"[\w./-]+\.py", token) and "/" not in token.removeprefix("./"):
+            flags = [FLAG.match(t).group(0) for t in tokens[index + 1 :] if FLAG.match(t)]
+            return token.removeprefix("./"), flags
+    return None, []
+
+
+_accepted = {}
+
+
+def accepted_flags(script, capsys):
+    """The options `script --help` lists (every spelling), read once per script."""
+    if script not in _accepted:
+        module = importlib.import_module(script.removesuffix(".py"))
+        capsys.readouterr()
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            module.main(["--help"])
+        text = capsys.readouterr().out
+        _accepted[script] = set(FLAG.findall(text)) | {"--help"}
+    return _accepted[script]
+
+
+def test_the_docs_have_commands():
+    assert len(all_commands()) > 50
+
+
+def test_every_named_script_recipe_and_config_exists():
+    missing = []
+    for path, line, tokens in all_commands():
+        for token in tokens:
+            token = token.split("=", 1)[-1] if token.startswith("--") else token
+            named = token.removeprefix("./")
+            in_repo = named.startswith(REPO_FOLDERS) or re.fullmatch(r"\w+\.(py|sh)", named)
+            if in_repo and not any(c in named for c in "*<>$") and not (REPO / named).exists():
+                missing.append(f"{path.name}:{line}: {token}")
+        if tokens[:2] == ["python", "-m"] and tokens[2].startswith("medicalgpt."):
+            module = REPO / (tokens[2].replace(".", "/") + ".py")
+            if not module.exists():
+                missing.append(f"{path.name}:{line}: {tokens[2]}")
+    assert not missing, "\n".join(missing)
+
+
+def test_every_flag_given_to_a_script_is_one_it_accepts(capsys):
+    unknown = []
+    for path, line, tokens in all_commands():
+        script, flags = script_of(tokens)
+        if script is None or not (REPO / script).exists():
+            continue
+        accepted = accepted_flags(script, capsys)
+        unknown += [f"{path.name}:{line}: {script} {flag}" for flag in flags if flag not in accepted]
+    assert not unknown, "\n".join(unknown)
