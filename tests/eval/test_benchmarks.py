@@ -126,7 +126,8 @@ def malformed_files(root):
         (medqa, "medqa", [f"{medqa}:1: error: answer: F is not one of the options (A, B)",
                           f"{medqa}:2: error: invalid JSON"]),
         (medmcqa, "medmcqa", [f"{medmcqa}:2: error: cop: 9 is not an option number (1-4: opa-opd)"]),
-        (pubmedqa, "pubmedqa", [f"{pubmedqa}:2: error: final_decision: expected yes, no or maybe, got 'perhaps'"]),
+        (pubmedqa, "pubmedqa", [f"{pubmedqa}:PMID 1: error: final_decision: expected yes, no or maybe, "
+                                "got 'perhaps'"]),
     ]  # fmt: skip
 
 
