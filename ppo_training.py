@@ -50,7 +50,7 @@ from medicalgpt.rl.rewards import RewardModelScorer, closing_ids
 from medicalgpt.rl.rollout import stop_token_ids
 from medicalgpt.rl.trainer import PPOTrainer
 from medicalgpt.rl.verifiable import VERIFIABLE_REWARDS
-from medicalgpt.templates import build_template
+from medicalgpt.templates import build_template, retokenizable_texts
 from medicalgpt.train.checkpoints import with_atomic_checkpoints
 from medicalgpt.train.preprocess import prepare_rl_prompts
 from medicalgpt.train.records import load_stage_records
@@ -122,11 +122,14 @@ def check_format_reward(rl_args, template):
 
 
 def prompt_dataset(tokenizer, prompts, records):
-    """trl's dataset: the rendered prompts as text, and for exam records the answer and option letters the
-    verifiable rewards read (trl passes every other column to the reward functions)."""
+    """trl's dataset: the rendered prompts as text that trl encodes back into the same ids (no second BOS), and for
+    exam records the answer and option letters the verifiable rewards read (trl passes every other column to them)."""
     if not prompts:
         return None
-    return Dataset.from_dict({"prompt": tokenizer.batch_decode(prompts), **reward_columns(records)})
+    texts, differ = retokenizable_texts(tokenizer, prompts)
+    if differ:
+        logger.warning("%d of %d RL prompts differ from the template's ids once trl encodes them", differ, len(texts))
+    return Dataset.from_dict({"prompt": texts, **reward_columns(records)})
 
 
 @dataclasses.dataclass
