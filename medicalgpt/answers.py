@@ -24,6 +24,7 @@ labelled corpus (tests/assets/answers/) gives each reply:
 | only-letters | `B`, `**b**`, `(B)`, `A、C`, `Ｂ` | B, B, B, AC, B |
 | leading | `(C) Graves disease`, `C. ...`, `C、...`, `选项B`, `B项` | C, C, C, B, B |
 | hedge | `The answer is A or B.`, `答案可能是A或C` | none |
+| not-an-option | `答案：F` (options A-D) | none |
 | option-list | `A. Hashimoto\\nB. Graves\\nC. ...` (the options repeated) | none |
 | none | `A 45-year-old man presents with chest pain ...` | none |
 <!-- /answer-rules -->
@@ -42,6 +43,7 @@ In words:
 - leading: an answer form at the start: `(C) ...`, `C. ...`, `C、...`, `C: ...`, `C) ...`, `选项B`, `B项`,
   `Option B`, or a first line that is only letters.
 - hedge: a cue or answer form whose letter is followed by "or" / 或 / 还是 and another letter commits to nothing.
+- not-an-option: letters that are not options of the item are ignored; a cue naming only such letters reads nothing.
 - option-list: a reply whose lines repeat two or more options (`A. ...`, `B. ...`) commits to none of them.
 - none: no cue and no answer form: no answer (an article "A" starting a sentence is not option A).
 """
@@ -50,7 +52,7 @@ import re
 
 ALL_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 RULES = ("think", "unclosed-think", "answer-tag", "cue", "letter-cue", "negated", "only-letters", "leading", "hedge",
-         "option-list", "none")  # fmt: skip
+         "not-an-option", "option-list", "none")  # fmt: skip
 
 # -- normalisation -----------------------------------------------------------------------------------------------
 
@@ -66,18 +68,23 @@ _ANY = r"(?:[A-Z](?![A-Za-z0-9]|-[A-Za-z0-9]|'[A-Za-z])|[a-z](?![A-Za-z0-9]|-[A-
 # a run of letters: "B", "A、C", "A, C and D", "AC" (a contiguous run only in upper case and not before a word)
 _RUN = rf"(?:[A-Z]{{2,8}}(?![A-Za-z0-9]|\s+[A-Za-z])|{_ANY}(?:{_SEP}(?:and\s+)?{_ANY})*)"
 _OPEN = r"[(\[【《{「$]*\s*"
-_HEDGE = re.compile(rf"^\s*[)\]】》}}」$]*\s*(?:,?\s*\bor\b|或者?|还是)\s*(?:option\s*|选项\s*)?{_OPEN}[A-Za-z](?![A-Za-z])")
+_HEDGE = re.compile(
+    r"^\s*[)\]】》}」$]*\s*(?:,?\s*\bor\b(?:\s+(?:maybe|possibly|perhaps))?|或者?|还是|或许是?|也可能是?)\s*"
+    rf"(?:option\s*|选项\s*)?{_OPEN}[A-Za-z](?![A-Za-z])"
+)
 
 # -- cues --------------------------------------------------------------------------------------------------------
 
 _CUE_ZH = (
     r"(?:最终|正确|参考|标准)?答案(?:应该?|可能)?(?:是|为|选|选择|应为|应是)?|正确(?:的)?选项(?:是|为)?|答\s*[:：]"
-    r"|(?:故|应该?|本题|所以|因此|因而|综上|则|我|可|宜|当)(?:选|选择)"
+    r"|(?:故|应该?|本题|所以|因此|因而|综上|则|我|可|宜|当)(?:选|选择)|(?:^|(?<=[，,;；]))\s*选(?!项|择的)"
+    r"|(?:不是|并非|而非)\s*¤\s*[，,]?\s*而?是"  # 答案不是A，是C: what follows the negated letter
 )
 _CUE_EN = (
     r"\b(?:the\s+)?(?:(?:final|correct|right|best|most\s+(?:likely|appropriate|accurate))\s+"
     r"(?:answer|option|choice|response)s?|answers?)\b(?:\s+(?:is|are|would\s+be|should\s+be|will\s+be))?"
-    r"|\bI\s+(?:would\s+|will\s+|'d\s+|'ll\s+)?(?:choose|pick|select|go\s+with)\b"
+    r"|\bI(?:\s+would|\s+will|'d|'ll)?\s+(?:choose|pick|select|go\s+with)\b"
+    r"|\bnot\s+¤\s*[,;]?\s*but(?:\s+rather)?\b"  # not A but C
 )
 _FILLER = r"(?:\s*[:=\-–—]?\s*(?:是|为|选|选择|应为)?\s*(?:options?|choices?|选项)?\s*[:：]?\s*)"
 _CUE = re.compile(rf"(?:{_CUE_ZH}|(?i:{_CUE_EN})){_FILLER}{_OPEN}(?P<run>{_RUN})")
@@ -85,7 +92,7 @@ _LETTER_CUE = re.compile(
     rf"(?<![A-Za-z])(?:(?i:option|choice)\s*|选项\s*)?{_OPEN}(?P<run>[A-Z](?:{_SEP}[A-Z])*)"
     rf"(?![A-Za-z0-9])\s*[)\]】》}}」]?\s*(?:项|选项)?\s*"
     r"(?:(?i:is|are)\s+(?i:the\s+)?(?i:correct|right|true|best|most\s+likely)(?:\s+(?i:answer|option|choice))?\b"
-    r"|(?i:is|are)\s+(?i:the\s+)?answer\b|(?:是|为)?(?:正确|对)的?(?:答案|选项)?)"
+    r"|(?i:is|are)\s+(?i:the\s+)?answer\b|(?:是|为)?(?:正确|对(?!应))的?(?:答案|选项)?)"
 )
 _NOT_A_LETTER_CUE = re.compile(r"(?i:vitamin|hepatitis|type|group|class|factor|protein|grade|stage|phase|lead)\s+$")
 
@@ -94,11 +101,11 @@ _NOT_A_LETTER_CUE = re.compile(r"(?i:vitamin|hepatitis|type|group|class|factor|p
 _L = r"[A-Za-z]"
 _NEGATED = [
     re.compile(rf"(?:不选|不是|排除|并非|而非|除外|不应选|不能选)\s*(?:选项)?\s*{_OPEN}(?P<l>{_L})(?![A-Za-z])"),
-    re.compile(rf"(?<![A-Za-z])(?P<l>[A-Z])\s*[)\]】]?\s*(?:选项|项)?\s*(?:是)?(?:错误|不对|不正确|错|不选|不符|可排除|排除|不是(?:正确)?(?:答案|选项))"),
+    re.compile(rf"(?<![A-Za-z])(?P<l>[A-Z])[ \t]*[)\]】]?[ \t]*(?:选项|项)?[ \t]*(?:是)?(?:错误|不对|不正确|错|不符|可以?排除|被排除|不是(?:正确)?(?:答案|选项))(?![ \t]*[A-Za-z])"),
     re.compile(rf"(?i:\bnot\s+(?:option\s+|choice\s+)?|\bneither\s+(?:option\s+)?|\bnor\s+(?:option\s+)?|"
                rf"\brul(?:e|es|ed|ing)\s+out\s+(?:option\s+)?|\bexclud(?:e|es|ed|ing)\s+(?:option\s+)?|"
                rf"\beliminat(?:e|es|ed|ing)\s+(?:option\s+)?)\(?(?P<l>{_L})(?![A-Za-z])"),
-    re.compile(rf"(?<![A-Za-z])(?P<l>[A-Z])\)?\s+(?i:is|are)\s+(?i:not\s+(?:the\s+)?(?:correct|right|answer)|"
+    re.compile(rf"(?<![A-Za-z])(?P<l>[A-Z])\)?[ \t]+(?i:is|are)\s+(?i:not\s+(?:the\s+)?(?:correct|right|answer)|"
                rf"(?:wrong|incorrect|false|unlikely)|less\s+likely)"),
 ]
 
@@ -111,9 +118,9 @@ _LEAD_PREFIX = r"^[\s>#\-]*(?:(?i:answer|答)\s*[:：]?\s*)?"
 _LEADING = [
     re.compile(rf"{_LEAD_PREFIX}[(\[【]\s*(?P<run>{_RUN})\s*[)\]】]"),
     re.compile(rf"{_LEAD_PREFIX}(?P<run>[A-Z](?:{_SEP}[A-Z])*|[A-Z]{{2,8}})\s*(?:[.:、)]|\s+[-–—]\s)"),
-    re.compile(rf"{_LEAD_PREFIX}(?P<run>[a-z])\s*[.)、](?!\w)"),
-    re.compile(rf"{_LEAD_PREFIX}(?:选项|(?i:options?)\s*)(?P<run>[A-Z](?:{_SEP}[A-Z])*)(?![A-Za-z0-9])"),
-    re.compile(rf"{_LEAD_PREFIX}(?P<run>[A-Z](?:{_SEP}[A-Z])*)\s*(?:项|选项)"),
+    re.compile(rf"{_LEAD_PREFIX}(?P<run>[a-z])\s*(?:\.(?![A-Za-z])|[)、])"),  # not "e.g."
+    re.compile(rf"{_LEAD_PREFIX}(?:选项|(?i:options?)\s*)(?P<run>{_RUN})"),
+    re.compile(rf"{_LEAD_PREFIX}(?P<run>[A-Za-z](?:{_SEP}[A-Za-z])*)\s*(?:项|选项)"),
     re.compile(rf"{_LEAD_PREFIX}(?P<run>{_RUN})\s*(?:\n|$)"),
 ]
 _OPTION_LINE = re.compile(r"^\s*[(\[]?(?P<l>[A-Z])\s*[.:、)\]]\s*\S", re.MULTILINE)
