@@ -5,7 +5,7 @@
 
 Each exam item of data/ (Chinese and English) is asked as evaluate.py --choice_mode generate asks it (the item's
 prompt, the model's own chat template), once plainly and once asking for a short explanation, and sampled
---samples times (temperature 0.9, top_p 0.95, --seed): one JSONL line per reply with the item's option letters
+--samples times (temperature 0.9, top_p 0.95, --seed, --batch_size prompts per generate call): one JSONL line per reply with the item's option letters
 and its answer. The replies are unlabelled: a person labels each (tests/assets/answers/smollm2.jsonl) by the
 rules of medicalgpt/answers.py, ambiguous ones as none.
 """
@@ -49,22 +49,26 @@ def main(argv=None):
     parser.add_argument("--model", default="models/smollm2-135m-instruct")
     parser.add_argument("--output", default="tests/assets/answers/smollm2_raw.jsonl")
     parser.add_argument("--english_items", type=int, default=14)
-    parser.add_argument("--chinese_items", type=int, default=16)
+    parser.add_argument("--chinese_items", type=int, default=12)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max_new_tokens", type=int, default=80)
+    parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fast on a shared machine)")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     chat = ChatArguments(base_model=args.model, temperature=0.9, top_p=0.95, max_new_tokens=args.max_new_tokens,
                          use_cpu=True)  # fmt: skip
     engine, options = load_chat_engine(chat), chat.generation_options()
+    asked = [prompt for prompt in exam_prompts(args.english_items, args.chinese_items) for _ in range(args.samples)]
     rows = []
-    for item, language, style, conversation in exam_prompts(args.english_items, args.chinese_items):
-        completions = engine.generate([conversation] * args.samples, options)
-        for sample, completion in enumerate(completions):
+    for start in range(0, len(asked), args.batch_size):
+        batch = asked[start : start + args.batch_size]
+        for (item, language, style, _), completion in zip(batch, engine.generate([p[3] for p in batch], options)):
             rows.append({"id": f"smollm2-{len(rows) + 1:03d}", "language": language, "style": style,
                          "item": item["source"], "options": "".join(item["options"]), "item_answer": item["answer"],
-                         "sample": sample, "finish": completion.finish_reason, "reply": completion.text})  # fmt: skip
+                         "finish": completion.finish_reason, "reply": completion.text})  # fmt: skip
         print(f"{len(rows)} replies", file=sys.stderr, flush=True)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:

@@ -108,3 +108,12 @@ def test_the_readme_tables_in_english_and_chinese_match_the_reader_docstring():
     english, chinese = rule_rows((REPO / "README.md").read_text(encoding="utf-8"))
     assert {row[0] for row in documented} == set(RULES)
     assert english == documented and chinese == documented
+
+
+def test_every_example_of_the_table_reads_as_the_table_says():
+    (documented,) = rule_rows(answers.__doc__)
+    for rule, examples, reads in documented:
+        replies = [reply.replace("\\n", "\n") for reply in re.findall(r"`([^`]*)`", examples)]
+        expected = reads.split(", ") if ", " in reads else [reads] * len(replies)
+        read = [read_answer(reply, "ABCD") or "none" for reply in replies]
+        assert read == expected, rule
