@@ -77,7 +77,8 @@ _HEDGE = re.compile(
 
 _CUE_ZH = (
     r"(?:最终|正确|参考|标准)?答案(?:应该?|可能)?(?:是|为|选|选择|应为|应是)?|正确(?:的)?选项(?:是|为)?|答\s*[:：]"
-    r"|(?:故|应该?|本题|所以|因此|因而|综上|则|我|可|宜|当)(?:选|选择)|(?:^|(?<=[，,;；]))\s*选(?!项|择的)"
+    r"|(?:故|应该?|本题|此题|该题|这道?题|所以|因此|因而|综上|则|我|可|宜|当)(?:选|选择)|(?:^|(?<=[，,;；]))\s*选(?!项|择的)"
+    r"|(?:我认为|我觉得|我选的|正确的(?:选项|答案)?|对的)是"
     r"|(?:不是|并非|而非)\s*¤\s*[，,]?\s*而?是"  # 答案不是A，是C: what follows the negated letter
 )
 _CUE_EN = (
@@ -85,14 +86,18 @@ _CUE_EN = (
     r"(?:answer|option|choice|response)s?|answers?)\b(?:\s+(?:is|are|would\s+be|should\s+be|will\s+be))?"
     r"|\bI(?:\s+would|\s+will|'d|'ll)?\s+(?:choose|pick|select|go\s+with)\b"
     r"|\bnot\s+¤\s*[,;]?\s*but(?:\s+rather)?\b"  # not A but C
+    r"|\bans\s*(?=[:：])"
 )
+# "it's B", "it is B": only a letter that ends the clause (not "It is A common cause")
+_CLAUSE_CUE = re.compile(r"(?i:\bit(?:'s|\s+is|\s+must\s+be|\s+should\s+be))\s+(?i:option\s+)?[(]?(?P<run>[A-Z])[)]?"
+                         r"(?=\s*(?:[.,;!。，]|$))")
 _FILLER = r"(?:\s*[:=\-–—]?\s*(?:是|为|选|选择|应为)?\s*(?:options?|choices?|选项)?\s*[:：]?\s*)"
 _CUE = re.compile(rf"(?:{_CUE_ZH}|(?i:{_CUE_EN})){_FILLER}{_OPEN}(?P<run>{_RUN})")
 _LETTER_CUE = re.compile(
-    rf"(?<![A-Za-z])(?:(?i:option|choice)\s*|选项\s*)?{_OPEN}(?P<run>[A-Z](?:{_SEP}[A-Z])*)"
-    rf"(?![A-Za-z0-9])\s*[)\]】》}}」]?\s*(?:项|选项)?\s*"
-    r"(?:(?i:is|are)\s+(?i:the\s+)?(?i:correct|right|true|best|most\s+likely)(?:\s+(?i:answer|option|choice))?\b"
-    r"|(?i:is|are)\s+(?i:the\s+)?answer\b|(?:是|为)?(?:正确|对(?!应))的?(?:答案|选项)?)"
+    rf"(?<![A-Za-z])(?:(?i:option|choice)\s*|选项\s*)?{_OPEN}(?P<run>[A-Z](?:{_SEP}[A-Z])*|(?<=\()[a-z](?=\)))"
+    rf"(?![A-Za-z0-9])\s*[)\]】》}}」]?\s*(?:项|选项)?\s*[:：]?\s*"
+    r"(?:(?i:is|are)\s+(?i:the\s+)?(?i:correct|right|true|best|most\s+likely)(?:\s+(?i:answer|option|choice|one))?\b"
+    r"|(?i:is|are)\s+(?i:the\s+)?answer\b|(?:是|为)?(?:都|均|也)?(?:正确|对(?!应))的?(?:答案|选项)?)"
 )
 _NOT_A_LETTER_CUE = re.compile(r"(?i:vitamin|hepatitis|type|group|class|factor|protein|grade|stage|phase|lead)\s+$")
 
@@ -101,7 +106,7 @@ _NOT_A_LETTER_CUE = re.compile(r"(?i:vitamin|hepatitis|type|group|class|factor|p
 _L = r"[A-Za-z]"
 _NEGATED = [
     re.compile(rf"(?:不选|不是|排除|并非|而非|除外|不应选|不能选)\s*(?:选项)?\s*{_OPEN}(?P<l>{_L})(?![A-Za-z])"),
-    re.compile(rf"(?<![A-Za-z])(?P<l>[A-Z])[ \t]*[)\]】]?[ \t]*(?:选项|项)?[ \t]*(?:是)?(?:错误|不对|不正确|错|不符|可以?排除|被排除|不是(?:正确)?(?:答案|选项))(?![ \t]*[A-Za-z])"),
+    re.compile(rf"(?<![A-Za-z])(?P<l>[A-Z])[ \t]*[)\]】]?[ \t]*(?:选项|项)?[ \t]*[:：]?[ \t]*(?:是|都|均|也)?(?:错误|不对|不正确|错|不符|可以?排除|被排除|不是(?:正确)?(?:答案|选项))(?![ \t]*[A-Za-z])"),
     re.compile(rf"(?i:\bnot\s+(?:option\s+|choice\s+)?|\bneither\s+(?:option\s+)?|\bnor\s+(?:option\s+)?|"
                rf"\brul(?:e|es|ed|ing)\s+out\s+(?:option\s+)?|\bexclud(?:e|es|ed|ing)\s+(?:option\s+)?|"
                rf"\beliminat(?:e|es|ed|ing)\s+(?:option\s+)?)\(?(?P<l>{_L})(?![A-Za-z])"),
@@ -114,10 +119,11 @@ _NEGATED = [
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>|\\boxed\{([^{}]*)\}", re.DOTALL)
 _ONLY = re.compile(rf"^[\s(\[【《{{「'\"$>#]*(?P<run>{_RUN})[\s)\]】》}}」'\".。,，;；!！$]*$")
+_BECAUSE = r"[,，]\s*(?=(?i:because|since|as|given|due\s+to)\b|因为|由于)"  # "A, because ..."
 _LEAD_PREFIX = r"^[\s>#\-]*(?:(?i:answer|答)\s*[:：]?\s*)?"
 _LEADING = [
     re.compile(rf"{_LEAD_PREFIX}[(\[【]\s*(?P<run>{_RUN})\s*[)\]】]"),
-    re.compile(rf"{_LEAD_PREFIX}(?P<run>[A-Z](?:{_SEP}[A-Z])*|[A-Z]{{2,8}})\s*(?:[.:、)]|\s+[-–—]\s)"),
+    re.compile(rf"{_LEAD_PREFIX}(?P<run>[A-Z](?:{_SEP}[A-Z])*|[A-Z]{{2,8}})\s*(?:[.:、)]|\s+[-–—]\s|{_BECAUSE})"),
     re.compile(rf"{_LEAD_PREFIX}(?P<run>[a-z])\s*(?:\.(?![A-Za-z])|[)、])"),  # not "e.g."
     re.compile(rf"{_LEAD_PREFIX}(?:选项|(?i:options?)\s*)(?P<run>{_RUN})"),
     re.compile(rf"{_LEAD_PREFIX}(?P<run>[A-Za-z](?:{_SEP}[A-Za-z])*)\s*(?:项|选项)"),
@@ -187,7 +193,7 @@ def mask_negations(text):
 
 def cue_matches(text):
     """(rule, match) of every cue followed by letters, in the order they appear (a letter-cue by its letter)."""
-    found = [(m.start(), "cue", m) for m in _CUE.finditer(text)]
+    found = [(m.start(), "cue", m) for pattern in (_CUE, _CLAUSE_CUE) for m in pattern.finditer(text)]
     found += [(m.start("run"), "letter-cue", m) for m in _LETTER_CUE.finditer(text)
               if not _NOT_A_LETTER_CUE.search(text[: m.start("run")])]  # fmt: skip
     return [(rule, match) for _, rule, match in sorted(found, key=lambda entry: entry[0])]
@@ -196,5 +202,8 @@ def cue_matches(text):
 def letters_of(match, text, options):
     """(sorted option letters of the match's run or None, whether another letter follows it after "or")."""
     hedged = bool(_HEDGE.match(text[match.end("run") :]))
-    letters = {c.upper() for c in re.sub(rf"{_SEP}|\s|\band\b", "", match.group("run"))} & set(options)
+    run = match.group("run")
+    if re.fullmatch(r"[A-Z]{2,}", run) and (len(set(run)) < len(run) or not set(run) <= set(options)):
+        return None, hedged  # a word in capitals ("ACEI", "DNA"), not a set of options
+    letters = {c.upper() for c in re.sub(rf"{_SEP}|\s|\band\b", "", run)} & set(options)
     return ("".join(sorted(letters)) if letters else None), hedged
