@@ -51,8 +51,20 @@ In words:
 import re
 
 ALL_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-RULES = ("think", "unclosed-think", "answer-tag", "cue", "letter-cue", "negated", "only-letters", "leading", "hedge",
-         "not-an-option", "option-list", "none")  # fmt: skip
+RULES = (
+    "think",
+    "unclosed-think",
+    "answer-tag",
+    "cue",
+    "letter-cue",
+    "negated",
+    "only-letters",
+    "leading",
+    "hedge",
+    "not-an-option",
+    "option-list",
+    "none",
+)
 
 # -- normalisation -----------------------------------------------------------------------------------------------
 
@@ -89,8 +101,10 @@ _CUE_EN = (
     r"|\bans\s*(?=[:：])"
 )
 # "it's B", "it is B": only a letter that ends the clause (not "It is A common cause")
-_CLAUSE_CUE = re.compile(r"(?i:\bit(?:'s|\s+is|\s+must\s+be|\s+should\s+be))\s+(?i:option\s+)?[(]?(?P<run>[A-Z])[)]?"
-                         r"(?=\s*(?:[.,;!。，]|$))")
+_CLAUSE_CUE = re.compile(
+    r"(?i:\bit(?:'s|\s+is|\s+must\s+be|\s+should\s+be))\s+(?i:option\s+)?[(]?(?P<run>[A-Z])[)]?"
+    r"(?=\s*(?:[.,;!。，]|$))"
+)
 _FILLER = r"(?:\s*[:=\-–—]?\s*(?:是|为|选|选择|应为)?\s*(?:options?|choices?|选项)?\s*[:：]?\s*)"
 _CUE = re.compile(rf"(?:{_CUE_ZH}|(?i:{_CUE_EN})){_FILLER}{_OPEN}(?P<run>{_RUN})")
 _LETTER_CUE = re.compile(
@@ -106,12 +120,19 @@ _NOT_A_LETTER_CUE = re.compile(r"(?i:vitamin|hepatitis|type|group|class|factor|p
 _L = r"[A-Za-z]"
 _NEGATED = [
     re.compile(rf"(?:不选|不是|排除|并非|而非|除外|不应选|不能选)\s*(?:选项)?\s*{_OPEN}(?P<l>{_L})(?![A-Za-z])"),
-    re.compile(rf"(?<![A-Za-z])(?P<l>[A-Z])[ \t]*[)\]】]?[ \t]*(?:选项|项)?[ \t]*[:：]?[ \t]*(?:是|都|均|也)?(?:错误|不对|不正确|错|不符|可以?排除|被排除|不是(?:正确)?(?:答案|选项))(?![ \t]*[A-Za-z])"),
-    re.compile(rf"(?i:\bnot\s+(?:option\s+|choice\s+)?|\bneither\s+(?:option\s+)?|\bnor\s+(?:option\s+)?|"
-               rf"\brul(?:e|es|ed|ing)\s+out\s+(?:option\s+)?|\bexclud(?:e|es|ed|ing)\s+(?:option\s+)?|"
-               rf"\beliminat(?:e|es|ed|ing)\s+(?:option\s+)?)\(?(?P<l>{_L})(?![A-Za-z])"),
-    re.compile(rf"(?<![A-Za-z])(?P<l>[A-Z])\)?[ \t]+(?i:is|are)\s+(?i:not\s+(?:the\s+)?(?:correct|right|answer)|"
-               rf"(?:wrong|incorrect|false|unlikely)|less\s+likely)"),
+    re.compile(
+        r"(?<![A-Za-z])(?P<l>[A-Z])[ \t]*[)\]】]?[ \t]*(?:选项|项)?[ \t]*[:：]?[ \t]*(?:是|都|均|也)?"
+        r"(?:错误|不对|不正确|错|不符|可以?排除|被排除|不是(?:正确)?(?:答案|选项))(?![ \t]*[A-Za-z])"
+    ),
+    re.compile(
+        rf"(?i:\bnot\s+(?:option\s+|choice\s+)?|\bneither\s+(?:option\s+)?|\bnor\s+(?:option\s+)?|"
+        rf"\brul(?:e|es|ed|ing)\s+out\s+(?:option\s+)?|\bexclud(?:e|es|ed|ing)\s+(?:option\s+)?|"
+        rf"\beliminat(?:e|es|ed|ing)\s+(?:option\s+)?)\(?(?P<l>{_L})(?![A-Za-z])"
+    ),
+    re.compile(
+        r"(?<![A-Za-z])(?P<l>[A-Z])\)?[ \t]+(?i:is|are)\s+(?i:not\s+(?:the\s+)?(?:correct|right|answer)|"
+        r"(?:wrong|incorrect|false|unlikely)|less\s+likely)"
+    ),
 ]
 
 # -- answer forms ------------------------------------------------------------------------------------------------
@@ -194,8 +215,11 @@ def mask_negations(text):
 def cue_matches(text):
     """(rule, match) of every cue followed by letters, in the order they appear (a letter-cue by its letter)."""
     found = [(m.start(), "cue", m) for pattern in (_CUE, _CLAUSE_CUE) for m in pattern.finditer(text)]
-    found += [(m.start("run"), "letter-cue", m) for m in _LETTER_CUE.finditer(text)
-              if not _NOT_A_LETTER_CUE.search(text[: m.start("run")])]  # fmt: skip
+    found += [
+        (m.start("run"), "letter-cue", m)
+        for m in _LETTER_CUE.finditer(text)
+        if not _NOT_A_LETTER_CUE.search(text[: m.start("run")])
+    ]
     return [(rule, match) for _, rule, match in sorted(found, key=lambda entry: entry[0])]
 
 

@@ -5,9 +5,9 @@
 
 Each exam item of data/ (Chinese and English) is asked as evaluate.py --choice_mode generate asks it (the item's
 prompt, the model's own chat template), once plainly and once asking for a short explanation, and sampled
---samples times (temperature 0.9, top_p 0.95, --seed, --batch_size prompts per generate call): one JSONL line per reply with the item's option letters
-and its answer. The replies are unlabelled: a person labels each (tests/assets/answers/smollm2.jsonl) by the
-rules of medicalgpt/answers.py, ambiguous ones as none.
+--samples times (temperature 0.9, top_p 0.95, --seed; --batch_size prompts per generate call, one torch thread):
+one JSONL line per reply with the item's option letters and its answer. The replies are unlabelled: a person labels
+each (tests/assets/answers/smollm2.jsonl) by the rules of medicalgpt/answers.py, ambiguous ones as none.
 """
 
 import argparse
@@ -24,8 +24,15 @@ from medicalgpt.eval.items import choice_message  # noqa: E402
 from medicalgpt.eval.text_metrics import is_chinese  # noqa: E402
 from medicalgpt.serve.chat import ChatArguments, load_chat_engine  # noqa: E402
 
-SOURCES = ["data/eval/medqa", "data/eval/mmlu", "data/eval/medmcqa", "data/eval/pubmedqa",
-           "data/eval/choice.jsonl", "data/grpo/train.jsonl", "data/eval/cmexam"]  # fmt: skip
+SOURCES = [
+    "data/eval/medqa",
+    "data/eval/mmlu",
+    "data/eval/medmcqa",
+    "data/eval/pubmedqa",
+    "data/eval/choice.jsonl",
+    "data/grpo/train.jsonl",
+    "data/eval/cmexam",
+]
 EXPLAIN = {"en": "Explain your reasoning briefly, then give the answer.", "zh": "请简要说明理由，再给出答案。"}
 
 
@@ -58,17 +65,27 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    chat = ChatArguments(base_model=args.model, temperature=0.9, top_p=0.95, max_new_tokens=args.max_new_tokens,
-                         use_cpu=True)  # fmt: skip
+    chat = ChatArguments(
+        base_model=args.model, temperature=0.9, top_p=0.95, max_new_tokens=args.max_new_tokens, use_cpu=True
+    )
     engine, options = load_chat_engine(chat), chat.generation_options()
     asked = [prompt for prompt in exam_prompts(args.english_items, args.chinese_items) for _ in range(args.samples)]
     rows = []
     for start in range(0, len(asked), args.batch_size):
         batch = asked[start : start + args.batch_size]
         for (item, language, style, _), completion in zip(batch, engine.generate([p[3] for p in batch], options)):
-            rows.append({"id": f"smollm2-{len(rows) + 1:03d}", "language": language, "style": style,
-                         "item": item["source"], "options": "".join(item["options"]), "item_answer": item["answer"],
-                         "finish": completion.finish_reason, "reply": completion.text})  # fmt: skip
+            rows.append(
+                {
+                    "id": f"smollm2-{len(rows) + 1:03d}",
+                    "language": language,
+                    "style": style,
+                    "item": item["source"],
+                    "options": "".join(item["options"]),
+                    "item_answer": item["answer"],
+                    "finish": completion.finish_reason,
+                    "reply": completion.text,
+                }
+            )
         print(f"{len(rows)} replies", file=sys.stderr, flush=True)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:

@@ -154,3 +154,9 @@ def learned_spans(input_ids, labels):
         elif current:
             spans, current = spans + [current], []
     return spans + [current] if current else spans
+
+
+def answer_corpus():
+    """The labelled replies of tests/assets/answers/*.jsonl (the answer reader's corpus), file by file, in order."""
+    paths = sorted((REPO / "tests" / "assets" / "answers").glob("*.jsonl"))
+    return [json.loads(line) for path in paths for line in path.open(encoding="utf-8")]

@@ -2,7 +2,6 @@
 and real SmolLM2-135M-Instruct replies (tests/assets/answers/), properties that no explanation, negated mention,
 letter width or case changes what is read, and the README's table of rules matching the module's."""
 
-import json
 import re
 
 import pytest
@@ -11,10 +10,9 @@ from hypothesis import strategies as st
 
 from medicalgpt import answers
 from medicalgpt.answers import RULES, read_answer
-from tests.helpers import REPO
+from tests.helpers import REPO, answer_corpus
 
-CORPUS_FILES = sorted((REPO / "tests" / "assets" / "answers").glob("*.jsonl"))
-CORPUS = [json.loads(line) for path in CORPUS_FILES for line in path.open(encoding="utf-8")]
+CORPUS = answer_corpus()
 
 
 def test_the_corpus_is_large_bilingual_and_labelled_by_named_rules():
@@ -34,12 +32,39 @@ def test_the_reader_agrees_with_every_labelled_reply(row):
 # -- properties --------------------------------------------------------------------------------------------------
 
 OPTIONS = "ABCDE"
-COMMITTED_EN = ["The answer is {x}.", "Answer: {x}", "**Final answer:** {x}", "The correct answer is ({x}).",
-                "{x}", "({x}) {text}", "{x}. {text}", "Option {x} is correct."]  # fmt: skip
-COMMITTED_ZH = ["答案：{x}", "答案是{x}。", "正确答案为（{x}）", "故选{x}。", "{x}", "{x}、{text}", "选项{x}", "{x}项正确。"]
-BEFORE = ["", "Let me think about the mechanism first. ", "先分析题干：患者出现心悸、多汗。", "<think>\n{y}?\n</think>\n\n"]
-AFTER = ["", " It is the first-line treatment.", "\n解析：{y}项是干扰项，其余选项描述的是慢性病程。",
-         " The others describe chronic disease.", "\n\nExplanation: this fits the lab values in the stem."]  # fmt: skip
+COMMITTED_EN = [
+    "The answer is {x}.",
+    "Answer: {x}",
+    "**Final answer:** {x}",
+    "The correct answer is ({x}).",
+    "{x}",
+    "({x}) {text}",
+    "{x}. {text}",
+    "Option {x} is correct.",
+]
+COMMITTED_ZH = [
+    "答案：{x}",
+    "答案是{x}。",
+    "正确答案为（{x}）",
+    "故选{x}。",
+    "{x}",
+    "{x}、{text}",
+    "选项{x}",
+    "{x}项正确。",
+]
+BEFORE = [
+    "",
+    "Let me think about the mechanism first. ",
+    "先分析题干：患者出现心悸、多汗。",
+    "<think>\n{y}?\n</think>\n\n",
+]
+AFTER = [
+    "",
+    " It is the first-line treatment.",
+    "\n解析：{y}项是干扰项，其余选项描述的是慢性病程。",
+    " The others describe chronic disease.",
+    "\n\nExplanation: this fits the lab values in the stem.",
+]
 NEGATED_EN = ["{y} is wrong because it is rare. ", "Not {y}. ", "We can rule out {y}. ", "Option {y} is incorrect. "]
 NEGATED_ZH = ["{y}选项错误，", "不选{y}，", "排除{y}，", "{y}项不对。"]
 
@@ -99,8 +124,10 @@ def test_letter_width_and_case_change_nothing(case, change):
 def rule_rows(text):
     """The rows of the table between <!-- answer-rules --> and <!-- /answer-rules -->: (rule, reply, reads) cells."""
     tables = re.findall(r"<!-- answer-rules -->\n(.*?)<!-- /answer-rules -->", text, re.DOTALL)
-    return [[[cell.strip() for cell in line.strip().strip("|").split(" | ")][:3] for line in table.splitlines()[2:]]
-            for table in tables]  # fmt: skip
+    return [
+        [[cell.strip() for cell in line.strip().strip("|").split(" | ")][:3] for line in table.splitlines()[2:]]
+        for table in tables
+    ]
 
 
 def test_the_readme_tables_in_english_and_chinese_match_the_reader_docstring():

@@ -56,11 +56,34 @@ def test_grpo_policy_generates_from_the_template_prompt_ids(bos_model_dir, tmp_p
 
     monkeypatch.setattr(transformers.GenerationMixin, "generate", recording_generate)
     exam = str(REPO / "data" / "grpo" / "validation.jsonl")
-    ppo_training.main(["--rl_algorithm", "grpo", "--reward_funcs", "choice_accuracy", "--sft_model_path",
-                       bos_model_dir, "--template_name", "llama3", "--train_file_dir", exam, "--do_train",
-                       "--output_dir", str(tmp_path / "grpo"), "--response_length", "2", "--num_generations", "2",
-                       "--per_device_train_batch_size", "8", "--max_steps", "1", "--save_strategy", "no",
-                       *FAST_FLAGS])  # fmt: skip
+    ppo_training.main(
+        [
+            "--rl_algorithm",
+            "grpo",
+            "--reward_funcs",
+            "choice_accuracy",
+            "--sft_model_path",
+            bos_model_dir,
+            "--template_name",
+            "llama3",
+            "--train_file_dir",
+            exam,
+            "--do_train",
+            "--output_dir",
+            str(tmp_path / "grpo"),
+            "--response_length",
+            "2",
+            "--num_generations",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            *FAST_FLAGS,
+        ]
+    )
     tokenizer = AutoTokenizer.from_pretrained(bos_model_dir)
     expected = prepare_rl_prompts(load_exam_records(exam), build_template("llama3", tokenizer), tokenizer, 1024)
     assert seen and set(seen) == {tuple(ids) for ids in expected}

@@ -64,7 +64,8 @@ def test_choice_accuracy_scores_a_batch_item_by_item_and_reads_conversational_co
 
 
 def test_choice_accuracy_ignores_letters_that_are_not_options_and_needs_a_committed_answer():
-    assert choice_accuracy(["答案：E", "没有字母", "答案：A、E"], answer=["A"] * 3, options=["ABCD"] * 3) == [0.0, 0.0, 1.0]
+    replies = ["答案：E", "没有字母", "答案：A、E"]
+    assert choice_accuracy(replies, answer=["A"] * 3, options=["ABCD"] * 3) == [0.0, 0.0, 1.0]
     assert choice_accuracy(["答案：E"], answer=["E"], options=None) == [1.0]  # no option column: any letter
 
 
