@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ppo_training
 from medicalgpt.rl.exam import load_exam_records
+from medicalgpt.rl.prompts import prepare_rl_prompts
 from medicalgpt.templates import build_template, retokenizable_texts
-from medicalgpt.train.preprocess import prepare_rl_prompts
 from tests.helpers import FAST_FLAGS, REPO
 
 LLAMA3_SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
