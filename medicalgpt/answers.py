@@ -24,7 +24,8 @@ labelled corpus (tests/assets/answers/) gives each reply:
 | only-letters | `B`, `**b**`, `(B)`, `A、C`, `Ｂ` | B, B, B, AC, B |
 | leading | `(C) Graves disease`, `C. ...`, `C、...`, `选项B`, `B项` | C, C, C, B, B |
 | hedge | `The answer is A or B.`, `答案可能是A或C` | none |
-| not-an-option | `答案：F` (options A-D) | none |
+| conflict | `C. Thyroid lymphoma\\nThe answer is E.`, `A. 13\\nThis answer is not correct.` | none |
+| not-an-option | `答案：F` (options A-E) | none |
 | option-list | `A. Hashimoto\\nB. Graves\\nC. ...` (the options repeated) | none |
 | none | `A 45-year-old man presents with chest pain ...` | none |
 <!-- /answer-rules -->
@@ -43,6 +44,8 @@ In words:
 - leading: an answer form at the start: `(C) ...`, `C. ...`, `C、...`, `C: ...`, `C) ...`, `选项B`, `B项`,
   `Option B`, or a first line that is only letters.
 - hedge: a cue or answer form whose letter is followed by "or" / 或 / 还是 and another letter commits to nothing.
+- conflict: an answer form at the start and a cue naming other letters, with no correction between them ("no,
+  wait", "actually", 不对), or an answer the reply calls wrong ("This answer is not correct"): no answer.
 - not-an-option: letters that are not options of the item are ignored; a cue naming only such letters reads nothing.
 - option-list: a reply whose lines repeat two or more options (`A. ...`, `B. ...`) commits to none of them.
 - none: no cue and no answer form: no answer (an article "A" starting a sentence is not option A).
@@ -61,6 +64,7 @@ RULES = (
     "only-letters",
     "leading",
     "hedge",
+    "conflict",
     "not-an-option",
     "option-list",
     "none",
@@ -90,7 +94,7 @@ _HEDGE = re.compile(
 _CUE_ZH = (
     r"(?:最终|正确|参考|标准)?答案(?:应该?|可能)?(?:是|为|选|选择|应为|应是)?|正确(?:的)?选项(?:是|为)?|答\s*[:：]"
     r"|(?:故|应该?|本题|此题|该题|这道?题|所以|因此|因而|综上|则|我|可|宜|当)(?:选|选择)|(?:^|(?<=[，,;；]))\s*选(?!项|择的)"
-    r"|(?:我认为|我觉得|我选的|正确的(?:选项|答案)?|对的)是"
+    r"|(?:我认为|我觉得|我选的|正确的(?:选项|答案)?|对的)是|是\s*[:：](?=\s*[(（]?[A-Z][)）.、:：])"
     r"|(?:不是|并非|而非)\s*¤\s*[，,]?\s*而?是"  # 答案不是A，是C: what follows the negated letter
 )
 _CUE_EN = (
@@ -105,7 +109,10 @@ _CLAUSE_CUE = re.compile(
     r"(?i:\bit(?:'s|\s+is|\s+must\s+be|\s+should\s+be))\s+(?i:option\s+)?[(]?(?P<run>[A-Z])[)]?"
     r"(?=\s*(?:[.,;!。，]|$))"
 )
-_FILLER = r"(?:\s*[:=\-–—]?\s*(?:是|为|选|选择|应为)?\s*(?:options?|choices?|选项)?\s*[:：]?\s*)"
+_FILLER = (
+    r"(?:\s*(?i:indeed|definitely|clearly|probably)?\s*[:=\-–—]?\s*(?:是|为|选|选择|应为)?"
+    r"\s*(?:options?|choices?|选项)?\s*[:：]?\s*)"
+)
 _CUE = re.compile(rf"(?:{_CUE_ZH}|(?i:{_CUE_EN})){_FILLER}{_OPEN}(?P<run>{_RUN})")
 _LETTER_CUE = re.compile(
     rf"(?<![A-Za-z])(?:(?i:option|choice)\s*|选项\s*)?{_OPEN}(?P<run>[A-Z](?:{_SEP}[A-Z])*|(?<=\()[a-z](?=\)))"
@@ -121,7 +128,8 @@ _L = r"[A-Za-z]"
 _NEGATED = [
     re.compile(rf"(?:不选|不是|排除|并非|而非|除外|不应选|不能选)\s*(?:选项)?\s*{_OPEN}(?P<l>{_L})(?![A-Za-z])"),
     re.compile(
-        r"(?<![A-Za-z])(?P<l>[A-Z])[ \t]*[)\]】]?[ \t]*(?:选项|项)?[ \t]*[:：]?[ \t]*(?:是|都|均|也)?"
+        r"(?<![A-Za-z])(?P<l>[A-Z](?:[ \t]*(?:[、/&]|和|及|与)[ \t]*[A-Z])*)"  # "A、B均错误": the whole run
+        r"[ \t]*[)\]】]?[ \t]*(?:选项|项)?[ \t]*[:：]?[ \t]*(?:是|都|均|也)?"
         r"(?:错误|不对|不正确|错|不符|可以?排除|被排除|不是(?:正确)?(?:答案|选项))(?![ \t]*[A-Za-z])"
     ),
     re.compile(
@@ -150,6 +158,12 @@ _LEADING = [
     re.compile(rf"{_LEAD_PREFIX}(?P<run>[A-Za-z](?:{_SEP}[A-Za-z])*)\s*(?:项|选项)"),
     re.compile(rf"{_LEAD_PREFIX}(?P<run>{_RUN})\s*(?:\n|$)"),
 ]
+# the reply takes its answer back, or corrects it (then the later answer stands)
+_RETRACTED = re.compile(
+    r"(?i:\bthis\s+(?:answer|option|choice)\s+is\s+(?:not\s+(?:correct|right|possible)|incorrect|wrong)\b"
+    r"|\ball\s+(?:the\s+)?options\s+are\s+(?:incorrect|wrong)\b)|(?:以上|这个|该)(?:答案|选项)(?:不对|错误|不正确)"
+)
+_CORRECTION = re.compile(r"(?i:\bno\b[,.]?\s*wait\b|\bwait\b|\bactually\b|\bcorrection\b|\bI\s+mean\b)|不对|更正|纠正")
 _OPTION_LINE = re.compile(r"^\s*[(\[]?(?P<l>[A-Z])\s*[.:、)\]]\s*\S", re.MULTILINE)
 
 
@@ -180,25 +194,35 @@ def normalise(text):
 def read_committed(text, options):
     """(letters, rule) of an answer with its reasoning removed."""
     masked, negated = mask_negations(text)
+    if _RETRACTED.search(masked):
+        return None, "conflict"
+    listed = {m.group("l") for m in _OPTION_LINE.finditer(masked)} & set(options)
+    lead = None if len(listed) >= 2 else leading_answer(masked, options)
     for rule, match in cue_matches(masked):
         letters, hedged = letters_of(match, masked, options)
         if hedged:
             return None, "hedge"
         if letters:
+            if lead and lead[0] not in (None, letters) and not _CORRECTION.search(masked[lead[2] : match.start()]):
+                return None, "conflict"  # "C. ...\nThe answer is E."
             return letters, "negated" if negated else rule
     if (match := _ONLY.match(masked)) and (letters := letters_of(match, masked, options)[0]):
         return letters, "only-letters"
-    listed = {m.group("l") for m in _OPTION_LINE.finditer(masked)} & set(options)
     if len(listed) >= 2:
         return None, "option-list"
-    for pattern in _LEADING:
-        if match := pattern.match(masked):
-            letters, hedged = letters_of(match, masked, options)
-            if hedged:
-                return None, "hedge"
-            if letters:
-                return letters, "leading"
+    if lead:
+        return (None, "hedge") if lead[1] else (lead[0], "leading")
     return None, "negated" if negated else "none"
+
+
+def leading_answer(text, options):
+    """(letters, hedged, end) of the first answer form at the start of `text`, or None."""
+    for pattern in _LEADING:
+        if match := pattern.match(text):
+            letters, hedged = letters_of(match, text, options)
+            if hedged or letters:
+                return letters, hedged, match.end("run")
+    return None
 
 
 def mask_negations(text):

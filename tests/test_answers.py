@@ -142,5 +142,5 @@ def test_every_example_of_the_table_reads_as_the_table_says():
     for rule, examples, reads in documented:
         replies = [reply.replace("\\n", "\n") for reply in re.findall(r"`([^`]*)`", examples)]
         expected = reads.split(", ") if ", " in reads else [reads] * len(replies)
-        read = [read_answer(reply, "ABCD") or "none" for reply in replies]
+        read = [read_answer(reply, "ABCDE") or "none" for reply in replies]
         assert read == expected, rule
