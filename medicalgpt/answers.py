@@ -36,8 +36,9 @@ In words:
 - answer-tag: `<answer>...</answer>` (or LaTeX `\\boxed{...}`) wins; its content is read by the steps below.
 - cue / letter-cue: the first final-answer cue followed by letters decides: 答案是 / 答案： / 答： / 正确答案 /
   正确选项 / 最终答案 / 故选 / 应选 / 本题选 / 所以选 / the answer is / answer: / correct answer / correct option /
-  best choice / final answer / I choose ..., or a letter followed by "is correct" / "is the answer" / 正确 /
-  是正确的. Letters an explanation mentions after it do not count.
+  best choice / final answer / I choose / it's B (ending the clause) / 我认为是 / 正确的是 ..., or a letter followed
+  by "is correct" / "is the answer" / 正确 / 是正确的. Letters an explanation mentions after it do not count; a cue
+  after a repeated option list still answers.
 - negated: 不选A, 排除A, A错误, A选项错误, A不对, A is wrong, A is incorrect, not A, rule out A, Neither A nor B never
   count, wherever they stand.
 - only-letters: a reply that is only letters (brackets, emphasis, punctuation and separators aside) is its answer.
