@@ -43,6 +43,17 @@ FEATURES = {  # the normalised record of each stage (medicalgpt.data.shapes), as
             "source": _STRING,
         }
     ),  # fmt: skip
+    "kto": datasets.Features(
+        {
+            "messages": _MESSAGES,
+            "system": _STRING,
+            "tools": _STRING,
+            "completion": _STRING,
+            "label": datasets.Value("bool"),
+            "rejected": _STRING,
+            "source": _STRING,
+        }
+    ),  # fmt: skip
 }
 
 
