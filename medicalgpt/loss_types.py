@@ -102,7 +102,7 @@ def _check_dpo(config, given):
     _check_known(names, DPO_LOSSES)
     smoothing = config.label_smoothing
     if "robust" in names and not 0 < smoothing < 0.5:
-        raise UsageError("--loss_type robust needs --label_smoothing in (0, 0.5): the share of flipped labels, e.g. 0.1")
+        raise UsageError("--loss_type robust needs --label_smoothing in (0, 0.5): the share of flipped labels (0.1)")
     if "exo_pair" in names and smoothing <= 0:
         raise UsageError("--loss_type exo_pair needs --label_smoothing above 0 (EXO's epsilon, e.g. 1e-3)")
     if smoothing and not set(names) & set(SMOOTHED_DPO):
@@ -181,4 +181,4 @@ def _check_grpo(config, given):
         raise UsageError(f"--epsilon_high {high} is below --epsilon {config.epsilon}: clip-higher (DAPO) raises it")
     upper = 1 + (high if high is not None else config.epsilon)
     if config.delta is not None and config.delta <= upper:
-        raise UsageError(f"--delta {config.delta} must be above 1 + the upper clip range ({upper:g}) to bound anything")
+        raise UsageError(f"--delta {config.delta} must be above 1 + the upper clip range ({upper:g}) to clip anything")

@@ -1,6 +1,7 @@
-"""trl's DPO, ORPO, CPO (SimPO) and KTO trainers fed with pairs tokenised by `medicalgpt.train.preprocess.tokenize_preference`.
+"""trl's DPO, ORPO, CPO (SimPO) and KTO trainers fed with pairs tokenised by
+`medicalgpt.train.preprocess.tokenize_preference` (KTO: its answers, `medicalgpt.processors.kto`).
 
-Both trainers would otherwise re-tokenise text themselves and append the tokenizer's EOS, which is not always the
+The trainers would otherwise re-tokenise text themselves and append the tokenizer's EOS, which is not always the
 template's end-of-turn token (Qwen2.5 base: `<|endoftext|>` vs `<|im_end|>`). Tokenising once, here, keeps the
 prompt and the learned answer exactly as SFT and inference see them.
 """

@@ -12,8 +12,7 @@ from medicalgpt.data.validate import DataValidationError
 from medicalgpt.processors.kto import tokenize_unpaired
 from medicalgpt.templates import get_conv_template
 from medicalgpt.train.preprocess import tokenize_preference
-from tests.helpers import FAST_FLAGS, REPO, doctor_pairs, logprob_margin, write_doctor_data, write_jsonl
-from tests.helpers import SYMPTOMS
+from tests.helpers import FAST_FLAGS, REPO, SYMPTOMS, doctor_pairs, logprob_margin, write_doctor_data, write_jsonl
 
 CONTEXT = {"messages": [{"role": "user", "content": "小孩发烧怎么办？"}], "system": None, "tools": None}
 
@@ -46,7 +45,8 @@ def test_a_preference_pair_is_one_desirable_and_one_undesirable_example(tiny_tok
     assert chosen["prompt_ids"] == rejected["prompt_ids"]
     full = tokenize_preference({**CONTEXT, "chosen": "先测体温。", "rejected": "不用管。"}, template, tiny_tokenizer,
                                1024, 512)  # fmt: skip
-    assert chosen["completion_ids"] == full["chosen_ids"][:2] and rejected["completion_ids"] == full["rejected_ids"][:2]
+    assert chosen["completion_ids"] == full["chosen_ids"][:2]
+    assert rejected["completion_ids"] == full["rejected_ids"][:2]
     assert [chosen["truncated"], rejected["truncated"]] == [True, False], "a cut record is counted once"
 
 

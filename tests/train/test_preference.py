@@ -22,6 +22,7 @@ RECORD = {
     "rejected": "不用管。",
 }
 
+
 @pytest.fixture(scope="module")
 def doctor_data(tmp_path_factory):
     return write_doctor_data(tmp_path_factory.mktemp("doctor"))
