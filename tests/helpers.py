@@ -191,16 +191,16 @@ def write_doctor_data(root):
     return train.parent, held_out.parent
 
 
-def pair_tokens(data_dir, tokenizer):
+def pair_tokens(data_dir, tokenizer, template="qwen"):
     from medicalgpt.data.validate import find_data_files, load_records
     from medicalgpt.templates import get_conv_template
     from medicalgpt.train.preprocess import tokenize_preference
 
     records = load_records(find_data_files(str(data_dir), "preference"), "preference")
-    return [tokenize_preference(r, get_conv_template("qwen"), tokenizer, 512, 128) for r in records]
+    return [tokenize_preference(r, get_conv_template(template), tokenizer, 512, 128) for r in records]
 
 
-def logprob_margin(model_dir, data_dir, tokenizer):
+def logprob_margin(model_dir, data_dir, tokenizer, template="qwen"):
     """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt)."""
     import torch
 
@@ -209,7 +209,7 @@ def logprob_margin(model_dir, data_dir, tokenizer):
 
     model = load_model(ModelArguments(model_name_or_path=str(model_dir)))
     margins = []
-    for pair in pair_tokens(data_dir, tokenizer):
+    for pair in pair_tokens(data_dir, tokenizer, template):
         scores = []
         for answer in (pair["chosen_ids"], pair["rejected_ids"]):
             ids = torch.tensor([pair["prompt_ids"] + answer])
