@@ -21,11 +21,13 @@ from trl import KTOConfig
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
 from medicalgpt.cli import run_cli, setup_logging
-from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
-from medicalgpt.processors.kto import load_tokenized_unpaired
-from medicalgpt.train.checkpoints import with_atomic_checkpoints
-from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
+from medicalgpt.train.records import load_tokenized_unpaired
+from medicalgpt.train.resume import find_resume_checkpoint
+from medicalgpt.train.run import check_and_log_args, end_training
 from medicalgpt.train.trainers import PreTokenizedKTOTrainer
 
 logger = logging.getLogger("medicalgpt")

@@ -9,7 +9,7 @@ flag to add or drop; `loss_table` is the table `--help` prints under the script'
 `medicalgpt.parser.parse_args` for every script whose trainer config has a `loss_type`.
 """
 
-from medicalgpt.cli import UsageError
+from medicalgpt.errors import UsageError
 
 # name -> (what it needs, when to use it). Each table keeps trl 1.16's names and its default first.
 DPO_LOSSES = {

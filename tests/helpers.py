@@ -147,7 +147,7 @@ def serving(app):
 
 def learned_spans(input_ids, labels):
     """The runs of learned tokens (label != IGNORE_INDEX), each a list of ids; a learned label must be its token."""
-    from medicalgpt.train.preprocess import IGNORE_INDEX
+    from medicalgpt.constants import IGNORE_INDEX
 
     spans, current = [], []
     for token, label in zip(input_ids, labels):
@@ -193,8 +193,8 @@ def write_doctor_data(root):
 
 def pair_tokens(data_dir, tokenizer, template="qwen"):
     from medicalgpt.data.validate import find_data_files, load_records
+    from medicalgpt.processors.preference import tokenize_preference
     from medicalgpt.templates import get_conv_template
-    from medicalgpt.train.preprocess import tokenize_preference
 
     records = load_records(find_data_files(str(data_dir), "preference"), "preference")
     return [tokenize_preference(r, get_conv_template(template), tokenizer, 512, 128) for r in records]
@@ -205,7 +205,7 @@ def logprob_margin(model_dir, data_dir, tokenizer, template="qwen"):
     import torch
 
     from medicalgpt.args import ModelArguments
-    from medicalgpt.modeling import load_model
+    from medicalgpt.model.loader import load_model
 
     model = load_model(ModelArguments(model_name_or_path=str(model_dir)))
     margins = []

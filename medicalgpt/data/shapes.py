@@ -319,11 +319,9 @@ def validate_record(value, stage: str | None, ck: Checker) -> tuple[dict | None,
     if not isinstance(value, dict):
         ck.error("", f"expected a JSON object, got {_kind(value)}")
         return None, ""
-    found = "kto" if stage == "kto" else detect_stage(value)  # KTO reads its own records and preference pairs alike
-    if found == "kto":
-        from medicalgpt.data.unpaired import validate_unpaired  # which imports this module's helpers
-
-        return validate_unpaired(value, ck)
+    found = detect_stage(
+        value
+    )  # "kto" is medicalgpt.data.unpaired's (validate_labelled), which calls this for the rest
     if found is None:
         ck.error("", f"{SHAPES[stage]} (got keys: {', '.join(map(str, value)) or 'none'})")
         return None, ""

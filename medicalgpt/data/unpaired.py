@@ -32,9 +32,19 @@ from medicalgpt.data.shapes import (
     _system_and_tools,
     _text_prompt,
     _Turn,
+    detect_stage,
+    validate_record,
 )
 
 PAIR_KEYS = ("chosen", "rejected", "response_chosen", "response_rejected")
+
+
+def validate_labelled(value, stage: str | None, ck: Checker) -> tuple[dict | None, str]:
+    """`medicalgpt.data.shapes.validate_record` with the kto stage: a record with a label (stage None or kto), or a
+    preference pair when the stage is kto."""
+    if isinstance(value, dict) and (stage == "kto" or (stage is None and detect_stage(value) == "kto")):
+        return validate_unpaired(value, ck)
+    return validate_record(value, stage, ck)
 
 
 def validate_unpaired(record: dict, ck: Checker) -> tuple[dict | None, str]:

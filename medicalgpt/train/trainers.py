@@ -1,5 +1,5 @@
 """trl's DPO, ORPO, CPO (SimPO) and KTO trainers fed with pairs tokenised by
-`medicalgpt.train.preprocess.tokenize_preference` (KTO: its answers, `medicalgpt.processors.kto`).
+`medicalgpt.processors.preference.tokenize_preference` (KTO: its answers, `medicalgpt.processors.kto`).
 
 The trainers would otherwise re-tokenise text themselves and append the tokenizer's EOS, which is not always the
 template's end-of-turn token (Qwen2.5 base: `<|endoftext|>` vs `<|im_end|>`). Tokenising once, here, keeps the
@@ -10,7 +10,7 @@ from trl import DPOTrainer, KTOTrainer
 from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
-from medicalgpt.train.preprocess import IGNORE_INDEX
+from medicalgpt.constants import IGNORE_INDEX
 
 
 class PreTokenizedDPOTrainer(DPOTrainer):

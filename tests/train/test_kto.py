@@ -8,10 +8,10 @@ import pytest
 
 import kto_training
 import validate_jsonl
-from medicalgpt.data.validate import DataValidationError
+from medicalgpt.errors import DataValidationError
 from medicalgpt.processors.kto import tokenize_unpaired
+from medicalgpt.processors.preference import tokenize_preference
 from medicalgpt.templates import get_conv_template
-from medicalgpt.train.preprocess import tokenize_preference
 from tests.helpers import FAST_FLAGS, REPO, SYMPTOMS, doctor_pairs, logprob_margin, write_doctor_data, write_jsonl
 
 CONTEXT = {"messages": [{"role": "user", "content": "小孩发烧怎么办？"}], "system": None, "tools": None}
@@ -89,7 +89,7 @@ def test_the_trainer_reads_each_example_with_its_batch_neighbours_answer_for_the
     from trl import KTOConfig
 
     from medicalgpt.args import ModelArguments
-    from medicalgpt.modeling import load_model, load_tokenizer
+    from medicalgpt.model.loader import load_model, load_tokenizer
     from medicalgpt.processors.kto import prepare_unpaired_dataset
     from medicalgpt.train.records import cache_records
     from medicalgpt.train.trainers import PreTokenizedKTOTrainer

@@ -89,7 +89,7 @@ def test_a_loss_type_that_cannot_work_is_refused_in_one_line_before_anything_loa
 ])  # fmt: skip
 def test_the_combinations_each_method_documents_get_past_the_check(script, flags, tmp_path):
     """They fail later, at the missing model: the loss options themselves were accepted."""
-    from medicalgpt.model_paths import ModelPathError
+    from medicalgpt.errors import ModelPathError
 
     argv = ["--model_name_or_path", str(tmp_path / "no-such-model"), "--output_dir", str(tmp_path / "out"),
             "--train_file_dir", str(REPO / "data" / ("grpo" if script == "grpo" else "reward")), *flags]  # fmt: skip
