@@ -1,5 +1,6 @@
 """run_kto.sh, run_cpo.sh (SimPO) and run_dpo.sh with IPO as a new user runs them after run_sft.sh: each trains a
-new adapter on the SFT adapter in outputs-sft-qwen-v1, and inference.py answers with it."""
+new adapter on the SFT adapter in outputs-sft-qwen-v1, merge_peft_adapter.py merges it, and inference.py answers with
+the merged model."""
 
 import json
 import shutil
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 from tests.helpers import ENV, REPO, run
 
 WORKSPACE_ITEMS = ["medicalgpt", "scripts", "data", "template.py", "dpo_training.py", "kto_training.py",
-                   "cpo_training.py", "inference.py", "run_dpo.sh", "run_kto.sh", "run_cpo.sh"]  # fmt: skip
+                   "cpo_training.py", "inference.py", "merge_peft_adapter.py", "run_dpo.sh", "run_kto.sh",
+                   "run_cpo.sh"]  # fmt: skip
 # Small and quick, after the script's own flags (EXTRA_ARGS come last and win)
 QUICK = "--max_steps 2 --gradient_accumulation_steps 1 --per_device_train_batch_size 2 --max_eval_samples 2"
 
@@ -41,8 +43,11 @@ def test_method_script_trains_on_the_sft_adapter_and_inference_answers_with_it(s
     assert lora_b and any(tensor.abs().sum() > 0 for tensor in lora_b), "the adapter trained (LoRA B starts at 0)"
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
 
+    merge = run([sys.executable, "merge_peft_adapter.py", "--peft_model_path", output, "--output_dir", "merged"],
+                cwd=tmp_path)  # fmt: skip
+    assert merge.returncode == 0, merge.stderr[-3000:]
     answers = tmp_path / "answers.jsonl"
-    inference = run([sys.executable, "inference.py", "--base_model", output, "--template_name", "qwen",
+    inference = run([sys.executable, "inference.py", "--base_model", "merged", "--template_name", "qwen",
                      "--data_file", "data/inference/input.jsonl", "--output_file", str(answers),
                      "--max_new_tokens", "4", "--temperature", "0"], cwd=tmp_path)  # fmt: skip
     assert inference.returncode == 0, inference.stderr[-3000:]

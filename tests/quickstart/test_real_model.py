@@ -367,8 +367,8 @@ def test_kto_and_simpo_raise_the_held_out_margin_from_the_sft_adapter(method, re
     train, held_out = real_pairs
     out = tmp_path / method
     argv = ["--model_name_or_path", real_sft["dir"], "--template_name", "smollm2", "--train_file_dir", str(train),
-            "--do_train", "--use_peft", "True", "--max_steps", "6", "--per_device_train_batch_size", "4",
-            "--max_source_length", "96", "--max_target_length", "96", "--learning_rate", "5e-4",
+            "--do_train", "--use_peft", "True", "--max_steps", "6", "--per_device_train_batch_size", "2",
+            "--max_source_length", "64", "--max_target_length", "64", "--learning_rate", "1e-3",
             "--output_dir", str(out), *RUN_FLAGS]  # fmt: skip
     if method == "kto":
         kto_training.main(argv)
