@@ -15,7 +15,11 @@ ORPO's. Note CPOConfig's default learning rate is 1e-6: pass `--learning_rate` f
 
 import logging
 import sys
+from dataclasses import dataclass, field
 
+import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
+
+# isort: split
 from trl.experimental.cpo import CPOConfig
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
@@ -27,14 +31,23 @@ from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_tokenized_preferences
 from medicalgpt.train.resume import find_resume_checkpoint
 from medicalgpt.train.run import check_and_log_args, end_training
+from medicalgpt.train.run_summary import add_run_summary
 from medicalgpt.train.trainers import PreTokenizedCPOTrainer
 
 logger = logging.getLogger("medicalgpt")
 
 
+@dataclass
+class CpoConfig(CPOConfig):
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep the dataset's columns: CPO's collator reads them (trl 1.16 unsets it, warning)."},
+    )
+
+
 def main(argv=None):
     training_args, model_args, data_args, lora_args, pref_args = parse_args(
-        CPOConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, argv=argv
+        CpoConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, argv=argv
     )
     setup_logging(training_args)
     check_and_log_args(training_args, model_args, lora_args)
@@ -54,6 +67,7 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
+    add_run_summary(trainer, model_args, data_args, lora_args, pref_args)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
         trainer.save_model()

@@ -17,6 +17,9 @@ without LoRA), as in dpo_training.py. Any option of trl's KTOConfig works (`--be
 import logging
 import sys
 
+import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
+
+# isort: split
 from trl import KTOConfig
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
@@ -28,6 +31,7 @@ from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_tokenized_unpaired
 from medicalgpt.train.resume import find_resume_checkpoint
 from medicalgpt.train.run import check_and_log_args, end_training
+from medicalgpt.train.run_summary import add_run_summary
 from medicalgpt.train.trainers import PreTokenizedKTOTrainer
 
 logger = logging.getLogger("medicalgpt")
@@ -57,6 +61,7 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
+    add_run_summary(trainer, model_args, data_args, lora_args, pref_args)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
         trainer.save_model()

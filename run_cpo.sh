@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/launch.sh
+# The tutorial's flags are in examples/cpo_lora.yaml; the model, data and output folders (the overrides) are given here.
 
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}
 SFT_OUTPUT=${SFT_OUTPUT:-outputs-sft-qwen-v1}
@@ -20,35 +21,11 @@ if [ "$LOSS_TYPE" = simpo ]; then
     METHOD_ARGS=(--beta 2.0 --simpo_gamma 1.0 --cpo_alpha 0)
 fi
 
-launch cpo_training.py \
+launch cpo_training.py examples/cpo_lora.yaml \
     --model_name_or_path "$(pick_model "$MODEL_GIVEN" "$SFT_OUTPUT" "$MODEL")" \
     --template_name "$TEMPLATE" \
     --train_file_dir "$DATA_DIR" \
     --validation_file_dir "$DATA_DIR" \
     --loss_type "$LOSS_TYPE" \
     "${METHOD_ARGS[@]}" \
-    --per_device_train_batch_size 4 \
-    --gradient_accumulation_steps 8 \
-    --per_device_eval_batch_size 1 \
-    --do_train \
-    --do_eval \
-    --use_peft True \
-    --learning_rate 5e-5 \
-    --max_train_samples 1000 \
-    --max_eval_samples 10 \
-    --max_steps 100 \
-    --eval_steps 20 \
-    --save_steps 50 \
-    --max_source_length 1024 \
-    --max_target_length 512 \
-    --output_dir "$OUTPUT_DIR" \
-    --target_modules all \
-    --lora_rank 8 \
-    --lora_alpha 16 \
-    --lora_dropout 0.05 \
-    --torch_dtype bfloat16 \
-    --bf16 True \
-    --device_map auto \
-    --report_to tensorboard \
-    --gradient_checkpointing True \
-    --cache_dir ./cache
+    --output_dir "$OUTPUT_DIR"

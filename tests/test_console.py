@@ -1,6 +1,7 @@
 """What a person reads: a mistake is one line before anything else, a run starts with a short summary (the rest in
 run_args.json), the libraries' notices about packages nobody asked for are held back, and --verbose shows them."""
 
+import ast
 import importlib
 import json
 import re
@@ -156,6 +157,11 @@ def test_loading_a_reward_model_from_a_causal_lm_reports_nothing(tiny_model_dir,
 def test_every_script_imports_the_package_before_any_library():
     """The package's __init__ installs the console's filters: it must load before transformers, trl, peft, ..."""
     for script in sorted(REPO.glob("*.py")):
-        imports = re.findall(r"^(?:import|from) ([\w.]+)", script.read_text(), flags=re.M)
+        body = ast.parse(script.read_text()).body
+        imports = [
+            n.module if isinstance(n, ast.ImportFrom) else n.names[0].name
+            for n in body
+            if isinstance(n, ast.Import | ast.ImportFrom)
+        ]
         first = next((name for name in imports if name.split(".")[0] not in sys.stdlib_module_names), None)
         assert first is None or first.split(".")[0] in ("medicalgpt", "template"), (script.name, first)

@@ -12,7 +12,8 @@ import yaml
 from tests.helpers import ENV, REPO
 
 SCRIPTS = {"pt": "pretraining", "sft": "supervised_finetuning", "rm": "reward_modeling", "ppo": "ppo_training",
-           "dpo": "dpo_training", "orpo": "orpo_training", "distill": "distill_training"}  # fmt: skip
+           "dpo": "dpo_training", "orpo": "orpo_training", "distill": "distill_training", "kto": "kto_training",
+           "cpo": "cpo_training"}  # fmt: skip
 EXAMPLES = sorted(path.name for path in (REPO / "examples").glob("*.yaml"))
 # What each example needs beside its file: the model, data and output folders the run_*.sh give
 REQUIRED = {"ppo": ["--sft_model_path", "m", "--reward_model_path", "r"],

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import ENV, REPO, run
 
-WORKSPACE_ITEMS = ["medicalgpt", "scripts", "data", "template.py", "dpo_training.py", "kto_training.py",
+WORKSPACE_ITEMS = ["medicalgpt", "scripts", "examples", "data", "template.py", "dpo_training.py", "kto_training.py",
                    "cpo_training.py", "inference.py", "merge_peft_adapter.py", "run_dpo.sh", "run_kto.sh",
                    "run_cpo.sh"]  # fmt: skip
 # Small and quick, after the script's own flags (EXTRA_ARGS come last and win)
