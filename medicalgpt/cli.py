@@ -33,13 +33,13 @@ def setup_logging(training_args=None):
         datefmt="%H:%M:%S",
         handlers=[logging.StreamHandler()],
     )
-    verbose = logging.DEBUG if is_verbose() else logging.INFO
+    ours_main = logging.DEBUG if is_verbose() else logging.INFO  # on the main process, unless --log_level says
     if training_args is None:
-        logging.getLogger("medicalgpt").setLevel(verbose)
+        logging.getLogger("medicalgpt").setLevel(ours_main)
         return
     explicit = training_args.log_level if training_args.should_log else training_args.log_level_replica
     explicit = None if explicit == "passive" else transformers.utils.logging.log_levels[explicit]
-    ours = explicit or (verbose if training_args.should_log else logging.WARNING)
+    ours = explicit or (ours_main if training_args.should_log else logging.WARNING)
     for name in ("medicalgpt", "template"):
         logging.getLogger(name).setLevel(ours)
     libraries = explicit or logging.WARNING
