@@ -15,6 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from medicalgpt.model_paths import check_model_path, recorded_base_path, resolve_adapter_base
+from medicalgpt.precision import set_trainable_precision
+from medicalgpt.sharding import input_rows
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +160,7 @@ def fit_embeddings_to_adapter_tokenizer(model, adapter_path, model_args):
     from medicalgpt.data.vocab import resize_embeddings_for_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=model_args.trust_remote_code)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if len(tokenizer) > input_rows(model):
         resize_embeddings_for_tokenizer(model, tokenizer)
         say_rows_come_from_adapter(adapter_path)
 
@@ -258,7 +260,7 @@ def wrap_with_lora(model, lora_args, training_args, base_path, task_type="CAUSAL
     if not lora_args.use_peft and not lora_args.peft_path:
         if quantized:
             raise ValueError("A 4/8-bit model cannot be fully fine-tuned: add --use_peft True (QLoRA).")
-        return model
+        return set_trainable_precision(model, lora_args, training_args)  # float32 weights (medicalgpt/precision.py)
     if quantized:
         model = prepare_model_for_kbit_training(
             model,
@@ -275,4 +277,4 @@ def wrap_with_lora(model, lora_args, training_args, base_path, task_type="CAUSAL
         model.enable_input_require_grads()
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("Trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / total)
-    return model
+    return set_trainable_precision(model, lora_args, training_args)  # float32 adapters (medicalgpt/precision.py)
