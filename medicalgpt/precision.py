@@ -34,7 +34,12 @@ _output_dtypes = weakref.WeakKeyDictionary()  # trained model -> the dtype its f
 
 
 def loaded_dtype(model):
-    """The dtype most of the model's floating-point weights have (the checkpoint's, as loaded)."""
+    """The checkpoint's dtype as loaded: what the model's config says (ZeRO-3 may have partitioned the weights in
+    another), else the dtype most of its floating-point weights have."""
+    dtype = getattr(model.config, "dtype", None)
+    dtype = DTYPES.get(dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if dtype in DTYPES.values():
+        return dtype
     counts = Counter()
     for parameter in model.parameters():
         if parameter.is_floating_point():

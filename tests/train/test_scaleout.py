@@ -60,10 +60,11 @@ def test_sft_lr_curve_under_torchrun_equals_one_process(tiny_model_dir, sft_data
 
 @pytest.mark.multiprocess
 def test_streaming_sft_under_torchrun_trains_like_one_process(tiny_model_dir, sft_data, tmp_path):
-    """--streaming over 2 processes x 2 examples and one process x 4: accelerate's rank 0 reads the stream and hands
-    each rank its share of every batch (no rank reads the same records), so after 4 steps the weights equal one
-    process's to float rounding, far from the initial ones. Ranks each reading the whole stream would train on
-    records 0-1 twice where one process trains on 0-3."""
+    """--streaming over 2 processes x 2 examples and one process x 4: every rank reads the one stream and keeps its
+    slice of each global batch (trl's dispatch_batches=False; accelerate's IterableDatasetShard), so no two ranks
+    train on the same record and after 4 steps the weights equal one process's to float rounding, far from the
+    initial ones. Ranks each training on the whole stream would train on records 0-1 twice where one process trains
+    on 0-3. (Several files: tests/train/test_streaming.py.)"""
     from transformers import AutoModelForCausalLM
 
     flags = ["--streaming", "True", "--max_steps", "4", "--learning_rate", "1e-2", "--save_strategy", "no"]
