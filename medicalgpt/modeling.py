@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from medicalgpt.model_paths import check_model_path, recorded_base_path, resolve_adapter_base
 from medicalgpt.precision import set_trainable_precision
-from medicalgpt.sharding import input_rows
+from medicalgpt.sharding import gathered_for_change, input_rows
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,8 @@ def merge_adapter(model, adapter_path, quantized=False):
     model = PeftModel.from_pretrained(model, adapter_path, config=config)
     if quantized:
         logger.warning("Merging %s into quantized weights: rounding makes the merge approximate.", adapter_path)
-    model = model.merge_and_unload()
+    with gathered_for_change(model):  # ZeRO-3: merged into whole weights, partitioned again after
+        model = model.merge_and_unload()
     for parameter in model.parameters():  # peft froze the base; a loaded model is trainable, like from_pretrained's
         parameter.requires_grad_(parameter.is_floating_point())
     return model

@@ -126,8 +126,17 @@ def write_config_dtype(folder, dtype):
         f.write("\n")
 
 
-def _is_peft(model):
-    return hasattr(model, "peft_config")
+def state_dict_for_output(model, state_dict=None):
+    """(`state_dict` (default: the model's) in output_dtype(model), that dtype); unchanged and None when the model
+    recorded none. A LoRA model's frozen base is not cast: only the trained tensors are saved (a float32 copy of a 7B
+    base would be 28 GB for nothing)."""
+    dtype = output_dtype(model)
+    if dtype is None:
+        return state_dict, None
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    peft = hasattr(model, "peft_config")
+    names = {name for name, p in model.named_parameters() if p.requires_grad} if peft else None
+    return cast_floating(state_dict, dtype, names), dtype
 
 
 class SaveInOutputDtype:
@@ -152,10 +161,5 @@ class SaveInOutputDtype:
 
     def _save(self, output_dir=None, state_dict=None):
         if self._save_dtype is not None and self.args.should_save:
-            model = self.accelerator.unwrap_model(self.model)
-            state_dict = model.state_dict() if state_dict is None else state_dict
-            # LoRA: only the trained tensors are saved; the frozen base is not cast (a float32 copy of a 7B base
-            # would be 28 GB for nothing).
-            names = {name for name, p in model.named_parameters() if p.requires_grad} if _is_peft(model) else None
-            state_dict = cast_floating(state_dict, self._save_dtype, names)
+            state_dict, _ = state_dict_for_output(self.accelerator.unwrap_model(self.model), state_dict)
         super()._save(output_dir, state_dict)

@@ -2,13 +2,17 @@
 and (for the inference, merge, server and gradio tests) a LoRA adapter that learned four answers by heart."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = [str(REPO / "data" / "pretrain" / "*.txt"), str(REPO / "data" / "finetune" / "*.jsonl")]
@@ -21,6 +25,19 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 def run(args, cwd=REPO, timeout=300):
     return subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (make install-deepspeed: deepspeed==0.19.8 builds for CPU)",
+)
+
+
+def deepspeed_run(script, argv, port, config="configs/ds_zero3.json"):
+    """`script` in 2 CPU processes under DeepSpeed (tests/deepspeed_cpu.py says what it lets through)."""
+    launcher = [*TORCHRUN, "--master_port", str(port), "tests/deepspeed_cpu.py", script]
+    return run([*launcher, *argv, "--deepspeed", config])
 
 
 def global_step(output_dir):

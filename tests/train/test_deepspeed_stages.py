@@ -13,8 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from medicalgpt.args import ModelArguments
 from medicalgpt.modeling import load_model
-from tests.helpers import FAST_FLAGS, write_jsonl
-from tests.train.test_scaleout import deepspeed_run, needs_deepspeed
+from tests.helpers import FAST_FLAGS, deepspeed_run, needs_deepspeed, write_jsonl
 
 pytestmark = [pytest.mark.multiprocess, needs_deepspeed]
 

@@ -5,7 +5,6 @@ DeepSpeed ZeRO-3 and FSDP; which errors are the user's."""
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -14,19 +13,7 @@ from safetensors.torch import load_file
 import dpo_training
 import supervised_finetuning
 from medicalgpt.modeling import resolve_device_map
-from tests.helpers import FAST_FLAGS, run, write_jsonl
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-needs_deepspeed = pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None,
-    reason="DeepSpeed is not installed (make install-deepspeed: deepspeed==0.19.8 builds for CPU)",
-)
-
-
-def deepspeed_run(script, argv, port, config="configs/ds_zero3.json"):
-    """`script` in 2 CPU processes under DeepSpeed (tests/deepspeed_cpu.py says what it lets through)."""
-    launcher = [*TORCHRUN, "--master_port", str(port), "tests/deepspeed_cpu.py", script]
-    return run([*launcher, *argv, "--deepspeed", config])
+from tests.helpers import FAST_FLAGS, TORCHRUN, deepspeed_run, needs_deepspeed, run, write_jsonl
 
 
 def learning_rates(output_dir):

@@ -4,7 +4,6 @@ a usage error; trl's own passes over already-prepared SFT data are skipped; unde
 stream record by record, whatever the files."""
 
 import json
-import sys
 
 import datasets
 import pytest
@@ -16,10 +15,8 @@ import supervised_finetuning
 from medicalgpt.cli import UsageError
 from medicalgpt.data.validate import DataValidationError
 from medicalgpt.train.streaming import stream_file_records
-from tests.helpers import FAST_FLAGS, free_port, global_step, run, write_jsonl
+from tests.helpers import FAST_FLAGS, TORCHRUN, free_port, global_step, run, write_jsonl
 from tests.record_batches import training_step_spy
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 
 QA = [(f"第{i}个问题：发烧{i}天了怎么办？", f"第{i}个回答：多喝水，休息{i}天，不退烧就去医院。") for i in range(8)]
 
