@@ -2,8 +2,9 @@
 Qwen2.5-0.5B-shaped model built offline (random weights saved in bf16, as Qwen2.5 ships; no download).
 
 - `sft_bf16`: full SFT through supervised_finetuning.py on data/finetune: bf16 autocast, flash-attn if installed
-  (else sdpa), packing, float32 trainable weights (medicalgpt/precision.py): losses, tokens/s, MFU (6 x parameters
-  per token against --peak_tflops), peak memory, the output's saved dtype and the share of its weights changed.
+  (else sdpa), packing, float32 trainable weights (medicalgpt/precision.py): losses, tokens/s (the Trainer's count
+  of input tokens: packed rows, so nearly no padding), MFU (6 x parameters per token against --peak_tflops), the
+  output's saved dtype and the share of its weights changed.
 - `qlora_4bit`: QLoRA (4-bit NF4 base, LoRA adapters) through the same script, when bitsandbytes is installed.
 - `zero3_one_gpu`: the same full SFT under DeepSpeed ZeRO-3 on one GPU (torchrun, 1 process), when deepspeed is
   installed; the gathered output loads and moved.
@@ -26,7 +27,7 @@ sys.path.insert(0, REPO)
 OPTIONAL = ("trl", "datasets", "peft", "accelerate", "flash_attn", "bitsandbytes", "deepspeed", "liger_kernel")
 SFT_FLAGS = ["--template_name", "qwen", "--train_file_dir", "data/finetune", "--do_train", "--learning_rate", "2e-5",
              "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True",
-             "--include_num_input_tokens_seen", "non_padding", "--warmup_steps", "0"]  # fmt: skip
+             "--include_num_input_tokens_seen", "True", "--warmup_steps", "0"]  # fmt: skip
 
 
 def environment():

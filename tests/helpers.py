@@ -40,6 +40,14 @@ def deepspeed_run(script, argv, port, config="configs/ds_zero3.json"):
     return run([*launcher, *argv, "--deepspeed", config])
 
 
+def lora_b_max(adapter_dir):
+    """The largest |lora_B| in an adapter folder: 0 until the adapter trained (peft initialises B to zeros)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    return max(weight.abs().max().item() for name, weight in weights.items() if "lora_B" in name)
+
+
 def global_step(output_dir):
     return json.loads((output_dir / "trainer_state.json").read_text())["global_step"]
 

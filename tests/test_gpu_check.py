@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ENV, REPO
 
 
+@pytest.mark.multiprocess  # four subprocesses (two SFT runs, a model build, gpu_mfu): ~1-3 minutes on 2 cores
 def test_gpu_check_dry_run_reports_every_check(tmp_path):
     command = ["bash", "bench/gpu_check.sh", "--dry-run", "--workdir", str(tmp_path)]
     result = subprocess.run(command, cwd=REPO, env={**ENV, "PYTHON": sys.executable}, capture_output=True, text=True,
@@ -20,5 +23,5 @@ def test_gpu_check_dry_run_reports_every_check(tmp_path):
     assert sft["saved_dtype"] == "bfloat16" and sft["weights_changed"] > 0.5  # float32 training, saved in bf16
     assert report["qlora_4bit"]["adapter_dtypes"] == ["F32"]  # bitsandbytes 4-bit works on CPU too
     assert report["zero3_one_gpu"]["skipped"].startswith("ZeRO-3 through the Trainer needs a GPU")
-    assert [run["loss"] for run in report["loss_memory"]] == ["fused", "chunked", "plain"]
-    assert not any("error" in run for run in report["loss_memory"])
+    [loss_run] = report["loss_memory"]  # gpu_mfu.py --smoke's chunked-loss run (the GPU runs fused, chunked, plain)
+    assert loss_run["loss"] == "chunked" and loss_run["real_tokens_per_s"] > 0 and "error" not in loss_run

@@ -129,3 +129,30 @@ def test_memory_of_full_training_per_parameter(checkpoints):
         ]  # fmt: skip
         per_parameter[pure] = sum(t.numel() * t.element_size() for t in tensors) / sum(p.numel() for p in parameters)
     assert per_parameter == {False: 16, True: 8}
+
+
+def test_deepspeed_with_bf16_keeps_its_own_master_weights(checkpoints, monkeypatch):
+    """DeepSpeed with bf16 keeps float32 master weights of its own and casts the module itself: nothing is upcast
+    before it (a float32 copy would be cast straight back); without bf16 / fp16 ZeRO-1/2 train the module's own
+    weights, which are then upcast; ZeRO-3 partitioned them at load in its own dtype."""
+    import transformers.integrations
+
+    from medicalgpt.precision import deepspeed_owns_precision
+
+    low, _ = checkpoints["bfloat16"]
+
+    def args(**values):
+        return supervised_finetuning.SupervisedConfig(output_dir="unused", use_cpu=True, **{"bf16": False, **values})
+
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: False)
+    assert deepspeed_owns_precision(args(bf16=True, deepspeed=None)) is False
+    zero2_bf16 = args(bf16=True)
+    zero2_bf16.deepspeed = "configs/ds_zero2.json"  # set after __post_init__, which would start DeepSpeed
+    zero2_fp32 = args()
+    zero2_fp32.deepspeed = "configs/ds_zero2.json"
+    assert deepspeed_owns_precision(zero2_bf16) and not deepspeed_owns_precision(zero2_fp32)
+    for training_args, dtype in ((zero2_bf16, torch.bfloat16), (zero2_fp32, torch.float32)):
+        model = wrap_with_lora(load_model(ModelArguments(model_name_or_path=low)), LoraArguments(), training_args, low)
+        assert {p.dtype for p in model.parameters()} == {dtype}
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    assert deepspeed_owns_precision(zero2_fp32)

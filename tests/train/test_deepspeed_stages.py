@@ -8,12 +8,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from medicalgpt.args import ModelArguments
 from medicalgpt.modeling import load_model
-from tests.helpers import FAST_FLAGS, deepspeed_run, needs_deepspeed, write_jsonl
+from tests.helpers import FAST_FLAGS, deepspeed_run, lora_b_max, needs_deepspeed, write_jsonl
 
 pytestmark = [pytest.mark.multiprocess, needs_deepspeed]
 
@@ -48,11 +47,6 @@ def max_change(before, after):
     """Largest change of any weight the two models share (an adapter dir is merged onto its base first)."""
     old, new = (load_model(ModelArguments(model_name_or_path=str(path))).state_dict() for path in (before, after))
     return max((new[name].float() - weight.float()).abs().max().item() for name, weight in old.items())
-
-
-def lora_b_max(adapter_dir):
-    weights = load_file(adapter_dir / "adapter_model.safetensors")
-    return max(weight.abs().max().item() for name, weight in weights.items() if "lora_B" in name)
 
 
 def saved_dtype(folder):
