@@ -15,6 +15,7 @@ Prints one JSON object; a check that cannot run says why (`skipped`), one that f
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -166,19 +167,25 @@ def main(argv=None):
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak (H100 and H200: 989)")
     parser.add_argument("--workdir", default="/tmp/medicalgpt-gpu-check")
     args = parser.parse_args(argv)
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # only the JSON on stdout (DeepSpeed logs there when imported)
+        report = run_checks(args)
+    print(json.dumps(report, indent=2), file=stdout)
+    return 1 if "error" in report or any(isinstance(v, dict) and "error" in v for v in report.values()) else 0
+
+
+def run_checks(args):
     started = time.perf_counter()
     report = {"environment": environment()}
     import torch
 
     if not torch.cuda.is_available() and not args.dry_run:
         report["skipped"] = "no CUDA GPU: nothing was run (--dry-run checks this script on CPU)"
-        print(json.dumps(report, indent=2))
-        return 0
+        return report
     missing = [name for name in ("trl", "datasets", "peft", "accelerate") if name in report["environment"]["missing"]]
     if missing:
-        report["skipped"] = f"{', '.join(missing)} not installed: carry their wheels (bench/gpu_check.sh says which)"
-        print(json.dumps(report, indent=2))
-        return 1
+        report["error"] = f"{', '.join(missing)} not installed: carry their wheels (bench/gpu_check.sh says which)"
+        return report
     base, parameters = build_model(args.workdir, args.dry_run)
     report["model"] = {"shape": "smoke" if args.dry_run else "Qwen2.5-0.5B", "parameters": parameters}
     attention = "flash_attention_2" if importlib.util.find_spec("flash_attn") and torch.cuda.is_available() else "sdpa"
@@ -195,8 +202,7 @@ def main(argv=None):
             report[name] = {"error": f"{type(error).__name__}: {str(error)[-1500:]}"}
         print(f"{name}: done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     report["total_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(report, indent=2))
-    return 1 if any(isinstance(v, dict) and "error" in v for v in report.values()) else 0
+    return report
 
 
 if __name__ == "__main__":
