@@ -7,7 +7,8 @@ vanishes (2 full SFT steps at lr 1e-5 changed 15.5% of a bf16 model's weights). 
 
 - Trainable parameters are kept in float32 whatever the checkpoint's dtype: full training upcasts the whole model;
   LoRA the adapters (peft does already) and `--modules_to_save`. Frozen weights (LoRA's base, the DPO reference, the
-  teacher, the reward model) stay in the checkpoint's dtype.
+  teacher, the reward model) stay in the checkpoint's dtype, except LoRA's base without autocast (CPU): a float32
+  module (`--modules_to_save`, a reward head) cannot take bf16 layers' activations, so it is float32 too there.
 - The compute is bf16 / fp16 autocast where the device supports it (`--bf16`, `--fp16`; medicalgpt/device.py).
 - `--pure_bf16 True`: the trainable parameters in bf16 too (weights, gradients and AdamW's states: 8 bytes per
   parameter instead of 16), for those who need the memory and accept the lost updates.
@@ -68,8 +69,11 @@ def set_trainable_precision(model, lora_args, training_args):
     if deepspeed_owns_precision(training_args):
         where = "DeepSpeed's own float32 master weights (nothing cast here)"
     else:
+        # Without autocast the frozen weights are cast too: a float32 module (--modules_to_save, a reward head)
+        # cannot take the activations of bf16 layers, and the compute is float32 anyway (CPU).
+        autocast = getattr(training_args, "bf16", False) or getattr(training_args, "fp16", False)
         for parameter in model.parameters():
-            if parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != kept:
+            if (parameter.requires_grad or not autocast) and parameter.is_floating_point() and parameter.dtype != kept:
                 parameter.data = parameter.data.to(kept)
         if not lora and not lora_args.pure_bf16:
             model.float()  # buffers too (rotary frequencies): a bf16 checkpoint then trains as its float32 copy

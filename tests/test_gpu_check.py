@@ -20,7 +20,7 @@ def test_gpu_check_dry_run_reports_every_check(tmp_path):
     assert report["environment"]["device"] == "cpu" and report["model"]["shape"] == "smoke"
     sft = report["sft_bf16"]
     assert len(sft["losses"]) == 2 and sft["tokens"] > 0 and sft["tokens_per_s"] > 0
-    assert sft["saved_dtype"] == "bfloat16" and sft["weights_changed"] > 0.5  # float32 training, saved in bf16
+    assert sft["saved_dtype"] == "bfloat16" and sft["weights_changed"] > 0  # saved in the checkpoint's bf16, moved
     assert report["qlora_4bit"]["adapter_dtypes"] == ["F32"]  # bitsandbytes 4-bit works on CPU too
     assert report["zero3_one_gpu"]["skipped"].startswith("ZeRO-3 through the Trainer needs a GPU")
     [loss_run] = report["loss_memory"]  # gpu_mfu.py --smoke's chunked-loss run (the GPU runs fused, chunked, plain)

@@ -97,18 +97,22 @@ def test_pure_bf16_trains_the_bf16_weights_and_loses_small_updates(checkpoints, 
 
 
 def test_lora_on_a_bf16_base_keeps_float32_adapters(checkpoints, sft_data, tmp_path):
-    """Adapters and modules_to_save in float32, the frozen base left in bf16 (its memory); the saved adapter is
-    float32 (peft's default, kept by --save_dtype auto)."""
+    """Adapters and modules_to_save in float32; the frozen base left in bf16 under autocast (its memory), float32
+    without (CPU: a float32 head cannot take bf16 activations). The saved adapter is float32 (peft's default, kept by
+    --save_dtype auto), its modules_to_save included."""
     low, _ = checkpoints["bfloat16"]
     lora_args = LoraArguments(use_peft=True, modules_to_save="lm_head")
-    training_args = supervised_finetuning.SupervisedConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
-    model = wrap_with_lora(load_model(ModelArguments(model_name_or_path=low)), lora_args, training_args, low)
-    trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
-    frozen = {name: p.dtype for name, p in model.named_parameters() if not p.requires_grad}
-    assert any("modules_to_save" in name for name in trainable) and any("lora_A" in name for name in trainable)
-    assert set(trainable.values()) == {torch.float32} and set(frozen.values()) == {torch.bfloat16}
-    train(low, sft_data, tmp_path / "lora", "--use_peft", "True", "--max_steps", "1")
-    assert saved_dtypes(tmp_path / "lora", "adapter_model.safetensors") == {"F32"}
+    for autocast, frozen_dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        training_args = supervised_finetuning.SupervisedConfig(output_dir=str(tmp_path), use_cpu=True, bf16=autocast)
+        model = wrap_with_lora(load_model(ModelArguments(model_name_or_path=low)), lora_args, training_args, low)
+        trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+        frozen = {name: p.dtype for name, p in model.named_parameters() if not p.requires_grad}
+        assert any("modules_to_save" in name for name in trainable) and any("lora_A" in name for name in trainable)
+        assert set(trainable.values()) == {torch.float32} and set(frozen.values()) == {frozen_dtype}
+    train(low, sft_data, tmp_path / "lora", "--use_peft", "True", "--modules_to_save", "lm_head", "--max_steps", "1")
+    with safe_open(tmp_path / "lora" / "adapter_model.safetensors", "pt") as f:
+        saved = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    assert any("lm_head" in key for key in saved) and set(saved.values()) == {"F32"}
 
 
 def test_memory_of_full_training_per_parameter(checkpoints):
