@@ -7,14 +7,15 @@
 #   bash bench/gpu_check.sh --dry-run    # tiny shapes on CPU, ~1 minute: checks the script (tests/test_gpu_check.py)
 #
 # A GPU image that has torch, transformers, accelerate and peft but not trl or datasets (nor a network) takes them
-# from a folder of wheels beside the repository, .whl/, installed into /tmp/site first. Fetch them where pip works
-# (for the GPU's Python, here 3.12; ~20 MB, under the 64 MiB a call carries), e.g.:
+# from a folder of wheels in the repository, .whl/ (git-ignored locally: echo /.whl/ >> .git/info/exclude), installed
+# into /tmp/site first. Fetch them where pip works
+# (for the GPU's Python, here 3.12; 20 MB seen, under the 64 MiB a call carries), e.g.:
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#       trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.23.0 \
+#       trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.23.0 peft==0.21.2 \
 #       hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-#   python3 -m pip download --no-deps --no-binary=:all: -d .whl deepspeed==0.19.8     # a source archive: built here
+#   python3 -m pip download --no-deps --no-binary=:all: -d .whl deepspeed==0.19.8     # built on the GPU machine
 #
 # (transformers: the image's 5.17 is older than requirements.txt's 5.23. datasets 5.2 needs pyarrow >= 24 and
 # fsspec <= 2026.9.0: the environment block of the JSON lists what imported.) bitsandbytes and flash-attn are used
