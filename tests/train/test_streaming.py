@@ -188,12 +188,14 @@ def test_streaming_sft_under_torchrun_divides_records_not_files(second_file, tin
 @pytest.mark.multiprocess
 def test_streaming_pt_under_torchrun_divides_blocks_not_files(tiny_model_dir, tmp_path, monkeypatch):
     """PT: text files of 40 and 4 documents, 2 ranks x 1 block per step: the blocks one process x 2 trains on."""
+    data = tmp_path / "data"
+    data.mkdir()
     for name, count in (("a.txt", 40), ("b.txt", 4)):
         lines = [f"{name}第{i}篇：发热是人体对感染的反应，体温超过三十八度要多喝水。" for i in range(count)]
-        (tmp_path / name).write_text("\n".join(lines), encoding="utf-8")
+        (data / name).write_text("\n".join(lines), encoding="utf-8")
 
     def argv(output_dir, batch_size):
-        return ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(tmp_path), "--do_train",
+        return ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train",
                 "--block_size", "32", "--streaming", "True", "--max_steps", "8", "--per_device_train_batch_size",
                 str(batch_size), "--save_strategy", "no", "--output_dir", str(output_dir), *FAST_FLAGS]  # fmt: skip
 
