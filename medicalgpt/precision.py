@@ -67,7 +67,7 @@ def set_trainable_precision(model, lora_args, training_args):
     _output_dtypes[model] = DTYPES[save_dtype] if save_dtype != "auto" else torch.float32 if lora else loaded
     kept = torch.bfloat16 if lora_args.pure_bf16 else torch.float32
     if deepspeed_owns_precision(training_args):
-        where = "DeepSpeed's own float32 master weights (nothing cast here)"
+        where = "DeepSpeed's dtype (float32 master weights under bf16 / fp16; nothing cast here)"
     else:
         # Without autocast the frozen weights are cast too: a float32 module (--modules_to_save, a reward head)
         # cannot take the activations of bf16 layers, and the compute is float32 anyway (CPU).
