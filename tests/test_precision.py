@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import supervised_finetuning
 from medicalgpt.args import LoraArguments, ModelArguments
-from medicalgpt.modeling import load_model, wrap_with_lora
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.loader import load_model
 from tests.helpers import FAST_FLAGS, write_jsonl
 
 SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float16": "F16"}

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from medicalgpt.args import ModelArguments
-from medicalgpt.modeling import load_model
+from medicalgpt.model.loader import load_model
 from tests.helpers import FAST_FLAGS, deepspeed_run, lora_b_max, needs_deepspeed, write_jsonl
 
 pytestmark = [pytest.mark.multiprocess, needs_deepspeed]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import dpo_training
 import supervised_finetuning
-from medicalgpt.modeling import resolve_device_map
+from medicalgpt.model.loader import resolve_device_map
 from tests.helpers import FAST_FLAGS, TORCHRUN, deepspeed_run, lora_b_max, needs_deepspeed, run, write_jsonl
 
 
@@ -170,7 +170,8 @@ def test_fsdp_flag_sets_the_variable_the_device_map_reads(monkeypatch, tmp_path)
 
 
 def test_run_cli_reports_the_users_mistakes_on_one_line(tiny_model_dir, tmp_path, capsys):
-    from medicalgpt.cli import UsageError, run_cli
+    from medicalgpt.cli import run_cli
+    from medicalgpt.errors import UsageError
 
     missing = tmp_path / "no-such-data"
     argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(missing), "--do_train"]

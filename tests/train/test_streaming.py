@@ -12,8 +12,7 @@ from trl import SFTTrainer
 
 import pretraining
 import supervised_finetuning
-from medicalgpt.cli import UsageError
-from medicalgpt.data.validate import DataValidationError
+from medicalgpt.errors import DataValidationError, UsageError
 from medicalgpt.train.streaming import stream_file_records
 from tests.helpers import FAST_FLAGS, TORCHRUN, free_port, global_step, run, write_jsonl
 from tests.record_batches import training_step_spy
