@@ -159,6 +159,12 @@ def learned_spans(input_ids, labels):
     return spans + [current] if current else spans
 
 
+def answer_corpus():
+    """The labelled replies of tests/assets/answers/*.jsonl (the answer reader's corpus), file by file, in order."""
+    paths = sorted((REPO / "tests" / "assets" / "answers").glob("*.jsonl"))
+    return [json.loads(line) for path in paths for line in path.open(encoding="utf-8")]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The preference methods' learning tests (DPO, ORPO, IPO, SimPO, KTO, the reward model): a preference the tiny model
 # does not have, answers that recommend seeing a doctor over ones that dismiss the symptom, learned on 8 symptoms and
