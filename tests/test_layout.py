@@ -36,8 +36,8 @@ LARGE_MODULES = {
 # answers, precision, sharding and loss_types are root modules other branches add (issues 25, 26, 29).
 FLOORS = {
     1: ("errors", "constants"),
-    2: ("cli", "args", "device", "templates", "data", "answers", "precision", "sharding"),
-    3: ("parser", "model", "processors", "loss_types"),
+    2: ("cli", "args", "device", "templates", "data", "answers", "precision", "sharding", "loss_types"),
+    3: ("parser", "model", "processors"),
     4: ("serve",),
     5: ("eval", "train"),
     6: ("rl", "export", "quickstart"),
@@ -55,7 +55,8 @@ CONFIG_NAMES = ("training_args", "config")  # what the scripts and the package c
 TRAINING_ENDING = ("train", "save_model", "log_metrics", "save_metrics", "save_state")
 TRAINING_ENDING += ("evaluate", "log_metrics", "save_metrics")
 TRAINING_SCRIPTS = ("pretraining.py", "supervised_finetuning.py", "reward_modeling.py", "dpo_training.py")
-TRAINING_SCRIPTS += ("orpo_training.py", "distill_training.py", "ppo_training.py")
+TRAINING_SCRIPTS += ("orpo_training.py", "distill_training.py", "ppo_training.py", "kto_training.py")
+TRAINING_SCRIPTS += ("cpo_training.py",)
 # Test modules that still import from another test module: {importer: imported}. Move the shared piece into
 # tests/helpers.py and drop the entry.
 TEST_IMPORTS_TO_MOVE = {
