@@ -11,8 +11,9 @@ Prints one JSON object, seconds each (a figure equal to --patience: no answer in
                            1,900-token request
   eight_after_3_hangups_s  the slowest of 8 concurrent 5-token requests after three such clients gave up
   sigterm_exit_s           from SIGTERM, a generation running, to the process's exit (killed at --patience)
-The model is built once into --model_dir (random weights, seed 0, the tiny model's tokenizer: text is noise,
-timings are real).
+The server runs with --threads torch threads (default 1: on a 2-core machine shared with other jobs, two threads
+made each token 6x slower). The model is built once into --model_dir (random weights, seed 0, the tiny model's
+tokenizer: text is noise, timings are real).
 """
 
 import argparse
@@ -27,7 +28,7 @@ import time
 
 import httpx
 
-from bench.common import REPO, load_average, model_path
+from bench.common import REPO, load_average, model_path, pinned_threads_env
 
 SMOLLM2_SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                      intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -53,10 +54,10 @@ def build_slow_model(folder, tokenizer_dir=None, layers=30):
     return folder
 
 
-def start_server(repo, model, port, extra=()):
+def start_server(repo, model, port, threads, extra=()):
     command = [sys.executable, "fastapi_server_demo.py", "--base_model", model, "--port", str(port),
                "--temperature", "0", *extra]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": repo}
+    env = pinned_threads_env({**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": repo}, threads)
     process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 300
     while time.time() < deadline:
@@ -117,11 +118,12 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--patience", type=float, default=40.0)
     parser.add_argument("--port", type=int, default=8731)
+    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (1: steady when busy)")
     args = parser.parse_args(argv)
 
     folder = args.model_dir or os.path.join(tempfile.gettempdir(), f"medicalgpt-smollm2-shape-{args.layers}-layers")
     model = build_slow_model(folder, layers=args.layers)
-    process, url = start_server(os.path.abspath(args.repo), model, args.port)
+    process, url = start_server(os.path.abspath(args.repo), model, args.port, args.threads)
     patience, result = args.patience, {"benchmark": "server_stall", "repo": os.path.abspath(args.repo)}
     try:
         timed_post(url, SHORT, 120)  # warm-up: the first pass over new shapes is slow
@@ -137,7 +139,7 @@ def main(argv=None):
     finally:
         if process.poll() is None:
             process.kill()
-    result.update(layers=args.layers, patience_s=patience, load_average=load_average())
+    result.update(layers=args.layers, threads=args.threads, patience_s=patience, load_average=load_average())
     print(json.dumps(result, indent=2))
     return result
 
