@@ -11,6 +11,7 @@ def slow_model(tmp_path_factory, tiny_model_dir):
     from bench.server_stall import build_slow_model
 
     def build(layers=30):
-        return build_slow_model(str(tmp_path_factory.getbasetemp() / f"smollm2-shape-{layers}"), tiny_model_dir, layers)
+        folder = tmp_path_factory.getbasetemp() / f"smollm2-shape-{layers}"
+        return build_slow_model(str(folder), tiny_model_dir, layers)
 
     return build

@@ -48,7 +48,7 @@ def test_stepwise_decoding_gives_model_generate_s_answers_batched_and_alone(engi
     while not batched.finished:
         for row, piece in batched.step():
             pieces[row].append(piece)
-    for row, (question, answer) in enumerate(QA_PAIRS):
+    for row, (_, answer) in enumerate(QA_PAIRS):
         completion = batched.completion(row)
         assert completion == reference[row] and completion.text == answer == "".join(pieces[row])
         assert len(pieces[row]) > 1

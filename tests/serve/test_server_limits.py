@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from medicalgpt.serve import scheduler as scheduling
 from medicalgpt.serve.chat import ChatArguments, GenerationOptions, load_chat_engine
@@ -115,7 +114,8 @@ def test_a_stream_whose_client_stops_reading_is_ended_and_its_generation_stopped
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
              "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}  # fmt: skip
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}  # fmt: skip
     sent = []
 
     async def run():
