@@ -187,18 +187,17 @@ class Scheduler:
     def _run(self):
         try:
             while not self._stop.is_set():
-                self._start_pending()
-                self._drop_abandoned()
-                runnable = [batch for batch in self._batches if not self._parked(batch)]
-                if not runnable:
+                self._start_pending()  # once per turn: requests that arrive during a turn start as one batch
+                turn = list(self._batches)
+                for batch in turn:  # one step each, round-robin; the abandoned are dropped before every step
+                    if self._stop.is_set():
+                        break
+                    if self._drop_abandoned(batch) and not self._parked(batch):
+                        self._step(batch)
+                if not any(not self._parked(batch) for batch in self._batches):
                     with self._ready:
                         if not self._pending and not self._stop.is_set():
                             self._ready.wait(0.05 if self._batches else 0.25)
-                    continue
-                for batch in runnable:
-                    if self._stop.is_set():
-                        break
-                    self._step(batch)
         except BaseException:  # a bug in the scheduler itself: every request still gets an answer
             logger.exception("The generation worker failed")
             raise
@@ -224,18 +223,21 @@ class Scheduler:
                 continue
             self._batches.append((decoding, batch))
 
-    def _drop_abandoned(self):
-        """Cancelled, timed-out and stalled requests leave their batch; emptied batches end."""
+    def _drop_abandoned(self, batch):
+        """Cancelled, timed-out and stalled requests leave the batch; False (and the batch ends) once none is left."""
+        decoding, tickets = batch
         now = time.monotonic()
-        for decoding, tickets in self._batches:
-            for row, ticket in enumerate(tickets):
-                if ticket.done or not decoding.live(row):
-                    continue
-                error = self._abandoned(ticket, now)
-                if error is not None:
-                    decoding.drop(row)
-                    self._end(ticket, error=error)
-        self._batches = [(decoding, tickets) for decoding, tickets in self._batches if not decoding.finished]
+        for row, ticket in enumerate(tickets):
+            if ticket.done or not decoding.live(row):
+                continue
+            error = self._abandoned(ticket, now)
+            if error is not None:
+                decoding.drop(row)
+                self._end(ticket, error=error)
+        if decoding.finished:
+            self._batches.remove(batch)
+            return False
+        return True
 
     def _abandoned(self, ticket, now):
         if ticket.cancel_reason is not None:
@@ -287,8 +289,8 @@ class Scheduler:
         self._batches = []
 
     def _end(self, ticket, completion=None, error=None):
-        if ticket.done:
+        if ticket.done:  # only this thread ends tickets: no race
             return
-        ticket.finish(completion, error)
         with self._ready:
             self._held -= 1
+        ticket.finish(completion, error)
