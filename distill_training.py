@@ -29,10 +29,11 @@ from trl.experimental.gkd import GKDConfig
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments
 from medicalgpt.cli import run_cli, setup_logging
-from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
 from medicalgpt.templates import build_template
-from medicalgpt.train.checkpoints import with_atomic_checkpoints
+from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.distill import (
     DistillArguments,
     DistillTrainer,
@@ -43,7 +44,8 @@ from medicalgpt.train.distill import (
     set_stop_tokens,
 )
 from medicalgpt.train.records import load_stage_records
-from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.resume import find_resume_checkpoint
+from medicalgpt.train.run import check_and_log_args, end_training
 
 logger = logging.getLogger("medicalgpt")
 
@@ -80,9 +82,11 @@ def main(argv=None):
     student = wrap_with_lora(student, lora_args, training_args, base_path=model_args.model_name_or_path)
     logger.info(
         "Distilling %s into %s: on-policy share %.2f (--lmbda), divergence beta %.2f (--beta).",
-        training_args.teacher_model_name_or_path, model_args.model_name_or_path, training_args.lmbda,
+        training_args.teacher_model_name_or_path,
+        model_args.model_name_or_path,
+        training_args.lmbda,
         training_args.beta,
-    )  # fmt: skip
+    )
 
     # Train
     trainer = with_atomic_checkpoints(DistillTrainer)(

@@ -18,11 +18,13 @@ from trl import DPOConfig
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
 from medicalgpt.cli import run_cli, setup_logging
-from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
-from medicalgpt.train.checkpoints import with_atomic_checkpoints
+from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_tokenized_preferences
-from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.resume import find_resume_checkpoint
+from medicalgpt.train.run import check_and_log_args, end_training
 from medicalgpt.train.trainers import PreTokenizedDPOTrainer
 
 logger = logging.getLogger("medicalgpt")

@@ -28,7 +28,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from medicalgpt.cli import UsageError, run_cli, setup_logging
+from medicalgpt.cli import run_cli, setup_logging
+from medicalgpt.errors import UsageError
 from medicalgpt.parser import parse_cli
 from medicalgpt.serve.chat import ChatArguments, load_chat_engine
 from medicalgpt.serve.server import ServerLimits, build_app, run_server

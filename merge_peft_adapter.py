@@ -25,9 +25,11 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from medicalgpt.args import ModelArguments
-from medicalgpt.cli import UsageError, run_cli, setup_logging
-from medicalgpt.model_paths import check_model_path
-from medicalgpt.modeling import ADAPTER_CONFIG, load_model_with_adapter, load_tokenizer, read_adapter_base
+from medicalgpt.cli import run_cli, setup_logging
+from medicalgpt.errors import UsageError
+from medicalgpt.model.adapter import ADAPTER_CONFIG, read_adapter_base
+from medicalgpt.model.loader import load_model_with_adapter, load_tokenizer
+from medicalgpt.model.paths import check_model_path
 from medicalgpt.parser import parse_cli
 from medicalgpt.templates import build_template
 

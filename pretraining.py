@@ -21,13 +21,16 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PretrainingArguments
 from medicalgpt.cli import run_cli, setup_logging
-from medicalgpt.data.vocab import resize_embeddings_for_tokenizer
-from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.constants import IGNORE_INDEX
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.embeddings import resize_embeddings_for_tokenizer
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
-from medicalgpt.train.checkpoints import with_atomic_checkpoints
-from medicalgpt.train.preprocess import IGNORE_INDEX, prepare_pretraining_dataset
+from medicalgpt.processors.pt import prepare_pretraining_dataset
+from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_stage_records
-from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.resume import find_resume_checkpoint
+from medicalgpt.train.run import check_and_log_args, end_training
 from medicalgpt.train.streaming import stream_stage_records
 
 logger = logging.getLogger("medicalgpt")

@@ -30,9 +30,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from medicalgpt.args import ModelArguments
-from medicalgpt.cli import UsageError, run_cli, setup_logging
+from medicalgpt.cli import run_cli, setup_logging
 from medicalgpt.data.files import find_data_files
 from medicalgpt.data.validate import load_records
+from medicalgpt.errors import UsageError
 from medicalgpt.export.quantize import (
     QuantizeArguments,
     calibration_samples,
@@ -41,7 +42,8 @@ from medicalgpt.export.quantize import (
     quantize_bnb,
     quantize_gptq,
 )
-from medicalgpt.modeling import load_model, load_tokenizer, read_adapter_base
+from medicalgpt.model.adapter import read_adapter_base
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_cli
 
 logger = logging.getLogger("medicalgpt")
@@ -83,9 +85,11 @@ def main(argv=None):
     calibration_records = read_text_records(args.calibration_file) if args.method == "gptq" else []
 
     model_args = ModelArguments(
-        model_name_or_path=args.model_name_or_path, trust_remote_code=args.trust_remote_code, device_map="auto",
+        model_name_or_path=args.model_name_or_path,
+        trust_remote_code=args.trust_remote_code,
+        device_map="auto",
         torch_dtype=str(args.torch_dtype()).removeprefix("torch."),
-    )  # fmt: skip
+    )
     tokenizer = load_tokenizer(model_args)
     calibration = None
     if args.method == "gptq":
@@ -106,10 +110,14 @@ def main(argv=None):
     after = measure(quantized, tokenizer, records, args)
     config = getattr(quantized.config, "quantization_config", None)
     results = {
-        "method": args.method, "model": args.model_name_or_path, "output_dir": output,
+        "method": args.method,
+        "model": args.model_name_or_path,
+        "output_dir": output,
         "quantization_config": config.to_dict() if hasattr(config, "to_dict") else config,
-        "before": before, "after": after, "memory_ratio": after["memory_bytes"] / before["memory_bytes"],
-    }  # fmt: skip
+        "before": before,
+        "after": after,
+        "memory_ratio": after["memory_bytes"] / before["memory_bytes"],
+    }
     with open(os.path.join(output, "quantize_results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, ensure_ascii=False, indent=2, default=str)
     print(json.dumps(results, ensure_ascii=False, indent=2, default=str))

@@ -22,14 +22,16 @@ from trl import RewardConfig, RewardTrainer
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
 from medicalgpt.cli import run_cli, setup_logging
-from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
+from medicalgpt.processors.reward import to_reward_features
 from medicalgpt.rl.rewards import closing_ids
 from medicalgpt.templates import build_template
-from medicalgpt.train.checkpoints import with_atomic_checkpoints
-from medicalgpt.train.preprocess import to_reward_features
+from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_tokenized_preferences
-from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.resume import find_resume_checkpoint
+from medicalgpt.train.run import check_and_log_args, end_training
 
 logger = logging.getLogger("medicalgpt")
 

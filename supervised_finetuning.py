@@ -18,7 +18,8 @@ token), or skipped with `--overlong drop`. Any option of trl's SFTConfig works (
 
 Speed and memory: conversations are packed into rows where the attention kernel keeps them apart (`--packing`,
 medicalgpt/train/packing.py), and the loss never builds the whole [tokens x vocab] logits (trl's fused LM head, or
-`--chunked_loss`, medicalgpt/train/losses.py). Tokenised data is cached between runs (`--overwrite_cache` redoes it).
+`--chunked_loss`, medicalgpt/train/chunked_loss.py). Tokenised data is cached between runs (`--overwrite_cache`
+redoes it).
 """
 
 import logging
@@ -29,17 +30,20 @@ from trl import SFTConfig, SFTTrainer
 
 from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, SupervisedArguments
 from medicalgpt.cli import run_cli, setup_logging
-from medicalgpt.data.vocab import resize_embeddings_for_tokenizer
-from medicalgpt.eval.tasks import ChoiceEvalArguments, ChoiceEvalCallback
-from medicalgpt.modeling import load_model, load_tokenizer, wrap_with_lora
+from medicalgpt.eval.callback import ChoiceEvalArguments, ChoiceEvalCallback
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.embeddings import resize_embeddings_for_tokenizer
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
+from medicalgpt.processors.display import format_label_mask
+from medicalgpt.processors.sft import prepare_sft_dataset
 from medicalgpt.templates import build_template
-from medicalgpt.train.checkpoints import with_atomic_checkpoints
-from medicalgpt.train.losses import add_chunked_lm_head, check_liger_kernel, resolve_chunked_loss
+from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
+from medicalgpt.train.chunked_loss import add_chunked_lm_head, check_liger_kernel, resolve_chunked_loss
 from medicalgpt.train.packing import PackedRowsCollator, pack_rows, resolve_packing
-from medicalgpt.train.preprocess import format_label_mask, prepare_sft_dataset
 from medicalgpt.train.records import load_stage_records
-from medicalgpt.train.run import check_and_log_args, end_training, find_resume_checkpoint
+from medicalgpt.train.resume import find_resume_checkpoint
+from medicalgpt.train.run import check_and_log_args, end_training
 from medicalgpt.train.streaming import finish_sft_stream, stream_stage_records
 
 logger = logging.getLogger("medicalgpt")
@@ -57,7 +61,7 @@ class SupervisedConfig(SFTConfig):
 
 
 class ChunkedLossSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss comes from medicalgpt.train.losses.chunked_lm_loss (--chunked_loss)."""
+    """SFTTrainer whose loss comes from medicalgpt.train.chunked_loss.chunked_lm_loss (--chunked_loss)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:  # logits wanted (compute_metrics): trl's own path
@@ -127,7 +131,7 @@ def main(argv=None):
         processing_class=tokenizer,
         data_collator=collator if packing == "rows" else None,
     )
-    if choice_items:  # choice_accuracy logged every --choice_eval_steps (medicalgpt/eval/tasks.py)
+    if choice_items:  # choice_accuracy logged every --choice_eval_steps (medicalgpt/eval/callback.py)
         callback = ChoiceEvalCallback(
             trainer,
             items=choice_items,

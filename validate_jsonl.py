@@ -8,11 +8,11 @@ The checks are those the training scripts run (medicalgpt/data/validate.py): wha
     python validate_jsonl.py data/pretrain data/finetune data/reward    # each record's stage is inferred
     python validate_jsonl.py data --quiet                                # errors and the total only
 
-With a tokenizer, the token lengths as training tokenises them (medicalgpt/data/lengths.py): the distribution, how many
-records `--model_max_length` (SFT) or `--max_source_length`/`--max_target_length` (preference) would truncate, and
-how many supervised tokens that loses; `--plot` draws the histogram, `--show N` prints N records with what the
-model learns marked [LEARN]...[/LEARN] (check that the end-of-turn token is inside: a model that never learns it
-never stops).
+With a tokenizer, the token lengths as training tokenises them (medicalgpt/processors/lengths.py): the distribution,
+how many records `--model_max_length` (SFT) or `--max_source_length`/`--max_target_length` (preference) would
+truncate, and how many supervised tokens that loses; `--plot` draws the histogram, `--show N` prints N records with
+what the model learns marked [LEARN]...[/LEARN] (check that the end-of-turn token is inside: a model that never
+learns it never stops).
 
     python validate_jsonl.py data/finetune --tokenizer Qwen/Qwen2.5-0.5B-Instruct --template_name qwen \\
         --model_max_length 512 --plot lengths.png --show 2
@@ -68,8 +68,15 @@ def token_report(args, records) -> None:
     import transformers
 
     from medicalgpt.args import ModelArguments
-    from medicalgpt.data.lengths import check_end_of_turn, measure, plot_lengths, record_stage, render_masks, summarize
-    from medicalgpt.modeling import load_tokenizer
+    from medicalgpt.model.loader import load_tokenizer
+    from medicalgpt.processors.lengths import (
+        check_end_of_turn,
+        measure,
+        plot_lengths,
+        record_stage,
+        render_masks,
+        summarize,
+    )
     from medicalgpt.templates import get_conv_template, template_from_tokenizer
 
     transformers.utils.logging.set_verbosity_error()  # not "sequence longer than model_max_length": we count those

@@ -94,8 +94,9 @@ def measure(phase, data, workers, tokenizer_path):
     import datasets
     from transformers import AutoTokenizer
 
+    from medicalgpt.processors.pt import prepare_pretraining_dataset
+    from medicalgpt.processors.sft import prepare_sft_dataset
     from medicalgpt.templates import build_template
-    from medicalgpt.train.preprocess import prepare_pretraining_dataset, prepare_sft_dataset
     from medicalgpt.train.records import load_file_records
 
     datasets.disable_progress_bars()

@@ -9,8 +9,9 @@ synthetic conversations (log-normal lengths, mean ~300 tokens, learned labels on
 - method: LoRA (r 16, all linear layers) or full fine-tuning;
 - batching: packed (trl's best-fit-decreasing bins of seq_len; flattened with cu_seq_lens under flash_attention_2,
   packed rows under sdpa, see medicalgpt/train/packing.py) or padded (the same conversations padded to the longest);
-- loss: fused (trl's fused LM head, what SFT uses on GPU), chunked (medicalgpt/train/losses.py), plain (transformers'
-  loss on the full [tokens x vocab] logits) or liger (Liger's fused linear cross-entropy, when installed).
+- loss: fused (trl's fused LM head, what SFT uses on GPU), chunked (medicalgpt/train/chunked_loss.py), plain
+  (transformers' loss on the full [tokens x vocab] logits) or liger (Liger's fused linear cross-entropy, when
+  installed).
 Printed as JSON: real tokens/s, MFU against 989 TFLOP/s (H100 dense bf16; --peak_tflops to change), peak memory.
 Model FLOPs: 6 x matmul parameters per token (4 x for LoRA's frozen weights, which get no weight gradient), the
 tied LM head included, plus causal attention, 6 x layers x hidden x length^2 per conversation; padding counts nothing.
@@ -115,7 +116,7 @@ def run_one(spec):
 
         add_fused_lm_head(model)
     elif spec["loss"] == "chunked":
-        from medicalgpt.train.losses import add_chunked_lm_head
+        from medicalgpt.train.chunked_loss import add_chunked_lm_head
 
         add_chunked_lm_head(model)
     lora_params = 0

@@ -185,7 +185,7 @@ def main():
     model_dir = os.path.abspath(model_path(model_dir))
     lm_eval = ensure_venv()
 
-    from medicalgpt.eval.tasks import load_scoring_model
+    from medicalgpt.eval.perplexity import load_scoring_model
     from medicalgpt.serve.chat import ChatArguments
 
     model, tokenizer = load_scoring_model(ChatArguments(base_model=model_dir))

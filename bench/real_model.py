@@ -47,11 +47,11 @@ def lora_step_time(model, batch, length, steps):
 
 
 def vocabulary_loss(qwen_model_path, length):
-    """Full-logits cross-entropy against train.losses.chunked_lm_loss on Qwen2.5's vocabulary: same loss, and
+    """Full-logits cross-entropy against train.chunked_loss.chunked_lm_loss on Qwen2.5's vocabulary: same loss, and
     the logits each holds at once."""
     from transformers import AutoModelForCausalLM
 
-    from medicalgpt.train.losses import LOGITS_PER_CHUNK, chunked_lm_loss
+    from medicalgpt.train.chunked_loss import LOGITS_PER_CHUNK, chunked_lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(qwen_model_path).eval()
     vocab = model.config.vocab_size

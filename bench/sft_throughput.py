@@ -171,8 +171,8 @@ def select_conversations(data, model, max_length, limit, margin=8):
     from transformers import AutoTokenizer
 
     from medicalgpt.data.validate import load_records
+    from medicalgpt.processors.sft import tokenize_conversation
     from medicalgpt.templates import get_conv_template
-    from medicalgpt.train.preprocess import tokenize_conversation
 
     tokenizer, template = AutoTokenizer.from_pretrained(model), get_conv_template("qwen")
     with open(data, encoding="utf-8") as f:

@@ -166,7 +166,8 @@ class SupervisedArguments:
         default=None,
         metadata={
             "help": "Compute the loss from chunks of the learned tokens, never the whole [tokens x vocab] logits "
-            "(medicalgpt/train/losses.py). Default: on when training on CPU; on GPU trl's fused LM head does the same."
+            "(medicalgpt/train/chunked_loss.py). Default: on when training on CPU; on GPU trl's fused LM head does "
+            "the same."
         },
     )
 

@@ -6,14 +6,9 @@ import sys
 import datasets
 import transformers
 
-from medicalgpt.data.files import InputNotFoundError
-from medicalgpt.data.validate import DataValidationError
+from medicalgpt.errors import DataValidationError, InputNotFoundError, UsageError
 
 logger = logging.getLogger("medicalgpt")
-
-
-class UsageError(ValueError):
-    """A command line that cannot work (missing data, conflicting flags): reported without a traceback."""
 
 
 def run_cli(main):

@@ -138,7 +138,7 @@ class Derived:
 
 # Options that follow from others, applied after the aliases where the script parses every field named.
 DERIVED = (
-    # RM, DPO, ORPO: a pair is at most its prompt and its answer (both cut in medicalgpt/train/preprocess.py)
+    # RM, DPO, ORPO: a pair is at most its prompt and its answer (both cut in medicalgpt/processors/)
     Derived(
         "max_length", ("max_source_length", "max_target_length"), lambda prompt, answer: prompt + answer, always=True
     ),

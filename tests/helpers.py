@@ -144,7 +144,7 @@ def serving(app):
 
 def learned_spans(input_ids, labels):
     """The runs of learned tokens (label != IGNORE_INDEX), each a list of ids; a learned label must be its token."""
-    from medicalgpt.train.preprocess import IGNORE_INDEX
+    from medicalgpt.constants import IGNORE_INDEX
 
     spans, current = [], []
     for token, label in zip(input_ids, labels):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from medicalgpt.args import ModelArguments
-from medicalgpt.model_paths import ModelPathError
+from medicalgpt.errors import ModelPathError
 from tests.helpers import FAST_FLAGS, REPO, write_jsonl
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -164,7 +164,7 @@ def adapter_config(path):
 
 
 def test_chained_adapter_records_an_absolute_base_and_loads_from_elsewhere(chained, tmp_path, monkeypatch):
-    from medicalgpt.modeling import load_model
+    from medicalgpt.model.loader import load_model
 
     sft_adapter_dir = os.path.join(os.path.dirname(chained), "outputs-sft-qwen-v1")
     assert adapter_config(chained)["base_model_name_or_path"] == sft_adapter_dir
@@ -176,7 +176,8 @@ def test_chained_adapter_records_an_absolute_base_and_loads_from_elsewhere(chain
 
 
 def test_older_relative_base_is_found_beside_the_adapter(chained, sft_adapter_dir, tmp_path, monkeypatch):
-    from medicalgpt.modeling import load_model, read_adapter_base
+    from medicalgpt.model.adapter import read_adapter_base
+    from medicalgpt.model.loader import load_model
 
     copy = tmp_path / "runs" / "outputs-dpo-qwen-v1"
     shutil.copytree(chained, copy)
@@ -192,7 +193,7 @@ def test_older_relative_base_is_found_beside_the_adapter(chained, sft_adapter_di
 
 
 def test_moved_base_is_a_clear_error_naming_the_adapter(chained, tmp_path):
-    from medicalgpt.modeling import load_model
+    from medicalgpt.model.loader import load_model
 
     copy = tmp_path / "outputs-dpo-qwen-v1"
     shutil.copytree(chained, copy)
@@ -207,7 +208,7 @@ def test_moved_base_is_a_clear_error_naming_the_adapter(chained, tmp_path):
 
 def test_recorded_base_given_again_as_base_is_merged_once(chained):
     """merge_peft_adapter.py's default: --base_model is the adapter's own base, itself an adapter."""
-    from medicalgpt.modeling import load_model, load_model_with_adapter
+    from medicalgpt.model.loader import load_model, load_model_with_adapter
 
     sft_adapter_dir = os.path.join(os.path.dirname(chained), "outputs-sft-qwen-v1")
     whole = load_model(ModelArguments(model_name_or_path=chained, torch_dtype="float32")).state_dict()

@@ -57,7 +57,7 @@ def test_tutorial_merge_command_matches_the_adapter_logits_and_stops_at_end_of_t
 
 
 def test_an_existing_output_dir_is_not_overwritten_without_the_flag(tiny_model_dir, adapter, tmp_path):
-    from medicalgpt.cli import UsageError
+    from medicalgpt.errors import UsageError
 
     out = tmp_path / "merged"
     out.mkdir()
@@ -94,12 +94,13 @@ def test_reward_model_adapter_merges_into_a_sequence_classifier(tiny_model_dir, 
 @pytest.mark.parametrize("embeddings_in_adapter", [True, False])
 def test_extended_vocabulary_adapter_merges_with_grown_embeddings(tiny_model_dir, tmp_path, embeddings_in_adapter,
                                                                   caplog):  # fmt: skip
-    """After build_domain_tokenizer.py, training grows the embeddings (medicalgpt.data.vocab); the merge grows them the
-    same way, so the new tokens' rows match whether the adapter saved them (modules_to_save) or not."""
+    """After build_domain_tokenizer.py, training grows the embeddings (medicalgpt.model.embeddings); the merge grows
+    them the same way, so the new tokens' rows match whether the adapter saved them (modules_to_save) or not."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medicalgpt.data.vocab import INIT_FILE, resize_embeddings_for_tokenizer
+    from medicalgpt.data.vocab import INIT_FILE
+    from medicalgpt.model.embeddings import resize_embeddings_for_tokenizer
 
     extended = tmp_path / "outputs-pt-extended"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -171,7 +172,7 @@ def test_jinja_form_of_each_template_renders_like_the_template(tiny_tokenizer, n
 
 
 def test_not_an_adapter_is_a_clear_error(tiny_model_dir, tmp_path):
-    from medicalgpt.cli import UsageError
+    from medicalgpt.errors import UsageError
 
     with pytest.raises(UsageError, match="LoRA adapter directory"):
         merge_peft_adapter.main(["--peft_model_path", tiny_model_dir, "--output_dir", str(tmp_path / "out")])

@@ -11,9 +11,8 @@ import torch
 
 import evaluate
 import quantize_model
-from medicalgpt.cli import UsageError
-from medicalgpt.data.validate import DataValidationError
-from medicalgpt.eval.tasks import tokenize_documents
+from medicalgpt.errors import DataValidationError, UsageError
+from medicalgpt.eval.perplexity import tokenize_documents
 from tests.helpers import REPO, write_jsonl
 
 PPL_FILE = str(REPO / "data" / "eval" / "perplexity.txt")
@@ -78,7 +77,7 @@ def test_an_adapter_is_merged_in_full_precision_then_quantised(tiny_model_dir, t
     from transformers import AutoModelForCausalLM
 
     from medicalgpt.args import ModelArguments
-    from medicalgpt.modeling import load_model
+    from medicalgpt.model.loader import load_model
     from tests.helpers import qa_adapter
 
     adapter = qa_adapter(tmp_path_factory, tiny_model_dir)

@@ -14,15 +14,12 @@ import json
 import os
 import re
 
+from medicalgpt.errors import InputNotFoundError
+
 EXTENSIONS = {"pt": (".txt", ".json", ".jsonl"), "sft": (".json", ".jsonl"), "preference": (".json", ".jsonl")}
 TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON whitespace
-
-
-class InputNotFoundError(FileNotFoundError):
-    """A file or folder the user named is missing or holds no data: a one-line error (medicalgpt.cli.run_cli),
-    unlike a FileNotFoundError from the program's own files, which keeps its traceback."""
 
 
 def find_data_files(paths: str | list[str], stage: str | None) -> list[str]:

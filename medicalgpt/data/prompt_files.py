@@ -12,7 +12,8 @@ Every problem is reported as `path:line: error: field: what is wrong`, all of th
 
 import json
 
-from medicalgpt.data.validate import MESSAGE_ROLES, SHAREGPT_ROLES, DataValidationError, Issue
+from medicalgpt.data.validate import MESSAGE_ROLES, SHAREGPT_ROLES, Issue
+from medicalgpt.errors import DataValidationError
 
 PROMPT_FIELDS = ("prompt", "instruction", "question", "messages", "conversations")
 USER_SIDE = ("user", "observation")

@@ -25,10 +25,9 @@ from medicalgpt.data.shapes import (  # noqa: F401  (re-exported: the names user
     detect_stage,
     validate_record,
 )
+from medicalgpt.errors import MAX_SHOWN, DataValidationError
 
 logger = logging.getLogger(__name__)
-
-MAX_SHOWN = 20  # issues printed in full; the rest are counted
 
 
 @dataclass
@@ -45,21 +44,6 @@ class Issue:
         where = f"{self.path}:{self.line}" if self.line else self.path
         what = f"{self.field}: {self.message}" if self.field else self.message
         return f"{where}: {self.severity}: {what}"
-
-
-class DataValidationError(ValueError):
-    """Invalid records: `.errors` holds every Issue; the message shows the first MAX_SHOWN."""
-
-    def __init__(self, errors: list[Issue]):
-        self.errors = list(errors)
-        lines = [str(error) for error in self.errors[:MAX_SHOWN]]
-        if len(self.errors) > MAX_SHOWN:
-            lines.append(f"... and {len(self.errors) - MAX_SHOWN} more errors")
-        lines.append("Fix these records, or pass --skip_invalid_examples to skip them.")
-        super().__init__("\n".join(lines))
-
-    def __reduce__(self):  # pickles (for multiprocessing) from the issues, not from the message
-        return self.__class__, (self.errors,)
 
 
 @dataclass

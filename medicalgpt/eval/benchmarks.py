@@ -15,9 +15,8 @@ import glob
 import logging
 import os
 
-from medicalgpt.cli import UsageError
-from medicalgpt.data.files import InputNotFoundError
-from medicalgpt.data.validate import DataValidationError, Issue
+from medicalgpt.data.validate import Issue
+from medicalgpt.errors import DataValidationError, InputNotFoundError, UsageError
 from medicalgpt.eval.formats import FORMATS, check_rows, detect_format, read_rows
 from medicalgpt.eval.items import load_eval_items
 
@@ -155,8 +154,10 @@ def load_hub_benchmark(name, fmt, split, subjects, max_samples=None):
 
     fmt = HUB.get(name, fmt)
     if fmt in ("auto", "jsonl"):
-        raise UsageError(f"{name}: no such file or directory, nor a hub benchmark this tool knows ({', '.join(HUB)}; "
-                         "others: name their --format)")  # fmt: skip
+        raise UsageError(
+            f"{name}: no such file or directory, nor a hub benchmark this tool knows ({', '.join(HUB)}; "
+            "others: name their --format)"
+        )
     wanted = wanted_subjects(fmt, subjects)
     if fmt in PER_SUBJECT and wanted is None:
         raise UsageError(f"{name} has one configuration per subject: name them (--subjects medical or a,b,c)")
@@ -190,16 +191,26 @@ def hub_fields(fmt, row):
     """One hub row -> {question, options, answer, subject}; the hub's columns differ from the released files'."""
     if fmt == "mmlu":  # cais/mmlu: choices [..], answer 0-3
         answer = row.get("answer")
-        return {"question": row.get("question"), "options": row.get("choices"),
-                "answer": "ABCD"[answer] if isinstance(answer, int) and 0 <= answer < 4 else None}  # fmt: skip
+        return {
+            "question": row.get("question"),
+            "options": row.get("choices"),
+            "answer": "ABCD"[answer] if isinstance(answer, int) and 0 <= answer < 4 else None,
+        }
     if fmt == "medmcqa":  # the hub's cop is 0-3, -1 in the test split
         cop = row.get("cop")
-        return {"question": row.get("question"), "options": [row.get(k) for k in ("opa", "opb", "opc", "opd")],
-                "answer": "ABCD"[cop] if isinstance(cop, int) and 0 <= cop < 4 else None,
-                "subject": row.get("subject_name")}  # fmt: skip
+        return {
+            "question": row.get("question"),
+            "options": [row.get(k) for k in ("opa", "opb", "opc", "opd")],
+            "answer": "ABCD"[cop] if isinstance(cop, int) and 0 <= cop < 4 else None,
+            "subject": row.get("subject_name"),
+        }
     if fmt == "medqa":
-        return {"question": row.get("question"), "options": row.get("options"), "answer": row.get("answer_idx"),
-                "subject": row.get("meta_info")}  # fmt: skip
+        return {
+            "question": row.get("question"),
+            "options": row.get("options"),
+            "answer": row.get("answer_idx"),
+            "subject": row.get("meta_info"),
+        }
     question, answer = ("question", "answer") if fmt == "ceval" else ("Question", "Answer")
     options = {letter: row[letter] for letter in "ABCD" if letter in row}
     return {"question": row.get(question), "options": options, "answer": row.get(answer)}

@@ -21,7 +21,8 @@ import logging
 import math
 import re
 
-from medicalgpt.data.validate import DataValidationError, Issue
+from medicalgpt.data.validate import Issue
+from medicalgpt.errors import DataValidationError
 from medicalgpt.eval.items import answer_cue, choice_conversation, choice_text, pick_shots
 from medicalgpt.eval.scoring import context_length, next_token_logprobs, pad_id_of, span_logprobs
 from medicalgpt.templates import leading_bos
@@ -105,8 +106,9 @@ def predictions(scores, texts):
     return first_max(scores), first_max(per_char), first_max(per_byte)
 
 
-def run_choice(model, tokenizer, items, encode=None, n_shot=0, batch_size=8, progress=True, shot_pool=None,
-               target="letter"):  # fmt: skip
+def run_choice(
+    model, tokenizer, items, encode=None, n_shot=0, batch_size=8, progress=True, shot_pool=None, target="letter"
+):
     """acc, acc_norm, acc_bytes overall and per subject -> (metrics, per-item rows)."""
     was_training = model.training
     model.eval()
@@ -122,10 +124,20 @@ def run_choice(model, tokenizer, items, encode=None, n_shot=0, batch_size=8, pro
         prediction, norm, by_bytes = predictions(item_scores, texts)
         answer = item["answer"]
         rounded = {candidate: round(score, 4) for candidate, score in item_scores.items()}
-        rows.append({**item["record"], "source": item["source"], "subject": item["subject"],
-                     "prediction": prediction, "correct": prediction == answer, "prediction_norm": norm,
-                     "correct_norm": norm == answer, "correct_bytes": by_bytes == answer, "scores": rounded,
-                     "shots": shots})  # fmt: skip
+        rows.append(
+            {
+                **item["record"],
+                "source": item["source"],
+                "subject": item["subject"],
+                "prediction": prediction,
+                "correct": prediction == answer,
+                "prediction_norm": norm,
+                "correct_norm": norm == answer,
+                "correct_bytes": by_bytes == answer,
+                "scores": rounded,
+                "shots": shots,
+            }
+        )
     return choice_metrics(rows, [len(s) for s in scores]), rows
 
 
@@ -138,12 +150,16 @@ def choice_metrics(rows, candidate_counts):
     def summary(indices):
         correct = sum(rows[i]["correct"] for i in indices)
         n, acc = len(indices), correct / len(indices)
-        result = {"items": n, "correct": correct, "accuracy": acc,
-                  "acc_norm": sum(rows[i].get("correct_norm", rows[i]["correct"]) for i in indices) / n,
-                  "acc_bytes": sum(rows[i].get("correct_bytes", rows[i]["correct"]) for i in indices) / n,
-                  "acc_stderr": math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else None,
-                  "ci95": wilson_interval(correct, n),
-                  "chance": sum(1 / candidate_counts[i] for i in indices) / n}  # fmt: skip
+        result = {
+            "items": n,
+            "correct": correct,
+            "accuracy": acc,
+            "acc_norm": sum(rows[i].get("correct_norm", rows[i]["correct"]) for i in indices) / n,
+            "acc_bytes": sum(rows[i].get("correct_bytes", rows[i]["correct"]) for i in indices) / n,
+            "acc_stderr": math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else None,
+            "ci95": wilson_interval(correct, n),
+            "chance": sum(1 / candidate_counts[i] for i in indices) / n,
+        }
         return result
 
     overall = summary(range(len(rows)))
@@ -194,8 +210,16 @@ def run_choice_generate(generate, items, n_shot=0, shot_pool=None, batch_size=8)
     rows = []
     for item, reply in zip(items, replies):
         prediction = parse_choice(reply, item)
-        rows.append({**item["record"], "source": item["source"], "subject": item["subject"], "reply": reply,
-                     "prediction": prediction, "correct": prediction == item["answer"]})  # fmt: skip
+        rows.append(
+            {
+                **item["record"],
+                "source": item["source"],
+                "subject": item["subject"],
+                "reply": reply,
+                "prediction": prediction,
+                "correct": prediction == item["answer"],
+            }
+        )
     metrics = choice_metrics(rows, [len(candidates_of(item)) for item in items])
     metrics["unparsed"] = sum(row["prediction"] is None for row in rows)
     return metrics, rows

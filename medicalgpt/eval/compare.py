@@ -16,12 +16,12 @@ import os
 import urllib.error
 import urllib.request
 
-from medicalgpt.cli import UsageError
+from medicalgpt.errors import UsageError
 
 
 def model_specs(specs, chat_args, api_base=None):
     """["name=path", ...] -> [(name, ChatArguments of that model)], every local path checked before any loads."""
-    from medicalgpt.modeling import read_adapter_base
+    from medicalgpt.model.adapter import read_adapter_base
 
     models, names = [], set()
     for spec in specs:

@@ -189,8 +189,12 @@ def _cmexam(path):
             yield line, None, None, 'Options: expected one option a line, "A 选项"'
             continue
         subject = record.get(subject_key) if subject_key else None
-        yield line, {"question": record["Question"], "options": options, "answer": record["Answer"],
-                     "subject": subject}, record, None  # fmt: skip
+        yield (
+            line,
+            {"question": record["Question"], "options": options, "answer": record["Answer"], "subject": subject},
+            record,
+            None,
+        )
 
 
 def _option_lines(text):
@@ -224,8 +228,12 @@ def _cmb(path):
         options = record.get("option")
         if isinstance(options, dict):  # CMB leaves unused letters empty ("E": "")
             options = {key: text for key, text in options.items() if not _blank(text)}
-        fields = {"question": record.get("question"), "options": options, "answer": record.get("answer"),
-                  "subject": record.get("exam_subject")}  # fmt: skip
+        fields = {
+            "question": record.get("question"),
+            "options": options,
+            "answer": record.get("answer"),
+            "subject": record.get("exam_subject"),
+        }
         yield line, fields, record, None
 
 
@@ -235,8 +243,12 @@ def _medqa(path):
             yield line, None, None, problem
             continue
         subject = record.get("meta_info") if isinstance(record.get("meta_info"), str) else None
-        fields = {"question": record.get("question"), "options": record.get("options"),
-                  "answer": record.get("answer_idx"), "subject": subject}  # fmt: skip
+        fields = {
+            "question": record.get("question"),
+            "options": record.get("options"),
+            "answer": record.get("answer_idx"),
+            "subject": subject,
+        }
         yield line, fields, record, None
 
 
@@ -257,8 +269,12 @@ def _medmcqa(path):
         if cop is not None and cop != -1:
             answer = LETTERS[cop - base]
         options = [record.get(key) for key in ("opa", "opb", "opc", "opd")]
-        fields = {"question": record.get("question"), "options": options, "answer": answer,
-                  "subject": record.get("subject_name")}  # fmt: skip
+        fields = {
+            "question": record.get("question"),
+            "options": options,
+            "answer": answer,
+            "subject": record.get("subject_name"),
+        }
         yield line, fields, record, None
 
 

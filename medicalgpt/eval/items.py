@@ -18,8 +18,9 @@ import os
 import re
 import string
 
-from medicalgpt.data.files import InputNotFoundError, read_units
-from medicalgpt.data.validate import DataValidationError, Issue
+from medicalgpt.data.files import read_units
+from medicalgpt.data.validate import Issue
+from medicalgpt.errors import DataValidationError, InputNotFoundError
 from medicalgpt.eval.text_metrics import is_chinese
 
 logger = logging.getLogger(__name__)
@@ -199,7 +200,11 @@ def choice_sft_records(items):
     evaluate.py as the user turn, the answer letters as the assistant's: training on a benchmark's dev split
     teaches exactly what `--task choice` scores."""
     return [
-        {"messages": [{"role": "user", "content": choice_message(item)},
-                      {"role": "assistant", "content": item["answer"]}]}
+        {
+            "messages": [
+                {"role": "user", "content": choice_message(item)},
+                {"role": "assistant", "content": item["answer"]},
+            ]
+        }
         for item in items
-    ]  # fmt: skip
+    ]

@@ -11,7 +11,7 @@ GPTQ (`--method gptq`) quantises layer by layer on a GPU against calibration tex
 (`GPTQModel.load(path, QuantizeConfig(bits, group_size))`, `.quantize(calibration)`, `.save(folder)`); transformers
 reloads its output where gptqmodel is installed. Without CUDA it stops with a one-line error naming the flag.
 
-Perplexity: medicalgpt.eval.tasks.run_perplexity, the windows of `evaluate.py --task perplexity` (per token).
+Perplexity: medicalgpt.eval.perplexity.run_perplexity, the windows of `evaluate.py --task perplexity` (per token).
 Memory: `model.get_memory_footprint()` (weights and buffers, bytes), and the peak CUDA allocation where a GPU ran.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medicalgpt.cli import UsageError
+from medicalgpt.errors import UsageError
 
 logger = logging.getLogger("medicalgpt")
 
@@ -39,14 +39,18 @@ class QuantizeArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where the quantised model is written."})
     method: str = field(
         default="nf4",
-        metadata={"help": "nf4 (4-bit, bitsandbytes), int8 (8-bit, bitsandbytes) or gptq (gptqmodel, GPU).",
-                  "choices": METHODS},
-    )  # fmt: skip
+        metadata={
+            "help": "nf4 (4-bit, bitsandbytes), int8 (8-bit, bitsandbytes) or gptq (gptqmodel, GPU).",
+            "choices": METHODS,
+        },
+    )
     eval_file: str | None = field(
         default=None,
-        metadata={"help": "Text to measure perplexity on, before and after (.txt lines or .jsonl \"text\"; a folder "
-                  "is searched), as evaluate.py --task perplexity. Without it only memory is compared."},
-    )  # fmt: skip
+        metadata={
+            "help": 'Text to measure perplexity on, before and after (.txt lines or .jsonl "text"; a folder '
+            "is searched), as evaluate.py --task perplexity. Without it only memory is compared."
+        },
+    )
     block_size: int | None = field(
         default=None, metadata={"help": "Perplexity window in tokens (default: min(1024, model_max_length))."}
     )
@@ -54,9 +58,11 @@ class QuantizeArguments:
     batch_size: int = field(default=8, metadata={"help": "Windows per forward pass."})
     compute_dtype: str = field(
         default="auto",
-        metadata={"help": "Dtype of the unquantised parts and of 4-bit compute: auto (bfloat16 on GPU, float32 on "
-                  "CPU), bfloat16, float16, float32."},
-    )  # fmt: skip
+        metadata={
+            "help": "Dtype of the unquantised parts and of 4-bit compute: auto (bfloat16 on GPU, float32 on "
+            "CPU), bfloat16, float16, float32."
+        },
+    )
     bits: int = field(default=4, metadata={"help": "gptq: bits per weight (2, 3, 4 or 8)."})
     group_size: int = field(default=128, metadata={"help": "gptq: weights per quantisation group (-1: per column)."})
     calibration_file: str | None = field(
@@ -100,8 +106,9 @@ def check_backend(args):
         if importlib.util.find_spec("gptqmodel") is None:
             raise UsageError("--method gptq needs gptqmodel on a CUDA machine: pip install gptqmodel (README).")
         if not cuda_available():
-            raise UsageError("--method gptq needs a CUDA GPU (gptqmodel quantises on it); on CPU use --method nf4 "
-                             "or --method int8")  # fmt: skip
+            raise UsageError(
+                "--method gptq needs a CUDA GPU (gptqmodel quantises on it); on CPU use --method nf4 or --method int8"
+            )
 
 
 def cuda_available():
@@ -138,9 +145,11 @@ def bnb_config(method, compute_dtype):
     if method == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-    )  # fmt: skip
+    )
 
 
 def quantize_bnb(source, args, folder):
@@ -148,9 +157,12 @@ def quantize_bnb(source, args, folder):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        source, quantization_config=bnb_config(args.method, args.torch_dtype()), dtype=args.torch_dtype(),
-        device_map="auto" if torch.cuda.is_available() else None, trust_remote_code=args.trust_remote_code,
-    )  # fmt: skip
+        source,
+        quantization_config=bnb_config(args.method, args.torch_dtype()),
+        dtype=args.torch_dtype(),
+        device_map="auto" if torch.cuda.is_available() else None,
+        trust_remote_code=args.trust_remote_code,
+    )
     model.save_pretrained(folder)
 
 
@@ -158,7 +170,7 @@ def calibration_samples(tokenizer, records, count, max_length):
     """gptq calibration: the text as one token stream (documents tokenised as pretraining.py does, EOS-ended), cut
     into `count` samples of `max_length` tokens (fewer when the text is short); {"input_ids", "attention_mask"}
     each, the form GPTQModel.quantize accepts."""
-    from medicalgpt.eval.tasks import tokenize_documents
+    from medicalgpt.eval.perplexity import tokenize_documents
 
     stream = [token for doc in tokenize_documents(tokenizer, [r["text"] for r in records], False) for token in doc]
     samples = [stream[i : i + max_length] for i in range(0, len(stream), max_length)][:count]
@@ -184,7 +196,7 @@ def quantize_gptq(source, args, folder, calibration):
 
 def measure(model, tokenizer, records, args):
     """{"memory_bytes", "perplexity", "loss", "tokens"} of `model` (perplexity only with records)."""
-    from medicalgpt.eval.tasks import run_perplexity
+    from medicalgpt.eval.perplexity import run_perplexity
 
     figures = {"memory_bytes": int(model.get_memory_footprint())}
     if records:

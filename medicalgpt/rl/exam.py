@@ -10,8 +10,8 @@ prompt; the record keeps the answer letters and the option letters, the columns 
 
 import torch
 
-from medicalgpt.cli import UsageError
 from medicalgpt.data.files import find_data_files
+from medicalgpt.errors import UsageError
 from medicalgpt.eval.items import choice_message, load_eval_items
 from medicalgpt.rl import rollout
 from medicalgpt.rl.verifiable import choice_accuracy

@@ -5,7 +5,8 @@ Shapes: `[batch, response_len]` per response token unless said otherwise. A `mas
 
 The recipe follows the public write-ups of RLHF with PPO ("The N Implementation Details of RLHF with PPO"):
 reward = reward-model score on the last token minus a per-token KL penalty against the reference policy;
-advantages by GAE (gamma 1, lambda 0.95 for text), whitened per batch; clipped policy ratio and clipped value loss.
+advantages by GAE (gamma 1, lambda 0.95 for text), whitened per batch. The clipped policy and value losses that
+use them are in medicalgpt/rl/ppo_loss.py.
 """
 
 import math
@@ -136,26 +137,6 @@ def compute_gae(rewards, values, mask, gamma, lam):
         advantages[:, t] = last_advantage
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
-
-
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
-    """Clipped surrogate objective. Returns (loss, clip_fraction, approx_kl)."""
-    log_ratio = (logprobs - old_logprobs) * mask
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
-    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
-    approx_kl = 0.5 * masked_mean(log_ratio**2, mask)
-    return loss, clip_fraction, approx_kl
-
-
-def value_loss(values, old_values, returns, mask, cliprange_value):
-    """Clipped value loss: the worse of the unclipped and the clipped squared error, halved."""
-    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped_values - returns) ** 2), mask)
-    clip_fraction = masked_mean(((clipped_values - returns) ** 2 > (values - returns) ** 2).float(), mask)
-    return loss, clip_fraction
 
 
 LOGIT_CHUNK_ELEMENTS = 2**25  # logits turned to float32 at once: 128 MB, whatever the batch, length and vocabulary

@@ -13,28 +13,28 @@ which makes early value estimates far better than a random head's. Without LoRA 
 
 import contextlib
 import functools
-import json
 import logging
 import math
-import os
 import time
 
 import torch
 from accelerate import Accelerator, DistributedType
 from transformers import get_scheduler, set_seed
+from transformers.trainer_utils import TrainOutput
 
 from medicalgpt.rl import ppo_math as ppo
 from medicalgpt.rl import rollout
-from medicalgpt.rl.checkpoints import PPOCheckpoints
-from medicalgpt.rl.config import deepspeed_plugin, prepare_frozen, unwrapped_for_generation
-from medicalgpt.rl.losses import ppo_loss
 from medicalgpt.rl.models import PolicyAndValue, causal_logits, disable_dropout, left_pad
+from medicalgpt.rl.placement import deepspeed_plugin, prepare_frozen, unwrapped_for_generation
+from medicalgpt.rl.ppo_checkpoints import PPOCheckpoints
+from medicalgpt.rl.ppo_logs import PPOLogs
+from medicalgpt.rl.ppo_loss import ppo_loss
 from medicalgpt.rl.rewards import reward_model_input, score_sequences
 
 logger = logging.getLogger("medicalgpt")
 
 
-class PPOTrainer(PPOCheckpoints):
+class PPOTrainer(PPOCheckpoints, PPOLogs):
     """PPO on `train_prompts` (token id lists, each a rendered prompt up to the generation prompt).
 
     `stop_token_ids` end a response; `closing_ids` are what the template renders after the stop token (the reward
@@ -110,16 +110,13 @@ class PPOTrainer(PPOCheckpoints):
         return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     @property
+    def model_wrapped(self):
+        """The prepared (DDP / DeepSpeed) model, under Trainer's name for it."""
+        return self.model
+
+    @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
-
-    def _build_writer(self):
-        if "tensorboard" not in self.config.report_to or not self.accelerator.is_main_process:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        default = os.path.join(self.config.output_dir, "runs", time.strftime("%b%d_%H-%M-%S"))
-        return SummaryWriter(os.environ.get("TENSORBOARD_LOGGING_DIR", default))
 
     def _reference(self):
         """Context in which `self.unwrapped.policy` (or the separate copy) is the frozen reference policy."""
@@ -287,10 +284,12 @@ class PPOTrainer(PPOCheckpoints):
                     stats.append(step_stats)
         return {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
 
-    def train(self, resume_from=None):
+    def train(self, resume_from_checkpoint=None):
+        """Roll out and optimise until num_updates, from `resume_from_checkpoint` when given. Returns transformers'
+        TrainOutput, as Trainer.train does, so the scripts end every trainer the same way."""
         config, batches = self.config, self.batches()
-        if resume_from:
-            self.load_checkpoint(resume_from)
+        if resume_from_checkpoint:
+            self.load_checkpoint(resume_from_checkpoint)
             for _ in range(self.update):  # the same prompt order as the interrupted run
                 next(batches)
         logger.info(
@@ -315,32 +314,8 @@ class PPOTrainer(PPOCheckpoints):
                 self.log(self.evaluate())
             if config.save_strategy == "steps" and self.update % config.save_steps == 0:
                 self.save_checkpoint()
-        return {"train_runtime": time.time() - start, "episodes": self.update * self.global_batch}
-
-    def rollout_stats(self, batch):
-        """Means over all processes of what the rollout produced."""
-        per_response = torch.stack(
-            [
-                batch["scores"].float(),
-                batch["kl"].sum(1),
-                batch["mask"].sum(1),
-                batch["has_stop"].float(),
-            ],
-            dim=1,
-        )
-        means = self.accelerator.gather(per_response).mean(0).tolist()
-        score, kl, length, stop_rate = means
-        reward = score - batch["kl_coef"] * kl
-        lr = self.scheduler.get_last_lr()[0]
-        return {
-            "score": score,
-            "kl": kl,
-            "reward": reward,
-            "kl_coef": batch["kl_coef"],
-            "response_length": length,
-            "stop_rate": stop_rate,
-            "lr": lr,
-        }
+        metrics = {"train_runtime": time.time() - start, "episodes": self.update * self.global_batch}
+        return TrainOutput(global_step=self.update, training_loss=None, metrics=metrics)
 
     @torch.no_grad()
     def evaluate(self, prompts=None, greedy=False):
@@ -358,22 +333,6 @@ class PPOTrainer(PPOCheckpoints):
             "eval_score": torch.cat(scores).mean().item(),
             "eval_response_length": torch.cat(lengths).mean().item(),
         }
-
-    def log(self, stats):
-        entry = {
-            **{k: round(v, 6) for k, v in stats.items()},
-            "step": self.update,
-            "episode": self.update * self.global_batch,
-        }
-        self.log_history.append(entry)
-        if self.accelerator.is_main_process:
-            logger.info("update %d/%d %s", self.update, self.num_updates, json.dumps(entry))
-            if self.writer is not None:
-                for key, value in stats.items():
-                    self.writer.add_scalar(
-                        f"{'eval' if key.startswith('eval_') else 'train'}/{key}", value, self.update
-                    )
-                self.writer.flush()
 
 
 @contextlib.contextmanager

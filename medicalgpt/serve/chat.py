@@ -22,8 +22,9 @@ import torch
 from transformers import GenerationConfig
 
 from medicalgpt.args import ModelArguments
-from medicalgpt.model_paths import check_model_path
-from medicalgpt.modeling import load_model, load_model_with_adapter, load_tokenizer, read_adapter_base
+from medicalgpt.model.adapter import read_adapter_base
+from medicalgpt.model.loader import load_model, load_model_with_adapter, load_tokenizer
+from medicalgpt.model.paths import check_model_path
 from medicalgpt.serve.chat_stream import ChatStream
 from medicalgpt.serve.options import (  # noqa: F401 (GenerationOptions, Completion: imported from here by callers)
     ChatPrompt,
@@ -118,7 +119,7 @@ def load_chat_engine(args: ChatArguments):
     model_args = args.model_arguments()
     check_chat_paths(args)
     if args.lora_model and not read_adapter_base(args.lora_model):
-        from medicalgpt.cli import UsageError
+        from medicalgpt.errors import UsageError
 
         raise UsageError(f"--lora_model {args.lora_model}: not a LoRA adapter directory (no adapter_config.json); "
                          "pass a full model as --base_model")  # fmt: skip

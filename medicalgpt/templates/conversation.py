@@ -3,12 +3,7 @@ registry of named templates (`register_conv_template`, `get_conv_template`; the 
 
 from dataclasses import dataclass
 
-from medicalgpt.templates.tools import (
-    format_observation,
-    format_tool_calls,
-    format_tools,
-    parse_tools,
-)
+from medicalgpt.templates.tool_format import format_observation, format_tool_calls, format_tools, parse_tools
 
 PLACEHOLDER = "{content}"
 USER_ROLES = ("user", "observation")

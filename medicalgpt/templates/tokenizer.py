@@ -2,7 +2,7 @@
 (`build_template`), and the BOS a tokenizer adds in front of rendered text (`leading_bos`)."""
 
 from medicalgpt.templates.conversation import PromptMethods, conv_templates, get_conv_template, split_exchanges
-from medicalgpt.templates.tools import parse_tool_calls, parse_tools
+from medicalgpt.templates.tool_format import parse_tool_calls, parse_tools
 
 PROBE_ANSWER = "MEDICALGPT_PROBE_ANSWER"
 
@@ -113,7 +113,7 @@ def template_from_tokenizer(tokenizer, chat_template_kwargs: dict | None = None)
 
 def build_template(template_name, tokenizer):
     """--template_name from template.py, else the tokenizer's own chat template; a usage error when neither works."""
-    from medicalgpt.cli import UsageError
+    from medicalgpt.errors import UsageError
 
     try:
         return get_conv_template(template_name) if template_name else template_from_tokenizer(tokenizer)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from trl.experimental.gkd import GKDTrainer
 
-from medicalgpt.cli import UsageError
-from medicalgpt.modeling import load_model, load_tokenizer
+from medicalgpt.errors import UsageError
+from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.templates import leading_bos
 
 logger = logging.getLogger("medicalgpt")
@@ -75,7 +75,7 @@ def reconcile_distill_args(training_args, distill_args):
 def tokenize_for_distillation(record, template, tokenizer, max_length, max_prompt_length, system_prompt=None):
     """One normalised SFT record -> {"input_ids": [...], "completion_mask": [...]} per assistant turn: the prompt
     (everything before the turn, 0s in the mask) then the answer with its end-of-turn token (1s). The pieces are
-    encoded as SFT encodes them (medicalgpt.train.preprocess.tokenize_conversation), so the ids are SFT's."""
+    encoded as SFT encodes them (medicalgpt.processors.sft.tokenize_conversation), so the ids are SFT's."""
     system = record.get("system")
     turns = template.render_turns(
         record["messages"], system_prompt=system if system is not None else system_prompt, tools=record.get("tools")
@@ -88,17 +88,20 @@ def tokenize_for_distillation(record, template, tokenizer, max_length, max_promp
         if answer_ids:
             prompt_ids = context[-max_prompt_length:]
             kept = answer_ids[: max_length - len(prompt_ids)]
-            examples.append({
-                "input_ids": prompt_ids + kept,
-                "completion_mask": [0] * len(prompt_ids) + [1] * len(kept),
-                "prompt": text,  # unused where completion_mask is given, but trl 1.16's collator reads the key
-            })  # fmt: skip
+            examples.append(
+                {
+                    "input_ids": prompt_ids + kept,
+                    "completion_mask": [0] * len(prompt_ids) + [1] * len(kept),
+                    "prompt": text,  # unused where completion_mask is given, but trl 1.16's collator reads the key
+                }
+            )
         context, text = context + answer_ids, text + response
     return examples
 
 
-def prepare_distill_dataset(dataset, template, tokenizer, max_length, max_prompt_length, system_prompt=None,
-                            num_proc=None, desc_suffix=""):  # fmt: skip
+def prepare_distill_dataset(
+    dataset, template, tokenizer, max_length, max_prompt_length, system_prompt=None, num_proc=None, desc_suffix=""
+):
     """Dataset of normalised SFT records -> {"input_ids", "completion_mask", "prompt"}, one row per assistant turn,
     the columns trl's DataCollatorForChatML (GKDTrainer's collator) reads: it splits each row into prompt and answer
     at the mask's first 1. None (a split that was not asked for) gives None."""
@@ -112,14 +115,17 @@ def prepare_distill_dataset(dataset, template, tokenizer, max_length, max_prompt
             for record in records
             for row in tokenize_for_distillation(
                 record, template, tokenizer, max_length, max_prompt_length, system_prompt
-            )  # fmt: skip
+            )
         ]
         return {key: [row[key] for row in rows] for key in ("input_ids", "completion_mask", "prompt")}
 
     return dataset.map(
-        tokenize, batched=True, num_proc=num_proc, remove_columns=dataset.column_names,
+        tokenize,
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=dataset.column_names,
         desc=f"Tokenising prompts and answers{desc_suffix}",
-    )  # fmt: skip
+    )
 
 
 # -- models --------------------------------------------------------------------------------------------------------
@@ -130,9 +136,12 @@ def load_teacher(model_args, distill_args, training_args, student_tokenizer):
     share the student's vocabulary: the loss compares the two distributions token by token."""
     path = training_args.teacher_model_name_or_path
     teacher_args = dataclasses.replace(
-        model_args, model_name_or_path=path, tokenizer_name_or_path=None,
-        load_in_4bit=distill_args.teacher_load_in_4bit, load_in_8bit=distill_args.teacher_load_in_8bit,
-    )  # fmt: skip
+        model_args,
+        model_name_or_path=path,
+        tokenizer_name_or_path=None,
+        load_in_4bit=distill_args.teacher_load_in_4bit,
+        load_in_8bit=distill_args.teacher_load_in_8bit,
+    )
     if load_tokenizer(teacher_args).get_vocab() != student_tokenizer.get_vocab():
         raise UsageError(
             f"--teacher_model_name_or_path {path}: its tokenizer differs from the student's; distillation compares "
@@ -156,8 +165,9 @@ def fit_teacher_vocabulary(teacher, student, tokenizer):
             f"--teacher_model_name_or_path: the teacher has {teacher_size} vocabulary rows and the student {size} "
             f"(the tokenizer {len(tokenizer)} tokens); distillation needs the teacher to cover the student's"
         )
-    logger.info("The teacher's %d vocabulary rows are cut to the student's %d (no token uses the rest).",
-                teacher_size, size)  # fmt: skip
+    logger.info(
+        "The teacher's %d vocabulary rows are cut to the student's %d (no token uses the rest).", teacher_size, size
+    )
     teacher.resize_token_embeddings(size, mean_resizing=False)
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from medicalgpt.train.preprocess import IGNORE_INDEX, sequence_lengths
+from medicalgpt.constants import IGNORE_INDEX
+from medicalgpt.processors.sft import sequence_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,10 @@ def resolve_packing(training_args, model):
     if training_args.packing is None and not honours:
         logger.warning(
             "Packing is off: attention %r of %s is not known to keep packed conversations apart. "
-            "Pass --packing True if it does.", attention, type(model).__name__,
-        )  # fmt: skip
+            "Pass --packing True if it does.",
+            attention,
+            type(model).__name__,
+        )
     if not requested:
         training_args.packing = False
         if training_args.padding_free or (honours and attention in VARLEN_ATTENTION):
@@ -79,8 +82,11 @@ def pack_rows(dataset, max_length, num_proc=None, desc=""):
     tokens = sum(lengths)
     logger.info(
         "Packed %d conversations into %d rows of up to %d tokens (%.1f%% of the rows' tokens are padding).",
-        len(dataset), len(packed), row_length, 100 * (1 - tokens / max(1, len(packed) * row_length)),
-    )  # fmt: skip
+        len(dataset),
+        len(packed),
+        row_length,
+        100 * (1 - tokens / max(1, len(packed) * row_length)),
+    )
     return packed
 
 

@@ -18,9 +18,9 @@ import shutil
 import datasets
 import pyarrow as pa
 
-from medicalgpt.cli import UsageError
 from medicalgpt.data.files import find_data_files
 from medicalgpt.data.validate import FileReport, check_reports, check_usable, iter_file_records, iter_row_records
+from medicalgpt.errors import UsageError
 from medicalgpt.templates import build_template
 
 logger = logging.getLogger("medicalgpt")
@@ -42,7 +42,7 @@ FEATURES = {  # the normalised record of each stage (medicalgpt.data.shapes), as
             "rejected": _STRING,
             "source": _STRING,
         }
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -115,8 +115,11 @@ def _cached_records(digest, records, reports, stage, skip_invalid, overwrite):
             summary = json.load(f)
         logger.info(
             "Validated records reused from %s: %d records (%d skipped as invalid, %d warnings when validated).",
-            folder, summary["records"], summary["skipped"], summary["warnings"],
-        )  # fmt: skip
+            folder,
+            summary["records"],
+            summary["skipped"],
+            summary["warnings"],
+        )
         return datasets.Dataset.from_file(os.path.join(folder, RECORDS_FILE))
     staging = f"{folder}.partial-{os.getpid()}"
     try:
@@ -179,15 +182,23 @@ def cache_records(records, overwrite=False):
 
 def load_tokenized_preferences(data_args, training_args, pref_args, tokenizer):
     """Validated preference records -> tokenised (train, eval) datasets of prompt_ids / chosen_ids / rejected_ids."""
-    from medicalgpt.train.preprocess import prepare_preference_dataset
+    from medicalgpt.processors.preference import prepare_preference_dataset
 
     train_records, eval_records = load_stage_records(data_args, training_args, stage="preference")
     template = build_template(data_args.template_name, tokenizer)
     with training_args.main_process_first(desc="tokenising"):
         return tuple(
-            None if records is None else prepare_preference_dataset(
-                records, template, tokenizer, pref_args.max_source_length, pref_args.max_target_length,
-                data_args.system_prompt, data_args.preprocessing_num_workers, f" ({split})",
+            None
+            if records is None
+            else prepare_preference_dataset(
+                records,
+                template,
+                tokenizer,
+                pref_args.max_source_length,
+                pref_args.max_target_length,
+                data_args.system_prompt,
+                data_args.preprocessing_num_workers,
+                f" ({split})",
             )
             for split, records in (("train", train_records), ("eval", eval_records))
-        )  # fmt: skip
+        )

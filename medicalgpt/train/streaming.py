@@ -7,7 +7,7 @@ SFT get a `datasets.IterableDataset`. The Trainer cannot know its length, so --m
   records. No eval split is held out of a stream: give --validation_file_dir (or a hub `validation` split).
 - A hub dataset (--dataset_name) is streamed from the hub and validated as it is read: an invalid row stops the run
   with `dataset[split]:row`, or is skipped and counted with --skip_invalid_examples.
-- Tokenisation is the same code as without --streaming (medicalgpt.train.preprocess), batch by batch: PT documents
+- Tokenisation is the same code as without --streaming (medicalgpt.processors), batch by batch: PT documents
   are grouped into --block_size blocks per STREAM_BATCH documents (the same blocks as the cached path); SFT
   conversations are packed on the fly (best fit decreasing within each STREAM_BATCH conversations, trl's
   `pack_dataset`) when --packing says rows. Conversations cut or skipped to fit --model_max_length are counted and
@@ -19,16 +19,9 @@ import logging
 import datasets
 from trl.data_utils import pack_dataset
 
-from medicalgpt.cli import UsageError
 from medicalgpt.data.files import find_data_files
-from medicalgpt.data.validate import (
-    DataValidationError,
-    FileReport,
-    check_reports,
-    check_usable,
-    iter_file_records,
-    iter_row_records,
-)
+from medicalgpt.data.validate import FileReport, check_reports, check_usable, iter_file_records, iter_row_records
+from medicalgpt.errors import DataValidationError, UsageError
 from medicalgpt.train.records import FEATURES
 
 logger = logging.getLogger("medicalgpt")
@@ -95,9 +88,10 @@ def _file_records(files, stage):
 def _stream_hub_split(data_args, split, stage):
     options = {"name": data_args.dataset_name, "config": data_args.dataset_config_name, "split": split}
     return datasets.IterableDataset.from_generator(
-        _hub_records, gen_kwargs={**options, "stage": stage, "skip_invalid": data_args.skip_invalid_examples},
+        _hub_records,
+        gen_kwargs={**options, "stage": stage, "skip_invalid": data_args.skip_invalid_examples},
         features=FEATURES[stage],
-    )  # fmt: skip
+    )
 
 
 def _hub_records(name, config, split, stage, skip_invalid):
@@ -128,13 +122,17 @@ class OverlongCounter:
         if self.seen // LOG_EVERY > before // LOG_EVERY and (self.truncated or self.shortened or self.skipped):
             logger.warning(
                 "Streamed %d conversations: %d truncated, %d lost later turns, %d skipped to fit model_max_length=%d.",
-                self.seen, self.truncated, self.shortened, self.skipped, self.max_length,
-            )  # fmt: skip
+                self.seen,
+                self.truncated,
+                self.shortened,
+                self.skipped,
+                self.max_length,
+            )
         return keep
 
 
 def finish_sft_stream(dataset, max_length, pack=False):
-    """Tokenised SFT stream (medicalgpt.train.preprocess.prepare_sft_dataset) -> {"input_ids", "labels"} with the
+    """Tokenised SFT stream (medicalgpt.processors.sft.prepare_sft_dataset) -> {"input_ids", "labels"} with the
     skipped conversations dropped and counted; packed into rows of up to `max_length` tokens with their
     `seq_lengths` (trl's best fit decreasing, per STREAM_BATCH conversations) when `pack`."""
     counter = OverlongCounter(max_length)

@@ -1,4 +1,4 @@
-"""trl's DPO and ORPO trainers fed with pairs tokenised by `medicalgpt.train.preprocess.tokenize_preference`.
+"""trl's DPO and ORPO trainers fed with pairs tokenised by `medicalgpt.processors.preference.tokenize_preference`.
 
 Both trainers would otherwise re-tokenise text themselves and append the tokenizer's EOS, which is not always the
 template's end-of-turn token (Qwen2.5 base: `<|endoftext|>` vs `<|im_end|>`). Tokenising once, here, keeps the
@@ -8,7 +8,7 @@ prompt and the learned answer exactly as SFT and inference see them.
 from trl import DPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
-from medicalgpt.train.preprocess import IGNORE_INDEX
+from medicalgpt.constants import IGNORE_INDEX
 
 
 class PreTokenizedDPOTrainer(DPOTrainer):

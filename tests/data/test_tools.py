@@ -14,7 +14,8 @@ import build_domain_tokenizer
 import convert_dataset
 import validate_jsonl
 from medicalgpt.data.validate import validate_file
-from medicalgpt.data.vocab import INIT_FILE, resize_embeddings_for_tokenizer
+from medicalgpt.data.vocab import INIT_FILE
+from medicalgpt.model.embeddings import resize_embeddings_for_tokenizer
 from tests.helpers import FAST_FLAGS, REPO, write_jsonl
 
 FINETUNE = REPO / "data" / "finetune"
@@ -340,7 +341,7 @@ def test_extended_vocabulary_pretraining_then_merge_generates(tiny_model_dir, tm
         shapes = {key: f.get_slice(key).get_shape() for key in f.keys() if "modules_to_save" in key}
     assert shapes and all(shape[0] == len(tokenizer) for shape in shapes.values()), shapes
     from medicalgpt.args import ModelArguments
-    from medicalgpt.modeling import load_model
+    from medicalgpt.model.loader import load_model
 
     in_memory = load_model(ModelArguments(model_name_or_path=str(out)))  # SFT on the PT adapter folder loads it so
     assert in_memory.get_input_embeddings().weight.shape[0] == len(tokenizer)

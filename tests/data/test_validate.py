@@ -13,15 +13,8 @@ import datasets
 import pytest
 
 import validate_jsonl
-from medicalgpt.data.validate import (
-    DataValidationError,
-    Issue,
-    detect_stage,
-    find_data_files,
-    load_records,
-    normalize_rows,
-    validate_file,
-)
+from medicalgpt.data.validate import Issue, detect_stage, find_data_files, load_records, normalize_rows, validate_file
+from medicalgpt.errors import DataValidationError
 from tests.helpers import REPO
 
 BROKEN = "tests/assets/broken"

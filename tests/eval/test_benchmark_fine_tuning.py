@@ -70,7 +70,7 @@ def test_generated_letters_are_right_after_fine_tuning_locally_and_over_the_api(
 
 
 def test_compare_resolves_adapters_on_their_base(sft_adapter_dir, tiny_model_dir, tmp_path):
-    from medicalgpt.cli import UsageError
+    from medicalgpt.errors import UsageError
 
     chat = ChatArguments(base_model=None, template_name="qwen")
     (name, lora), (_, merged) = model_specs([f"lora={sft_adapter_dir}", f"merged={tiny_model_dir}"], chat)

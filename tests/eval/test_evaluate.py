@@ -13,7 +13,7 @@ import supervised_finetuning
 from medicalgpt.cli import run_cli
 from medicalgpt.eval.choice import encode_choice
 from medicalgpt.eval.items import choice_conversation, choice_message, choice_text, load_eval_items, pick_shots
-from medicalgpt.eval.tasks import perplexity_windows
+from medicalgpt.eval.perplexity import perplexity_windows
 from medicalgpt.eval.text_metrics import text_scores, text_tokens
 from tests.helpers import FAST_FLAGS, REPO, write_jsonl
 

@@ -138,8 +138,8 @@ def test_label_masks_of_every_upstream_sft_record_under_the_qwen_tokenizer(qwen)
     answers, each ending with <|im_end|>, nothing else is learned; the text is the official template's, and so are
     the ids except where an answer starts with whitespace holding a newline (prompt and answer are encoded apart)."""
     from medicalgpt.data.validate import find_data_files, load_records
+    from medicalgpt.processors.sft import tokenize_conversation
     from medicalgpt.templates import get_conv_template
-    from medicalgpt.train.preprocess import tokenize_conversation
 
     template = get_conv_template("qwen")
     records = load_records(find_data_files(str(UPSTREAM_SFT), "sft"), "sft", True)  # skips the 1 invalid record

@@ -8,12 +8,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ppo_training
 import supervised_finetuning
-from medicalgpt.cli import UsageError
-from medicalgpt.data.validate import DataValidationError
+from medicalgpt.errors import DataValidationError, UsageError
 from medicalgpt.rl.exam import exam_accuracy, load_exam_records
+from medicalgpt.rl.prompts import prepare_rl_prompts
 from medicalgpt.rl.rollout import stop_token_ids
 from medicalgpt.templates import build_template
-from medicalgpt.train.preprocess import prepare_rl_prompts
 from tests.helpers import FAST_FLAGS, REPO, write_jsonl
 
 SYMPTOMS = ["头痛", "咳嗽", "发烧", "胃痛", "腰痛", "失眠", "牙痛", "鼻塞", "腹泻", "皮疹", "耳鸣", "乏力"]
@@ -64,8 +63,11 @@ def greedy_accuracy(model_dir, records):
 
 
 def test_grpo_on_choice_accuracy_raises_the_share_of_right_answers(exam_setup, tmp_path):
-    out = tmp_path / "grpo"
-    ppo_training.main(grpo_argv(exam_setup, out, "--max_steps", "10"))
+    """Also --do_eval: after training, the held-out items' sampled reward is evaluated and saved (eval_results.json),
+    and it is the trained policy's: higher than the same evaluation of the SFT policy (--do_eval alone)."""
+    out, held_out = tmp_path / "grpo", write_jsonl(tmp_path / "held-out" / "exam.jsonl", HELD_OUT)
+    evaluation = ["--do_eval", "--validation_file_dir", str(held_out.parent)]
+    ppo_training.main(grpo_argv(exam_setup, out, "--max_steps", "10", *evaluation))
     before = greedy_accuracy(exam_setup["sft"], exam_setup["held_out"])
     after = greedy_accuracy(str(out), exam_setup["held_out"])
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -74,6 +76,16 @@ def test_grpo_on_choice_accuracy_raises_the_share_of_right_answers(exam_setup, t
     assert before <= 0.5, "the SFT policy answers each question with any letter"
     assert after == 1.0, "GRPO on choice_accuracy alone finds the rule, also on questions it never trained on"
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3, "the sampled reward rises too"
+
+    sft_only = tmp_path / "sft-eval"
+    argv = grpo_argv(exam_setup, sft_only, *evaluation)
+    argv.remove("--do_train")
+    ppo_training.main(argv)
+    trained = json.loads((out / "eval_results.json").read_text())["eval_rewards/choice_accuracy/mean"]
+    untrained = json.loads((sft_only / "eval_results.json").read_text())["eval_rewards/choice_accuracy/mean"]
+    print(f"held-out sampled reward (--do_eval): SFT {untrained}, GRPO {trained}")
+    assert trained > untrained + 0.3
+    assert not (sft_only / "train_results.json").exists(), "--do_eval alone trains nothing"
 
 
 def test_rewards_are_summed_with_their_weights(exam_setup, rm_adapter_dir, tmp_path):

@@ -11,7 +11,11 @@ import torch
 import ppo_training
 import reward_modeling
 import supervised_finetuning
+from medicalgpt.args import ModelArguments
+from medicalgpt.model.loader import load_model, load_tokenizer
+from medicalgpt.rl import build
 from medicalgpt.rl import ppo_math as ppo
+from medicalgpt.rl.ppo_loss import policy_loss, value_loss
 from tests.helpers import FAST_FLAGS, REPO, run, write_jsonl
 
 
@@ -37,14 +41,14 @@ def test_rewards_are_kl_penalties_plus_the_score_on_the_last_real_token():
 
 def test_policy_loss_clips_the_ratio_only_against_the_advantage():
     new, old, mask = torch.tensor([[0.0]]), torch.tensor([[math.log(0.5)]]), torch.ones(1, 1)  # ratio 2
-    loss, clip_fraction, _ = ppo.policy_loss(new, old, torch.tensor([[1.0]]), mask, cliprange=0.2)
+    loss, clip_fraction, _ = policy_loss(new, old, torch.tensor([[1.0]]), mask, cliprange=0.2)
     assert loss.item() == pytest.approx(-1.2) and clip_fraction.item() == 1.0
-    loss, clip_fraction, _ = ppo.policy_loss(new, old, torch.tensor([[-1.0]]), mask, cliprange=0.2)
+    loss, clip_fraction, _ = policy_loss(new, old, torch.tensor([[-1.0]]), mask, cliprange=0.2)
     assert loss.item() == pytest.approx(2.0) and clip_fraction.item() == 0.0
 
 
 def test_value_loss_takes_the_worse_of_clipped_and_unclipped():
-    loss, clip_fraction = ppo.value_loss(
+    loss, clip_fraction = value_loss(
         torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), cliprange_value=0.5
     )
     assert loss.item() == pytest.approx(0.5 * (1.5 - 3.0) ** 2) and clip_fraction.item() == 1.0
@@ -142,7 +146,7 @@ def test_tutorial_ppo_command_saves_a_policy_that_loads(sft_adapter_dir, rm_adap
     )
     assert list((out / "runs").rglob("events.out.tfevents.*"))
     policy = AutoModelForCausalLM.from_pretrained(out)  # no --use_peft: full weights
-    sft_merged = ppo_training.load_model(ppo_training.ModelArguments(model_name_or_path=sft_adapter_dir))
+    sft_merged = load_model(ModelArguments(model_name_or_path=sft_adapter_dir))
     changed = [
         n for n, p in policy.named_parameters() if not torch.equal(p.float(), sft_merged.state_dict()[n].float())
     ]
@@ -186,12 +190,12 @@ def test_critic_free_modes_use_the_same_reward_model(algorithm, rlhf_setup, tmp_
     AutoModelForSequenceClassification (the LoRA reward model merged with peft) scores its official rendering."""
     calls = []
 
-    class RecordingScorer(ppo_training.RewardModelScorer):
+    class RecordingScorer(build.RewardModelScorer):
         def __call__(self, *args, **kwargs):
             calls.append((self, super().__call__(*args, **kwargs)))
             return calls[-1][1]
 
-    monkeypatch.setattr(ppo_training, "RewardModelScorer", RecordingScorer)
+    monkeypatch.setattr(build, "RewardModelScorer", RecordingScorer)
     out = tmp_path / algorithm
     argv = ppo_argv(rlhf_setup, out, "--rl_algorithm", algorithm, "--max_steps", "2", "--num_generations", "4",
                     "--save_strategy", "no", "--missing_eos_penalty", "1.0")  # fmt: skip
@@ -226,7 +230,5 @@ def plain_reward_model(adapter_dir):
     base = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
-    model.config.pad_token_id = ppo_training.load_tokenizer(
-        ppo_training.ModelArguments(model_name_or_path=adapter_dir)
-    ).pad_token_id
+    model.config.pad_token_id = load_tokenizer(ModelArguments(model_name_or_path=adapter_dir)).pad_token_id
     return model

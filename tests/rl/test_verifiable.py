@@ -2,7 +2,7 @@
 
 import pytest
 
-from medicalgpt.data.validate import DataValidationError
+from medicalgpt.errors import DataValidationError
 from medicalgpt.rl.exam import load_exam_records, reward_columns
 from medicalgpt.rl.verifiable import VERIFIABLE_REWARDS, choice_accuracy, committed_letters, format_reward
 from tests.helpers import write_jsonl

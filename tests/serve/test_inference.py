@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from medicalgpt.data.validate import DataValidationError
+from medicalgpt.errors import DataValidationError
 from medicalgpt.serve.chat import ChatArguments, GenerationOptions, PromptTooLongError, load_chat_engine, until_stop
 from tests.helpers import ANSWERS, QA_PAIRS, REPO, free_port, qa_adapter, qa_engine, user, write_jsonl
 
@@ -109,7 +109,7 @@ def test_batched_left_padded_generation_equals_one_at_a_time(engine):
 
 
 def test_prompt_tokens_are_those_sft_trained_on(engine, tiny_tokenizer):
-    from medicalgpt.train.preprocess import tokenize_conversation
+    from medicalgpt.processors.sft import tokenize_conversation
 
     conversation = [*user("q1"), {"role": "assistant", "content": "a1"}, *user("q2")]
     trained = tokenize_conversation({"messages": [*conversation, {"role": "assistant", "content": "a2"}]},
@@ -226,7 +226,7 @@ def test_too_long_history_forgets_the_oldest_exchange(engine):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
 def test_use_vllm_without_vllm_says_what_to_install(tmp_path):
     import inference
-    from medicalgpt.cli import UsageError
+    from medicalgpt.errors import UsageError
 
     data = tmp_path / "q.txt"
     data.write_text("hi\n", encoding="utf-8")
@@ -236,7 +236,7 @@ def test_use_vllm_without_vllm_says_what_to_install(tmp_path):
 
 def test_a_full_model_passed_as_lora_model_is_a_clear_error(tiny_model_dir, tmp_path):
     import inference
-    from medicalgpt.cli import UsageError
+    from medicalgpt.errors import UsageError
 
     data = tmp_path / "q.txt"
     data.write_text("hi\n", encoding="utf-8")
@@ -287,17 +287,17 @@ def test_torchrun_two_processes_split_the_prompts_and_write_the_one_process_file
 
 
 def test_shards_are_contiguous_and_cover_the_input_once():
-    import inference
+    from medicalgpt.serve.batch_inference import shard
 
     items = list(range(7))
-    assert [inference.shard(items, rank, 3) for rank in range(3)] == [[0, 1], [2, 3], [4, 5, 6]]
-    assert [inference.shard(items[:1], rank, 2) for rank in range(2)] == [[], [0]]
+    assert [shard(items, rank, 3) for rank in range(3)] == [[0, 1], [2, 3], [4, 5, 6]]
+    assert [shard(items[:1], rank, 2) for rank in range(2)] == [[], [0]]
 
 
 @pytest.mark.parametrize("mode", [["--interactive"], ["--data_file", "q.txt", "--use_vllm", "True"]])
 def test_under_torchrun_only_transformers_batch_mode_runs(mode, monkeypatch, tmp_path):
     import inference
-    from medicalgpt.cli import UsageError
+    from medicalgpt.errors import UsageError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.chdir(tmp_path)

@@ -123,7 +123,7 @@ def test_fastapi_server_demo_command_serves_tool_calls(adapter, tiny_model_dir):
 
 
 def test_the_request_renders_as_sft_rendered_the_training_record(engine, client):
-    from medicalgpt.train.preprocess import tokenize_conversation
+    from medicalgpt.processors.sft import tokenize_conversation
 
     reply = client.chat.completions.create(model=MODEL, messages=ask(Q_BMI), tools=TOOLS, temperature=0)
     trained = tokenize_conversation(

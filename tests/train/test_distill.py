@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import distill_training
-from medicalgpt.cli import UsageError
+from medicalgpt.constants import IGNORE_INDEX
+from medicalgpt.errors import UsageError
+from medicalgpt.processors.sft import tokenize_conversation
 from medicalgpt.templates import get_conv_template
 from medicalgpt.train.distill import teacher_kl, tokenize_for_distillation
-from medicalgpt.train.preprocess import IGNORE_INDEX, tokenize_conversation
 from tests.helpers import CONVERSATION, FAST_FLAGS, REPO, qa_adapter, run, write_jsonl
 
 
@@ -66,7 +67,7 @@ def test_distillation_lowers_the_students_kl_to_the_teacher_on_held_out_prompts(
     from trl.experimental.gkd import GKDTrainer
 
     from medicalgpt.args import ModelArguments
-    from medicalgpt.modeling import load_model
+    from medicalgpt.model.loader import load_model
 
     on_policy = []
     generate = GKDTrainer.generate_on_policy_outputs
@@ -154,7 +155,7 @@ def test_a_4bit_teacher_loads_on_cpu_and_stays_close_to_its_full_precision_self(
     from trl.experimental.gkd import GKDConfig
 
     from medicalgpt.args import ModelArguments
-    from medicalgpt.modeling import load_model
+    from medicalgpt.model.loader import load_model
     from medicalgpt.train.distill import DistillArguments, load_teacher
 
     config = GKDConfig(output_dir="unused", teacher_model_name_or_path=teacher, bf16=False)

@@ -6,9 +6,10 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig
 
 import supervised_finetuning
-from medicalgpt.cli import UsageError, run_cli
-from medicalgpt.train.losses import add_chunked_lm_head, chunked_lm_loss
-from medicalgpt.train.preprocess import IGNORE_INDEX
+from medicalgpt.cli import run_cli
+from medicalgpt.constants import IGNORE_INDEX
+from medicalgpt.errors import UsageError
+from medicalgpt.train.chunked_loss import add_chunked_lm_head, chunked_lm_loss
 from tests.helpers import FAST_FLAGS, write_jsonl
 
 

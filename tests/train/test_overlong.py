@@ -7,8 +7,9 @@ import datasets
 import pytest
 
 import supervised_finetuning
+from medicalgpt.constants import IGNORE_INDEX
+from medicalgpt.processors.sft import PROMPT_SHARE, prepare_sft_dataset, tokenize_conversation
 from medicalgpt.templates import get_conv_template
-from medicalgpt.train.preprocess import IGNORE_INDEX, PROMPT_SHARE, prepare_sft_dataset, tokenize_conversation
 from tests.helpers import FAST_FLAGS, write_jsonl
 
 TEMPLATE = get_conv_template("qwen")

@@ -12,9 +12,10 @@ from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 import supervised_finetuning
+from medicalgpt.constants import IGNORE_INDEX
+from medicalgpt.processors.sft import prepare_sft_dataset, tokenize_conversation
 from medicalgpt.templates import get_conv_template
 from medicalgpt.train.packing import PackedRowsCollator, pack_rows, resolve_packing
-from medicalgpt.train.preprocess import IGNORE_INDEX, prepare_sft_dataset, tokenize_conversation
 from medicalgpt.train.records import cache_records
 from tests.helpers import FAST_FLAGS, write_jsonl
 

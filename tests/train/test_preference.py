@@ -10,9 +10,9 @@ import torch
 import dpo_training
 import orpo_training
 import reward_modeling
-from medicalgpt.data.validate import DataValidationError
+from medicalgpt.errors import DataValidationError
+from medicalgpt.processors.preference import tokenize_preference
 from medicalgpt.templates import get_conv_template
-from medicalgpt.train.preprocess import tokenize_preference
 from tests.helpers import FAST_FLAGS, REPO, global_step, run, write_jsonl
 
 RECORD = {
@@ -136,7 +136,7 @@ def test_malformed_preference_file_stops_before_anything_is_written(main, tiny_m
 
 def pairwise_accuracy(model_dir, data_dir, tokenizer):
     from medicalgpt.args import ModelArguments
-    from medicalgpt.modeling import load_model
+    from medicalgpt.model.loader import load_model
 
     model = load_model(ModelArguments(model_name_or_path=str(model_dir)), **reward_model_kwargs())
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -183,7 +183,7 @@ def test_reward_model_learns_to_prefer_seeing_a_doctor(tiny_model_dir, tiny_toke
 def logprob_margin(model_dir, data_dir, tokenizer):
     """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt)."""
     from medicalgpt.args import ModelArguments
-    from medicalgpt.modeling import load_model
+    from medicalgpt.model.loader import load_model
 
     model = load_model(ModelArguments(model_name_or_path=str(model_dir)))
     margins = []

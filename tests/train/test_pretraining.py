@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 import pretraining
-from medicalgpt.train.preprocess import IGNORE_INDEX, prepare_pretraining_dataset
+from medicalgpt.constants import IGNORE_INDEX
+from medicalgpt.processors.pt import prepare_pretraining_dataset
 from tests.helpers import FAST_FLAGS, REPO
 
 DOCS = ["发烧是身体对感染的一种反应。", "Drink water and rest.", "高血压患者应定期测量血压，按时服药。" * 3]

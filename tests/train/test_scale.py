@@ -10,7 +10,7 @@ import sys
 import datasets
 import pytest
 
-from medicalgpt.data.validate import DataValidationError
+from medicalgpt.errors import DataValidationError
 from medicalgpt.train.records import load_file_records
 from tests.helpers import ENV, REPO, write_jsonl
 
@@ -20,7 +20,7 @@ import resource, sys
 import datasets
 from transformers import AutoTokenizer
 from medicalgpt.templates import build_template
-from medicalgpt.train.preprocess import prepare_sft_dataset
+from medicalgpt.processors.sft import prepare_sft_dataset
 from medicalgpt.train.records import load_file_records
 
 datasets.disable_progress_bars()
@@ -105,8 +105,10 @@ def test_tokenised_data_is_reused_by_its_own_key_and_the_tokenizer_is_never_pick
 
     from datasets.fingerprint import Hasher
 
+    from medicalgpt.processors.fingerprint import tokenising_fingerprint
+    from medicalgpt.processors.pt import prepare_pretraining_dataset
+    from medicalgpt.processors.sft import prepare_sft_dataset
     from medicalgpt.templates import get_conv_template
-    from medicalgpt.train.preprocess import prepare_pretraining_dataset, prepare_sft_dataset, tokenising_fingerprint
 
     hashed = []
     original_hash = Hasher.hash

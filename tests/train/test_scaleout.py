@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import dpo_training
 import supervised_finetuning
-from medicalgpt.modeling import resolve_device_map
+from medicalgpt.model.loader import resolve_device_map
 from tests.helpers import FAST_FLAGS, run, write_jsonl
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -182,7 +182,8 @@ def test_fsdp_flag_sets_the_variable_the_device_map_reads(monkeypatch, tmp_path)
 
 
 def test_run_cli_reports_the_users_mistakes_on_one_line(tiny_model_dir, tmp_path, capsys):
-    from medicalgpt.cli import UsageError, run_cli
+    from medicalgpt.cli import run_cli
+    from medicalgpt.errors import UsageError
 
     missing = tmp_path / "no-such-data"
     argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(missing), "--do_train"]
@@ -243,7 +244,7 @@ def test_deepspeed_zero3_reward_model_and_dpo_adapters_load(tiny_model_dir, tmp_
     from transformers import AutoModelForSequenceClassification
 
     from medicalgpt.args import ModelArguments
-    from medicalgpt.modeling import load_model
+    from medicalgpt.model.loader import load_model
 
     pairs = [{"prompt": f"问题{i}", "chosen": "请去看医生。", "rejected": "多喝热水。"} for i in range(8)]
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)

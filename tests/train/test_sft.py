@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import supervised_finetuning
+from medicalgpt.processors.display import format_label_mask
+from medicalgpt.processors.sft import tokenize_conversation
 from medicalgpt.templates import get_conv_template, template_from_tokenizer
-from medicalgpt.train.preprocess import format_label_mask, tokenize_conversation
 from tests.helpers import CONVERSATION, FAST_FLAGS, REPO, learned_spans, write_jsonl
 
 
@@ -133,7 +134,7 @@ def test_sft_on_a_pt_adapter_chains_and_loads_whole(tiny_model_dir, tmp_path):
 
     import pretraining
     from medicalgpt.args import ModelArguments
-    from medicalgpt.modeling import load_model
+    from medicalgpt.model.loader import load_model
 
     pt_data = tmp_path / "pt.txt"
     pt_data.write_text("\n".join(f"第{i}条：发热时多喝水。" for i in range(20)), encoding="utf-8")
@@ -176,7 +177,7 @@ def test_upstream_sft_files_tokenise_with_tool_calls(tiny_tokenizer):
     import datasets
 
     from medicalgpt.data.validate import find_data_files, load_records
-    from medicalgpt.train.preprocess import prepare_sft_dataset
+    from medicalgpt.processors.sft import prepare_sft_dataset
 
     records = load_records(find_data_files(str(UPSTREAM_SFT), "sft"), "sft", skip_invalid=True)
     assert len(records) == 300 + 1000 + 999  # one upstream record has no answer at all: reported, skipped
@@ -203,7 +204,7 @@ def test_qlora_4bit_trains_the_adapter(tiny_model_dir, tmp_path):
 
 
 def test_unknown_template_is_a_usage_error_listing_the_known_ones(tiny_model_dir, tmp_path):
-    from medicalgpt.cli import UsageError
+    from medicalgpt.errors import UsageError
 
     data = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "头痛？", "output": "休息。"}])
     with pytest.raises(UsageError, match="qwen"):

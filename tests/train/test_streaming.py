@@ -9,8 +9,7 @@ from trl import SFTTrainer
 
 import pretraining
 import supervised_finetuning
-from medicalgpt.cli import UsageError
-from medicalgpt.data.validate import DataValidationError
+from medicalgpt.errors import DataValidationError, UsageError
 from medicalgpt.train.streaming import stream_file_records
 from tests.helpers import FAST_FLAGS, global_step, write_jsonl
 

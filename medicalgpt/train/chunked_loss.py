@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from medicalgpt.cli import UsageError
+from medicalgpt.constants import IGNORE_INDEX
+from medicalgpt.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 LOGITS_PER_CHUNK = 2**25  # ~128 MB of float32 logits per chunk: 220 tokens of Qwen's vocabulary, 11k of a 3k one
 
 

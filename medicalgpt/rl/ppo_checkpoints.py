@@ -84,9 +84,9 @@ class PPOCheckpoints:
             self.shaping.load_state_dict(state["reward_shaping"])
         logger.info("Resuming from %s (update %d of %d)", folder, self.update, self.num_updates)
 
-    def save_policy(self):
-        """The final policy in output_dir: a LoRA adapter (or merged weights with --merge_policy), the tokenizer and
-        trainer_state.json; loadable by inference.py and merge_peft_adapter.py."""
+    def save_model(self):
+        """The final policy in output_dir: a LoRA adapter (or merged weights with --merge_policy) and the tokenizer;
+        loadable by inference.py and merge_peft_adapter.py. Trainer's name, so the scripts end every trainer alike."""
         state = self.gathered_state()["policy"]
         if not self.accelerator.is_main_process:
             return
@@ -95,5 +95,9 @@ class PPOCheckpoints:
             policy, state = policy.merge_and_unload(), None
         policy.save_pretrained(self.config.output_dir, state_dict=state)
         self.tokenizer.save_pretrained(self.config.output_dir)
-        with open(os.path.join(self.config.output_dir, "trainer_state.json"), "w", encoding="utf-8") as f:
-            json.dump({"global_step": self.update, "log_history": self.log_history}, f, indent=2)
+
+    def save_state(self):
+        """trainer_state.json in output_dir: the updates done and the log history."""
+        if self.accelerator.is_main_process:
+            with open(os.path.join(self.config.output_dir, STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump({"global_step": self.update, "log_history": self.log_history}, f, indent=2)

@@ -16,14 +16,10 @@ An adapter's `adapter_config.json` names its base model. Training records an exi
 import os
 import sys
 
-from medicalgpt.cli import UsageError
+from medicalgpt.errors import ModelPathError
 
 HUB_PROBE_TIMEOUT_S = 5  # one request: a missing network fails in seconds, not after huggingface_hub's retries
 EXAMPLE_HUB_ID = "Qwen/Qwen2.5-0.5B-Instruct"
-
-
-class ModelPathError(UsageError):
-    """A model path that cannot be loaded: reported on one line, without a traceback (medicalgpt.cli.run_cli)."""
 
 
 def check_model_path(path, flag=None, cache_dir=None, revision=None, named_by=None):

@@ -1,10 +1,11 @@
 """Token lengths of validated records as training will tokenise them: the distribution, what truncation would cut,
 the supervised (learned) tokens lost, and records rendered with their label masks. Used by validate_jsonl.py.
 
-SFT records go through `preprocess.tokenize_conversation` (the exact SFT tokenisation and its default rule: whole
-turns are dropped from the end to fit `model_max_length`, a first exchange that alone is too long is cut).
-Preference records go through `preprocess.tokenize_preference` (the prompt keeps its last `max_source_length`
-tokens, each response its first `max_target_length`). Pretraining text is packed into blocks: nothing is cut.
+SFT records go through `processors.sft.tokenize_conversation` (the exact SFT tokenisation and its default rule:
+whole turns are dropped from the end to fit `model_max_length`, a first exchange that alone is too long is cut).
+Preference records go through `processors.preference.tokenize_preference` (the prompt keeps its last
+`max_source_length` tokens, each response its first `max_target_length`). Pretraining text is packed into blocks:
+nothing is cut.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import statistics
 import tempfile
 from dataclasses import dataclass, field
 
-from medicalgpt.train.preprocess import IGNORE_INDEX, format_label_mask, tokenize_conversation, tokenize_preference
+from medicalgpt.constants import IGNORE_INDEX
+from medicalgpt.processors.display import format_label_mask
+from medicalgpt.processors.preference import tokenize_preference
+from medicalgpt.processors.sft import tokenize_conversation
 
 UNLIMITED = 1 << 60
 
