@@ -49,10 +49,13 @@ def model_loading_fields(*names, **helps):
 
 
 ModelLoadingArguments = model_loading_fields(
-    "torch_dtype", "load_in_4bit", "load_in_8bit", "trust_remote_code",
+    "torch_dtype",
+    "load_in_4bit",
+    "load_in_8bit",
+    "trust_remote_code",
     torch_dtype="Weights dtype: auto, bfloat16, float16, float32 (default: float32 on CPU, else auto).",
     load_in_4bit="Load the weights in 4-bit NF4 (bitsandbytes).",
-)  # fmt: skip
+)
 
 
 @dataclass(kw_only=True)
@@ -121,8 +124,10 @@ def load_chat_engine(args: ChatArguments):
     if args.lora_model and not read_adapter_base(args.lora_model):
         from medicalgpt.errors import UsageError
 
-        raise UsageError(f"--lora_model {args.lora_model}: not a LoRA adapter directory (no adapter_config.json); "
-                         "pass a full model as --base_model")  # fmt: skip
+        raise UsageError(
+            f"--lora_model {args.lora_model}: not a LoRA adapter directory (no adapter_config.json); "
+            "pass a full model as --base_model"
+        )
     tokenizer = load_tokenizer(model_args, tokenizer_source(args))
     template = build_template(args.template_name, tokenizer)
     if args.lora_model:
@@ -134,8 +139,11 @@ def load_chat_engine(args: ChatArguments):
 
 def check_chat_paths(args):
     """--base_model, --lora_model and --tokenizer_path exist (or are loadable hub ids); else one line says which."""
-    for flag, path in (("--base_model", args.base_model), ("--lora_model", args.lora_model),
-                       ("--tokenizer_path", args.tokenizer_path)):  # fmt: skip
+    for flag, path in (
+        ("--base_model", args.base_model),
+        ("--lora_model", args.lora_model),
+        ("--tokenizer_path", args.tokenizer_path),
+    ):
         if path:
             check_model_path(path, flag)
 

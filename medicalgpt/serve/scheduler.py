@@ -135,8 +135,16 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, engine, max_batch_size=8, max_queue=16, request_timeout=300.0, buffer_limit=64,
-                 stall_timeout=30.0, prefill_chunk=256):  # fmt: skip
+    def __init__(
+        self,
+        engine,
+        max_batch_size=8,
+        max_queue=16,
+        request_timeout=300.0,
+        buffer_limit=64,
+        stall_timeout=30.0,
+        prefill_chunk=256,
+    ):
         self.engine, self.max_batch_size, self.max_queue = engine, max_batch_size, max_queue
         self.request_timeout, self.buffer_limit, self.stall_timeout = request_timeout, buffer_limit, stall_timeout
         self.prefill_chunk = prefill_chunk

@@ -59,8 +59,9 @@ class ChatService:
 
     def __init__(self, engine: ChatEngine, model_name, defaults: GenerationOptions, max_batch_size, limits):
         self.engine, self.model_name, self.defaults, self.limits = engine, model_name, defaults, limits
-        self.scheduler = Scheduler(engine, max_batch_size, limits.max_queue, limits.request_timeout,
-                                   limits.buffer_limit, limits.stall_timeout)  # fmt: skip
+        self.scheduler = Scheduler(
+            engine, max_batch_size, limits.max_queue, limits.request_timeout, limits.buffer_limit, limits.stall_timeout
+        )
 
     def encode(self, messages):
         try:
@@ -147,8 +148,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     completion = await service.complete(request, ids, options)
     message, finish_reason = reply_message(prompt, completion)
     choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
-    return {"id": reply_id, "object": "chat.completion", "created": created, "model": service.model_name,
-            "choices": [choice], "usage": usage_of(completion)}  # fmt: skip
+    return {
+        "id": reply_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": service.model_name,
+        "choices": [choice],
+        "usage": usage_of(completion),
+    }
 
 
 @router.post("/chat")
@@ -166,8 +173,14 @@ async def chat(body: ChatRequest, request: Request):
     return {"response": completion.text, "history": [*body.history, (body.input, completion.text)]}
 
 
-def build_app(engine: ChatEngine, model_name="medicalgpt", api_key=None, defaults=None, max_batch_size=8,
-              limits: ServerLimits | None = None):  # fmt: skip
+def build_app(
+    engine: ChatEngine,
+    model_name="medicalgpt",
+    api_key=None,
+    defaults=None,
+    max_batch_size=8,
+    limits: ServerLimits | None = None,
+):
     """The FastAPI app, behind the Gate (API key, body size). `defaults` (GenerationOptions) fill in what a request
     leaves out. `app.state.service.scheduler` is its generation worker."""
     limits = limits or ServerLimits()

@@ -55,8 +55,11 @@ def failure_body(error):
 
 def usage_of(completion):
     total = completion.prompt_tokens + completion.completion_tokens
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": total}  # fmt: skip
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": total,
+    }
 
 
 async def sse_events(ticket, reply_id, created, model_name, include_usage, prompt=None):
@@ -65,8 +68,14 @@ async def sse_events(ticket, reply_id, created, model_name, include_usage, promp
 
     def event(delta, finish_reason=None, **extra):
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                 "choices": [choice] if delta is not None else [], **extra}  # fmt: skip
+        chunk = {
+            "id": reply_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_name,
+            "choices": [choice] if delta is not None else [],
+            **extra,
+        }
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     def events_of(pairs):
