@@ -110,3 +110,19 @@ def text_of(content):
     if content is None:
         return None
     return content if isinstance(content, str) else "".join(part.text for part in content)
+
+
+def check_unicode(value, where="body"):
+    """HTTP 400 when a string anywhere in `value` (a request's model_dump) is not valid Unicode: JSON may carry lone
+    surrogates (\\ud800) that Python accepts and the tokenizer cannot encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise HTTPException(400, f"{where}: not valid Unicode text ({error.reason})") from error
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_unicode(item, f"{where}.{index}")

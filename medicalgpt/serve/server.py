@@ -29,7 +29,7 @@ from medicalgpt.serve.chat import ChatEngine
 from medicalgpt.serve.gate import Gate
 from medicalgpt.serve.options import GenerationOptions
 from medicalgpt.serve.scheduler import Cancelled, GenerationFailed, Scheduler, ServerBusy, ShuttingDown, TimedOut
-from medicalgpt.serve.schemas import ChatCompletionRequest, ChatRequest
+from medicalgpt.serve.schemas import ChatCompletionRequest, ChatRequest, check_unicode
 from medicalgpt.serve.sse import EventStream, error_body, failure_body, sse_events, usage_of
 from medicalgpt.serve.tool_calls import parse_tool_calls
 
@@ -136,6 +136,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = request.app.state.service
     if body.model not in (None, service.model_name):
         raise HTTPException(404, f"The model {body.model!r} does not exist; this server has {service.model_name!r}")
+    check_unicode(body.model_dump())
     prompt = body.prompt()
     ids = service.encode(prompt)
     options = service.options_for(body, len(ids))
@@ -162,6 +163,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def chat(body: ChatRequest, request: Request):
     """Upstream MedicalGPT's endpoint: {"input", "history": [[q, a], ...]} -> {"response", "history"}."""
     service = request.app.state.service
+    check_unicode(body.model_dump())
     messages = []
     for question, answer in body.history:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

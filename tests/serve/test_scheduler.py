@@ -91,6 +91,22 @@ def test_a_cancelled_generation_stops_within_a_step_and_a_cancelled_queued_one_n
         scheduler.close()
 
 
+def test_a_batch_mate_that_leaves_does_not_change_the_others_answers(engine):
+    scheduler = Scheduler(engine)
+    try:
+        with engine._lock:  # the worker waits for its first step
+            with scheduler._ready:  # the four arrive together: one batch
+                tickets = [scheduler.submit(engine.encode(user(question)), GREEDY) for question, _ in QA_PAIRS]
+            wait_until(lambda: not scheduler._pending)
+            tickets[1].cancel()  # dropped from its batch after the step under way
+        with pytest.raises(Cancelled):
+            result(tickets[1])
+        answers = [result(ticket).text for index, ticket in enumerate(tickets) if index != 1]
+        assert answers == [answer for index, (_, answer) in enumerate(QA_PAIRS) if index != 1]
+    finally:
+        scheduler.close()
+
+
 def test_a_request_whose_generation_raises_fails_alone_and_the_worker_goes_on(engine, monkeypatch):
     poison = engine.encode(user("poison"))
 

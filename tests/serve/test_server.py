@@ -147,6 +147,8 @@ BAD_REQUESTS = [
     ("/chat", {"input": ""}, 400),
     ("/chat", {"input": "hi", "history": [["only a question"]]}, 400),
     ("/chat", {"input": "发烧 " * 3000}, 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800 hi"}]}', 400),  # lone surrogate
+    ("/chat", b'{"input": "hi", "history": [["\\udfff", "a"]]}', 400),
 ]
 
 
