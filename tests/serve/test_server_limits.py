@@ -181,3 +181,12 @@ def test_a_signal_stops_the_server_within_seconds_with_generations_running_and_q
             server.kill()
         server.wait()
     assert os.path.isdir(model)
+
+
+@pytest.mark.parametrize("flag", ["--max_queue", "--max_tokens_limit", "--request_timeout"])
+def test_a_limit_below_1_is_a_one_line_error_before_the_model_loads(flag):
+    import fastapi_server_demo
+    from medicalgpt.errors import UsageError
+
+    with pytest.raises(UsageError, match="--max_queue, --max_tokens_limit, --max_batch_size must be >= 1"):
+        fastapi_server_demo.main(["--base_model", "no/such-model", flag, "0"])
