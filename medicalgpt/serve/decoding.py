@@ -13,6 +13,8 @@ A row ends at an end-of-turn token (counted, not shown), a stop string (the text
 or when dropped (its client left).
 """
 
+import inspect
+
 import torch
 from transformers import (
     DynamicCache,
@@ -83,6 +85,11 @@ class Decoding:
         self.processors = logits_processors(options)
         self.rows = [RowText(engine, options) for _ in prompts]
         self.dropped = [False] * len(prompts)
+        # Only the last position's logits are needed; a model whose forward predates logits_to_keep computes them all
+        # (a prefill chunk's worth). A forward taking **kwargs (a peft wrapper) hands it on to the model.
+        forward = inspect.signature(engine.model.forward).parameters.values()
+        takes = any(p.name == "logits_to_keep" or p.kind is inspect.Parameter.VAR_KEYWORD for p in forward)
+        self.last_only = {"logits_to_keep": 1} if takes else {}
 
     def live(self, row):
         return self.rows[row].finish is None and not self.dropped[row]
@@ -119,7 +126,7 @@ class Decoding:
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            **self.last_only,
         )
         return output.logits
 
