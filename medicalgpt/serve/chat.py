@@ -7,9 +7,9 @@
 A conversation is a list of {"role", "content"} messages (user / assistant, a leading system message optional) that
 ends with a user turn. It is rendered with the template and tokenised turn by turn exactly as SFT tokenised it, so
 the model sees at inference what it was trained on. Generation stops at the template's end-of-turn token (and the
-model's EOS tokens); batches are left-padded. Every `model.generate` call holds one lock: concurrent callers
-(server threads, gradio sessions) queue, never interleave. A stream runs generation in a worker thread and yields
-text as it is decoded; leaving the loop early (a stop button, a client that hangs up) ends the generation.
+model's EOS tokens); batches are left-padded. Every use of the model holds one lock (`_lock`): a `model.generate`
+call, a stream (chat_stream.py: generation in a thread, text as it is decoded, ended when the loop is left), or one
+step of the server's and the web page's scheduler (scheduler.py), which interleaves their generations step by step.
 """
 
 import dataclasses
