@@ -107,15 +107,49 @@ def test_a_failing_generation_gets_500_with_its_message_and_the_next_is_answered
         assert httpx.post(f"{url}/chat", json={"input": question}, timeout=30).json()["response"] == answer
 
 
+def asgi_post(body):
+    """The ASGI scope of `POST /v1/chat/completions` with this JSON body, as uvicorn builds it."""
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+            "headers": [(b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())]}  # fmt: skip
+
+
+def test_an_asgi_server_that_cancels_the_request_on_hang_up_cancels_its_generation(endless_engine):
+    """Hypercorn and timeout wrappers cancel the request's task instead of reporting a disconnect."""
+    app = build_app(endless_engine, "m")
+    scheduler = app.state.service.scheduler
+    body = json.dumps(LONG).encode()
+
+    async def run():
+        async def receive():
+            if not receive.done:
+                receive.done = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()
+
+        async def send(message):
+            raise AssertionError(f"nothing is sent to a client that is gone: {message}")
+
+        receive.done = False
+        task = asyncio.create_task(app(asgi_post(body), receive, send))
+        await asyncio.sleep(0.5)
+        assert scheduler.held == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    wait_until(lambda: scheduler.held == 0, 3)
+    assert settled(scheduler, 0.5) and scheduler.alive
+
+
 def test_a_stream_whose_client_stops_reading_is_ended_and_its_generation_stopped(endless_engine):
     app = build_app(endless_engine, "m", limits=ServerLimits(stall_timeout=0.5, buffer_limit=8))
     scheduler = app.state.service.scheduler
     body = json.dumps({**LONG, "stream": True}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode())]}  # fmt: skip
+    scope = asgi_post(body)
     sent = []
 
     async def run():
