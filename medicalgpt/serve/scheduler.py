@@ -52,15 +52,17 @@ class Ticket:
         self.completion, self.error, self.done = None, None, False
         self.cancel_reason = None
         self.parked_since = None  # when the reader last left buffer_limit pieces waiting
+        self.released = False  # no longer counted under max_queue (cancelled or ended)
         self._pieces = collections.deque()
         self._lock = threading.Lock()
         self._listener = None
 
     def cancel(self, reason="cancelled"):
-        """Stop this request's generation at the next step (or never start it). Safe from any thread, repeatable."""
+        """Stop this request's generation at the next step (or never start it). Safe from any thread, repeatable.
+        Its place under max_queue is freed at once: clients that hang up and ask again do not fill the queue."""
         if not self.done and self.cancel_reason is None:
             self.cancel_reason = reason
-            self.scheduler.wake()
+            self.scheduler.release(self)
 
     @property
     def backlog(self):
@@ -150,7 +152,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self._pending = collections.deque()
         self._batches = []  # [(Decoding, [Ticket per row])], stepped round-robin
-        self._held = 0  # requests pending or generating
+        self._held = 0  # requests pending or generating, not cancelled
         self._ready = threading.Condition()
         self._stop = threading.Event()
         self.steps = 0  # decoding steps taken (prefill chunks and tokens), for tests and logs
@@ -179,6 +181,14 @@ class Scheduler:
 
     def wake(self):
         with self._ready:
+            self._ready.notify()
+
+    def release(self, ticket):
+        """Stop counting `ticket` under max_queue (once), and wake the worker."""
+        with self._ready:
+            if not ticket.released:
+                ticket.released = True
+                self._held -= 1
             self._ready.notify()
 
     def stop(self):
@@ -299,6 +309,5 @@ class Scheduler:
     def _end(self, ticket, completion=None, error=None):
         if ticket.done:  # only this thread ends tickets: no race
             return
-        with self._ready:
-            self._held -= 1
+        self.release(ticket)
         ticket.finish(completion, error)

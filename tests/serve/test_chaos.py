@@ -94,6 +94,8 @@ class Client:
     def hang_up_during(self):
         body = {**LONG, "top_p": self.top_p, "stream": True}
         with self.http.stream("POST", "/v1/chat/completions", json=body) as stream:
+            if stream.status_code != 200:  # refused: a failure, not a hang-up
+                return self.record(f"hang-up during the answer: {stream.status_code}", False, 0)
             next(line for line in stream.iter_lines() if '"content"' in line)
         self.record("hang-up during the answer", None, 0)
 

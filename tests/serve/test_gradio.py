@@ -111,7 +111,8 @@ class PacedEngine:
 
 
 def generating(scheduler, seconds=0.5):
-    """Whether the worker took a step within `seconds`."""
+    """Whether the worker took a step within `seconds` (after the one that may be under way)."""
+    time.sleep(0.3)
     steps = scheduler.steps
     time.sleep(seconds)
     return scheduler.steps != steps

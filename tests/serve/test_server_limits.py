@@ -38,7 +38,8 @@ def wait_until(condition, seconds=10.0):
 
 
 def settled(scheduler, seconds=1.0):
-    """The worker takes no step for `seconds`: nothing is generating."""
+    """The worker takes no step for `seconds` (after the one that may be under way): nothing is generating."""
+    time.sleep(0.3)
     steps = scheduler.steps
     time.sleep(seconds)
     return scheduler.steps == steps
