@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole chain, each stage taking the previous stage's output:
-#   PT -> merge -> SFT -> RM -> PPO,   and   SFT -> DPO -> merge -> batch inference   (ORPO=1 adds ORPO)
+#   PT -> merge -> SFT -> RM -> PPO,   and   SFT -> DPO -> merge -> batch inference   (ORPO=1 adds ORPO; KTO=1 and
+#   SIMPO=1 add KTO and SimPO on the SFT adapter)
 # CHAIN=short runs SFT -> DPO -> merge only (the quickstart on a real model, on CPU).
 # ANSWERS=questions.jsonl asks the model those questions (greedy, ANSWER_TOKENS new tokens) before training, after
 # SFT and at the end; the summary shows the answers side by side.
 # It stops at the first failing stage and names it. Every run_*.sh override applies (MODEL, NPROC_PER_NODE, ...);
-# EXTRA_ARGS_<STAGE> (PT, SFT, RM, PPO, DPO, ORPO) add flags to one stage, after EXTRA_ARGS.
+# EXTRA_ARGS_<STAGE> (PT, SFT, RM, PPO, DPO, ORPO, KTO, SIMPO) add flags to one stage, after EXTRA_ARGS.
 #   MODEL=Qwen/Qwen2.5-0.5B sh run_pipeline.sh
 #   SUMMARY=1 writes outputs-pipeline-summary.json and a loss-curve PNG per stage (python -m medicalgpt.quickstart.summary).
 [ -z "${BASH_VERSION:-}" ] && exec bash "$0" "$@"
@@ -77,6 +78,14 @@ runs+=(DPO="$DPO_OUTPUT")
 if [ "${ORPO:-0}" = 1 ]; then
     OUTPUT_DIR=${PREFIX}outputs-orpo-qwen-v1 MODEL=$BASE_MODEL run_stage ORPO run_orpo.sh
     runs+=(ORPO="${PREFIX}outputs-orpo-qwen-v1")
+fi
+if [ "${KTO:-0}" = 1 ]; then
+    OUTPUT_DIR=${PREFIX}outputs-kto-qwen-v1 MODEL=$SFT_OUTPUT run_stage KTO run_kto.sh
+    runs+=(KTO="${PREFIX}outputs-kto-qwen-v1")
+fi
+if [ "${SIMPO:-0}" = 1 ]; then
+    OUTPUT_DIR=${PREFIX}outputs-simpo-qwen-v1 MODEL=$SFT_OUTPUT LOSS_TYPE=simpo run_stage SIMPO run_cpo.sh
+    runs+=(SIMPO="${PREFIX}outputs-simpo-qwen-v1")
 fi
 merge MERGE_FINAL "$DPO_OUTPUT" "$FINAL"
 runs+=(MERGE_FINAL="$FINAL")

@@ -5,6 +5,7 @@ The checks are those the training scripts run (medicalgpt/data/validate.py): wha
 
     python validate_jsonl.py data/finetune --stage sft
     python validate_jsonl.py data/reward/dpo_zh_500.jsonl --stage preference
+    python validate_jsonl.py data/kto --stage kto                        # KTO: one answer and a true/false label
     python validate_jsonl.py data/pretrain data/finetune data/reward    # each record's stage is inferred
     python validate_jsonl.py data --quiet                                # errors and the total only
 
@@ -82,7 +83,7 @@ def token_report(args, records) -> None:
     transformers.utils.logging.set_verbosity_error()  # not "sequence longer than model_max_length": we count those
     tokenizer = load_tokenizer(ModelArguments(tokenizer_name_or_path=args.tokenizer))
     by_stage = {stage: [r for r in records if record_stage(r) == stage] for stage in STAGES}
-    chats = by_stage["sft"] or by_stage["preference"]
+    chats = by_stage["sft"] or by_stage["preference"] or by_stage["kto"]
     template = None
     if chats:
         template = get_conv_template(args.template_name) if args.template_name else template_from_tokenizer(tokenizer)
@@ -93,6 +94,7 @@ def token_report(args, records) -> None:
         "pt": "",
         "sft": f"model_max_length {args.model_max_length}" if args.model_max_length else "",
         "preference": f"max_source_length {args.max_source_length} / max_target_length {args.max_target_length}",
+        "kto": f"max_source_length {args.max_source_length} / max_target_length {args.max_target_length}",
     }
     reports = []
     for stage, stage_records in by_stage.items():

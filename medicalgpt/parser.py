@@ -25,6 +25,7 @@ from transformers.hf_argparser import string_to_bool
 
 from medicalgpt.args import LegacyArguments
 from medicalgpt.device import fit_to_device
+from medicalgpt.loss_types import check_loss_options, given_options, loss_table
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -36,6 +37,7 @@ def parse_args(config_class, *dataclass_types, argv=None, description=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if description is None:
         description = inspect.currentframe().f_back.f_globals.get("__doc__")
+    description = "\n".join(filter(None, [description, loss_table(config_class)]))  # which --loss_type when
     shared = {f.name for f in dataclasses.fields(config_class)}
     ours = [_without_fields(cls, shared) for cls in dataclass_types]
     training = f"training ({config_class.__name__}: the trainer's options, as transformers / trl document them)"
@@ -61,6 +63,7 @@ def parse_args(config_class, *dataclass_types, argv=None, description=None):
     except ValueError as error:
         _fail(str(error))
     config.overwrite_output_dir = legacy.overwrite_output_dir
+    check_loss_options(config, given_options(argv))  # UsageError: a loss type that cannot work with the options
     return (config, *others)
 
 

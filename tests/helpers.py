@@ -1,9 +1,12 @@
 """What the tests share: paths, the flags of a fast in-process run, writing JSONL, running a script as a user does,
-and (for the inference, merge, server and gradio tests) a LoRA adapter that learned four answers by heart."""
+(for the inference, merge, server and gradio tests) a LoRA adapter that learned four answers by heart, and (for the
+preference methods' learning tests) answers that do or do not send the patient to a doctor, with the held-out
+log-prob margin between them."""
 
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import threading
@@ -154,3 +157,71 @@ def learned_spans(input_ids, labels):
         elif current:
             spans, current = spans + [current], []
     return spans + [current] if current else spans
+
+
+def answer_corpus():
+    """The labelled replies of tests/assets/answers/*.jsonl (the answer reader's corpus), file by file, in order."""
+    paths = sorted((REPO / "tests" / "assets" / "answers").glob("*.jsonl"))
+    return [json.loads(line) for path in paths for line in path.open(encoding="utf-8")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The preference methods' learning tests (DPO, ORPO, IPO, SimPO, KTO, the reward model): a preference the tiny model
+# does not have, answers that recommend seeing a doctor over ones that dismiss the symptom, learned on 8 symptoms and
+# measured on 4 others.
+# ---------------------------------------------------------------------------------------------------------------------
+
+SYMPTOMS = ["发烧", "咳嗽", "头痛", "胸闷", "腹泻", "皮疹", "失眠", "腰痛", "耳鸣", "眼睛红", "喉咙痛", "关节痛"]
+SUBJECTS = ["孩子", "老人", "我", "我妈妈", "同事", "孕妇"]
+ADVICE = ["建议尽快去医院看医生。", "请及时就医，让医生检查。", "最好去医院做个检查。", "应该找医生面诊。"]
+DISMISSAL = ["不要紧，在家随便吃点药。", "没事的，忍一忍就好了。", "不用管它，过几天自己好。", "随便找点偏方试试。"]
+
+
+def doctor_pairs(symptoms, seed):
+    """Chosen answers recommend seeing a doctor; rejected ones do not. Wording varies from pair to pair."""
+    rng = random.Random(seed)
+    pairs = []
+    for symptom in symptoms:
+        for subject in SUBJECTS:
+            opening = rng.choice(["", f"{symptom}的原因很多，", f"{subject}{symptom}时，"])
+            pairs.append({"prompt": f"{subject}{symptom}了怎么办？", "chosen": opening + rng.choice(ADVICE),
+                          "rejected": opening + rng.choice(DISMISSAL)})  # fmt: skip
+    rng.shuffle(pairs)
+    return pairs
+
+
+def write_doctor_data(root):
+    """(train folder, held-out folder) of doctor pairs: 48 pairs on 8 symptoms, 24 on the 4 others."""
+    train = write_jsonl(Path(root) / "train" / "pairs.jsonl", doctor_pairs(SYMPTOMS[:8], seed=0))
+    held_out = write_jsonl(Path(root) / "eval" / "pairs.jsonl", doctor_pairs(SYMPTOMS[8:], seed=1))
+    return train.parent, held_out.parent
+
+
+def pair_tokens(data_dir, tokenizer, template="qwen"):
+    from medicalgpt.data.validate import find_data_files, load_records
+    from medicalgpt.processors.preference import tokenize_preference
+    from medicalgpt.templates import get_conv_template
+
+    records = load_records(find_data_files(str(data_dir), "preference"), "preference")
+    return [tokenize_preference(r, get_conv_template(template), tokenizer, 512, 128) for r in records]
+
+
+def logprob_margin(model_dir, data_dir, tokenizer, template="qwen"):
+    """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt)."""
+    import torch
+
+    from medicalgpt.args import ModelArguments
+    from medicalgpt.model.loader import load_model
+
+    model = load_model(ModelArguments(model_name_or_path=str(model_dir)))
+    margins = []
+    for pair in pair_tokens(data_dir, tokenizer, template):
+        scores = []
+        for answer in (pair["chosen_ids"], pair["rejected_ids"]):
+            ids = torch.tensor([pair["prompt_ids"] + answer])
+            with torch.no_grad():
+                logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+            targets = ids[0, 1:]
+            scores.append(logprobs[-len(answer) :].gather(1, targets[-len(answer) :, None]).sum().item())
+        margins.append(scores[0] - scores[1])
+    return sum(margins) / len(margins)

@@ -291,7 +291,8 @@ def test_run_ppo_policy_and_reward_model_each_have_their_explicit_override(scrip
 
 SCRIPTS = ["pretraining.py", "supervised_finetuning.py", "reward_modeling.py", "ppo_training.py", "dpo_training.py",
            "orpo_training.py", "inference.py", "merge_peft_adapter.py", "gradio_demo.py", "fastapi_server_demo.py",
-           "evaluate.py", "validate_jsonl.py", "convert_dataset.py", "build_domain_tokenizer.py"]  # fmt: skip
+           "evaluate.py", "validate_jsonl.py", "convert_dataset.py", "build_domain_tokenizer.py", "kto_training.py",
+           "cpo_training.py"]  # fmt: skip
 
 
 def help_of(script, capsys):

@@ -8,6 +8,7 @@
 - `# fmt: skip` only where a table needs it: the count is docs/DESIGN.md's;
 - only the modules named in CONFIG_WRITERS change a trainer's config after the parser settled it;
 - every training script ends the same way: train, save, evaluate, end_training;
+- every `.map` of the package names its progress bar (`desc=`, or `**map_options(...)`, which gives one);
 - docs/DESIGN.md's layout names every package module and every script, each in its folder;
 - a test module imports shared test code only from tests/helpers.py (fixtures come from tests/conftest.py).
 """
@@ -35,8 +36,8 @@ LARGE_MODULES = {
 # answers, precision, sharding and loss_types are root modules other branches add (issues 25, 26, 29).
 FLOORS = {
     1: ("errors", "constants"),
-    2: ("cli", "args", "device", "templates", "data", "answers", "precision", "sharding"),
-    3: ("parser", "model", "processors", "loss_types"),
+    2: ("cli", "args", "device", "templates", "data", "answers", "precision", "sharding", "loss_types"),
+    3: ("parser", "model", "processors"),
     4: ("serve",),
     5: ("eval", "train"),
     6: ("rl", "export", "quickstart"),
@@ -54,7 +55,8 @@ CONFIG_NAMES = ("training_args", "config")  # what the scripts and the package c
 TRAINING_ENDING = ("train", "save_model", "log_metrics", "save_metrics", "save_state")
 TRAINING_ENDING += ("evaluate", "log_metrics", "save_metrics")
 TRAINING_SCRIPTS = ("pretraining.py", "supervised_finetuning.py", "reward_modeling.py", "dpo_training.py")
-TRAINING_SCRIPTS += ("orpo_training.py", "distill_training.py", "ppo_training.py")
+TRAINING_SCRIPTS += ("orpo_training.py", "distill_training.py", "ppo_training.py", "kto_training.py")
+TRAINING_SCRIPTS += ("cpo_training.py",)
 # Test modules that still import from another test module: {importer: imported}. Move the shared piece into
 # tests/helpers.py and drop the entry.
 TEST_IMPORTS_TO_MOVE = {
@@ -339,6 +341,18 @@ def test_every_training_script_ends_the_same_way(script):
     assert tuple(calls[-len(TRAINING_ENDING) :]) == TRAINING_ENDING, f"{script} ends with trainer.{calls}"
     last_calls = [node for node in main.body if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)]
     assert any(getattr(call.value.func, "id", None) == "end_training" for call in last_calls[-2:])
+
+
+def test_every_map_names_its_progress_bar():
+    unnamed = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "map":
+                keywords = {keyword.arg for keyword in node.keywords}
+                spread = [k.value for k in node.keywords if k.arg is None and isinstance(k.value, ast.Call)]
+                if "desc" not in keywords and not any(getattr(c.func, "id", "") == "map_options" for c in spread):
+                    unnamed.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not unnamed, f".map without desc=: {unnamed}"
 
 
 def documented_layout():

@@ -16,7 +16,12 @@ import re
 
 from medicalgpt.errors import InputNotFoundError
 
-EXTENSIONS = {"pt": (".txt", ".json", ".jsonl"), "sft": (".json", ".jsonl"), "preference": (".json", ".jsonl")}
+EXTENSIONS = {
+    "pt": (".txt", ".json", ".jsonl"),
+    "sft": (".json", ".jsonl"),
+    "preference": (".json", ".jsonl"),
+    "kto": (".json", ".jsonl"),
+}
 TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON whitespace

@@ -4,6 +4,8 @@ Normalised records, one shape per stage (the loaders in medicalgpt.data.validate
     pt          {"text": str}
     sft         {"messages": [{"role": str, "content": str}, ...], "system": str | None, "tools": str | None}
     preference  the sft shape, its messages ending with a user-side turn, plus "chosen": str and "rejected": str
+    kto         the preference context plus "completion": str, "label": bool, "rejected": str | None
+                (medicalgpt.data.unpaired: unpaired answers with a label, and preference pairs split in two)
 Roles: user, assistant, function_call (assistant side: a tool call), observation (user side: a tool result).
 Problems are collected by a Checker as (severity, field, message); the caller says where (path:line).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-STAGES = ("pt", "sft", "preference")
+STAGES = ("pt", "sft", "preference", "kto")
 USER_SIDE = ("user", "observation")
 SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -28,13 +30,17 @@ SHAPES = {  # what each stage accepts, for "unknown shape" errors
     "sft": "record has none of the SFT fields: expected 'conversations', 'messages' or 'instruction'+'output'",
     "preference": "record has none of the preference fields: expected 'chosen'+'rejected' with 'prompt' or "
     "'conversations', or 'question'+'response_chosen'+'response_rejected'",
+    "kto": "record has none of the KTO fields: expected 'label' with 'prompt'+'completion', 'conversations', "
+    "'messages' or 'instruction'+'output', or a preference pair ('chosen'+'rejected')",
     None: "record has none of the known fields: expected 'text' (pt), 'conversations', 'messages' or "
-    "'instruction'+'output' (sft), or 'chosen'+'rejected' (preference)",
+    "'instruction'+'output' (sft), 'chosen'+'rejected' (preference), or one of those with 'label' (kto)",
 }
+UNPAIRED_KEYS = ("completion", "conversations", "messages", "instruction", "prompt")  # with "label": a KTO record
 STAGE_KEYS = {
     "pt": "'text'",
     "sft": "'conversations', 'messages' or 'instruction'",
     "preference": "'chosen'/'rejected'",
+    "kto": "'label'",
 }
 
 
@@ -85,6 +91,8 @@ def _string(obj: dict, key: str, where: str, ck: Checker, required: bool = True)
 def detect_stage(record: dict) -> str | None:
     if not isinstance(record, dict):
         return None
+    if "label" in record and any(key in record for key in UNPAIRED_KEYS):
+        return "kto"
     if any(key in record for key in ("chosen", "rejected", "response_chosen", "response_rejected")):
         return "preference"
     if any(key in record for key in ("conversations", "messages", "instruction")):
@@ -311,7 +319,9 @@ def validate_record(value, stage: str | None, ck: Checker) -> tuple[dict | None,
     if not isinstance(value, dict):
         ck.error("", f"expected a JSON object, got {_kind(value)}")
         return None, ""
-    found = detect_stage(value)
+    found = detect_stage(
+        value
+    )  # "kto" is medicalgpt.data.unpaired's (validate_labelled), which calls this for the rest
     if found is None:
         ck.error("", f"{SHAPES[stage]} (got keys: {', '.join(map(str, value)) or 'none'})")
         return None, ""

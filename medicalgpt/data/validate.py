@@ -25,6 +25,7 @@ from medicalgpt.data.shapes import (  # noqa: F401  (re-exported: the names user
     detect_stage,
     validate_record,
 )
+from medicalgpt.data.unpaired import validate_labelled
 from medicalgpt.errors import MAX_SHOWN, DataValidationError
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def iter_units_records(report: FileReport, units, stage: str | None):
             ck.error("", problem)
             record = None
         else:
-            record, kind = validate_record(value, stage, ck)
+            record, kind = validate_labelled(value, stage, ck)
         for severity, where, message in ck.items:
             issues = report.errors if severity == "error" else report.warnings
             issues.append(Issue(report.path, line, severity, where, message))

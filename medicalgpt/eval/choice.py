@@ -12,15 +12,16 @@ texts. Ties go to the first candidate in option order, as numpy's argmax does. E
 standard error (sqrt(p(1 - p) / (n - 1))) and a 95% Wilson interval, overall and per subject.
 
 Generate (`run_choice_generate`): the model answers the chat-format prompt and the letter(s) are parsed from the
-reply (`parse_choice`); an unparsable reply counts as wrong and is reported.
+reply (`parse_choice`, by medicalgpt/answers.py: the reader GRPO's choice_accuracy reward uses); a reply that commits
+to no option counts as wrong and is reported as unparsed.
 """
 
 import collections
 import itertools
 import logging
 import math
-import re
 
+from medicalgpt.answers import read_answer
 from medicalgpt.data.validate import Issue
 from medicalgpt.errors import DataValidationError
 from medicalgpt.eval.items import answer_cue, choice_conversation, choice_text, pick_shots
@@ -178,26 +179,11 @@ def wilson_interval(successes, n, z=1.959964):
 
 # -- generate ----------------------------------------------------------------------------------------------------
 
-_ANSWER_IS = re.compile(
-    r"(?i:答案|正确答案|正确选项|answer)\s*(?i:is|为|是|应为|应该是)?\s*[:：]?\s*[(（]?\s*([A-Z](?:[\s,，、]*[A-Z])*)(?![A-Za-z])"
-)
-_LETTERS = re.compile(r"(?<![A-Za-z])([A-Z](?:[\s,，、]*[A-Z])*)(?![A-Za-z])")
-
 
 def parse_choice(text, item):
-    """The letter(s) a reply chooses ("B", "答案：B", "The answer is (B).", "A、C"), sorted, or None. Only option
-    letters count; a single-answer item takes the first letter found."""
-    options = set(item["options"])
-    for pattern in (_ANSWER_IS, _LETTERS):
-        for match in pattern.finditer(text or ""):
-            letters = [c for c in re.sub(r"[\s,，、]", "", match.group(1).upper()) if c in options]
-            if letters:
-                letters = sorted(set(letters)) if len(item["answer"]) > 1 else letters[:1]
-                return "".join(letters)
-    for letter, option in item["options"].items():  # the reply repeats an option's text
-        if option.strip() and option.strip() in (text or ""):
-            return letter
-    return None
+    """The letter(s) a reply commits to, sorted, or None: medicalgpt/answers.py, the reader GRPO's choice_accuracy
+    uses, so that a reply scores the same in training and here."""
+    return read_answer(text, "".join(item["options"]))
 
 
 def run_choice_generate(generate, items, n_shot=0, shot_pool=None, batch_size=8):

@@ -1,4 +1,4 @@
-"""Load tokenizers and models (dtype, attention kernel, 4/8-bit, device placement) and wrap them with LoRA.
+"""Load tokenizers and models (dtype, attention kernel, 4/8-bit, device placement); LoRA is medicalgpt.model.adapter.
 
 Wherever a model path is expected, a LoRA adapter directory works too: its base model is read from
 `adapter_config.json`, the adapter is loaded on top and merged, so the next stage trains on the result. An adapter

@@ -37,6 +37,8 @@ class LengthReport:
 
 def record_stage(record: dict) -> str:
     """The stage of a normalised record."""
+    if "label" in record:
+        return "kto"
     return "pt" if "text" in record else "preference" if "chosen" in record else "sft"
 
 
@@ -52,7 +54,9 @@ def measure(records, stage, tokenizer, template=None, max_length=None, max_sourc
             report.lengths.append(len(tokenizer(record["text"])["input_ids"]) + 1)  # + EOS
         elif stage == "sft":
             _measure_conversation(report, record, template, tokenizer, max_length, system)
-        else:
+        else:  # preference, or kto: its answer (and a split pair's rejected answer) measured as a pair's
+            if stage == "kto":
+                record = {**record, "chosen": record["completion"], "rejected": record["rejected"] or ""}
             _measure_pair(
                 report, record, template, tokenizer, max_source or UNLIMITED, max_target or UNLIMITED, system
             )

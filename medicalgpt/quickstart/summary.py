@@ -7,9 +7,10 @@ answers to the same questions before and after training, side by side.
         PT=outputs-pt SFT=outputs-sft \\
         --answers base=answers-base.jsonl SFT=answers-sft.jsonl DPO=answers-final.jsonl
 
-`NAME=PATH` names a run (PT, SFT, RM, PPO, DPO, ORPO pick that stage's figure); `--timings` (a `NAME<TAB>seconds`
-file, as run_pipeline.sh writes) adds wall time and stages without a trainer state (merges, inference); `--plots DIR`
-writes one loss-curve PNG per training run; `--answers NAME=FILE` shows inference.py's output files side by side.
+`NAME=PATH` names a run (PT, SFT, RM, PPO, DPO, ORPO, KTO, SIMPO pick that stage's figure); `--timings` (a
+`NAME<TAB>seconds` file, as run_pipeline.sh writes) adds wall time and stages without a trainer state (merges,
+inference); `--plots DIR` writes one loss-curve PNG per training run; `--answers NAME=FILE` shows inference.py's
+output files side by side.
 """
 
 import argparse
@@ -27,6 +28,8 @@ FIGURES = {
     "PPO": [("eval_score", UP), ("score", UP)],
     "DPO": [("eval_rewards/margins", UP), ("rewards/margins", UP), ("loss", DOWN)],
     "ORPO": [("eval_rewards/margins", UP), ("rewards/margins", UP), ("loss", DOWN)],
+    "KTO": [("eval_rewards/margins", UP), ("rewards/margins", UP), ("loss", DOWN)],
+    "SIMPO": [("eval_rewards/margins", UP), ("rewards/margins", UP), ("loss", DOWN)],
 }
 DEFAULT_FIGURES = [("eval_loss", DOWN), ("loss", DOWN), ("score", UP)]
 MEANING = {
@@ -46,6 +49,8 @@ WHY_NOT = {
     "PPO": "a short run against a weak reward model: the score is noisy and needs more episodes to rise",
     "DPO": "a short run; the margin starts at 0 (policy = reference) and needs more steps to grow",
     "ORPO": "a short run at ORPO's low learning rate; the odds-ratio margin needs more steps",
+    "KTO": "a short run; the margin starts at 0 (policy = reference) and needs more steps to grow",
+    "SIMPO": "a short run; SimPO's length-normalised margin needs more steps to pass its target",
 }
 
 

@@ -1,10 +1,14 @@
 """RL prompts: the token ids of every assistant turn's preceding context in SFT records, as PPO, RLOO and GRPO
 roll out from them, and the dataset trl's RLOO / GRPO read them from."""
 
+import logging
+
 from datasets import Dataset
 
 from medicalgpt.rl.exam import reward_columns
-from medicalgpt.templates import leading_bos
+from medicalgpt.templates import leading_bos, retokenizable_texts
+
+logger = logging.getLogger(__name__)
 
 
 def prepare_rl_prompts(records, template, tokenizer, max_source_length, system_prompt=None):
@@ -24,8 +28,11 @@ def prepare_rl_prompts(records, template, tokenizer, max_source_length, system_p
 
 
 def prompt_dataset(tokenizer, prompts, records):
-    """trl's dataset: the rendered prompts as text, and for exam records the answer and option letters the
-    verifiable rewards read (trl passes every other column to the reward functions)."""
+    """trl's dataset: the rendered prompts as text that trl encodes back into the same ids (no second BOS), and for
+    exam records the answer and option letters the verifiable rewards read (trl passes every other column to them)."""
     if not prompts:
         return None
-    return Dataset.from_dict({"prompt": tokenizer.batch_decode(prompts), **reward_columns(records)})
+    texts, differ = retokenizable_texts(tokenizer, prompts)
+    if differ:
+        logger.warning("%d of %d RL prompts differ from the template's ids once trl encodes them", differ, len(texts))
+    return Dataset.from_dict({"prompt": texts, **reward_columns(records)})

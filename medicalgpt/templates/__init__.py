@@ -39,6 +39,7 @@ from medicalgpt.templates.tokenizer import (
     build_template,
     encode_texts,
     leading_bos,
+    retokenizable_texts,
     template_from_tokenizer,
 )
 
@@ -52,5 +53,6 @@ __all__ = [
     "template_from_tokenizer",
     "build_template",
     "leading_bos",
+    "retokenizable_texts",
     "encode_texts",
 ]

@@ -129,6 +129,17 @@ def leading_bos(tokenizer, first_text):
     return [bos_id] if tokenizer("x")["input_ids"][:1] == [bos_id] else []
 
 
+def retokenizable_texts(tokenizer, prompts):
+    """(texts, how many differ): texts that `tokenizer(texts)` turns back into exactly the token ids `prompts`, and
+    how many prompts still come back different. trl 1.16's GRPO and RLOO trainers encode text prompts that way,
+    special tokens added (GRPOTrainer._tokenize_prompts, read there): a prompt decoded with the BOS the tokenizer adds
+    itself would get two. The BOS is left out of the text, so the policy sees the ids SFT and inference give."""
+    adds_bos = bool(leading_bos(tokenizer, ""))
+    texts = [tokenizer.decode(ids[1:] if adds_bos and ids[:1] == [tokenizer.bos_token_id] else ids) for ids in prompts]
+    again = tokenizer(texts)["input_ids"] if texts else []
+    return texts, sum(list(new) != list(ids) for new, ids in zip(again, prompts))
+
+
 def encode_texts(tokenizer, texts, add_special_tokens=False):
     """Token ids of each of `texts`, the same as `tokenizer(texts, add_special_tokens=...)["input_ids"]`, faster for
     a plain fast tokenizer (see plain_backend): ~30% less time when tokenising a corpus."""

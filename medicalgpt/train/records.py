@@ -43,6 +43,17 @@ FEATURES = {  # the normalised record of each stage (medicalgpt.data.shapes), as
             "source": _STRING,
         }
     ),
+    "kto": datasets.Features(
+        {
+            "messages": _MESSAGES,
+            "system": _STRING,
+            "tools": _STRING,
+            "completion": _STRING,
+            "label": datasets.Value("bool"),
+            "rejected": _STRING,
+            "source": _STRING,
+        }
+    ),
 }
 
 
@@ -202,3 +213,26 @@ def load_tokenized_preferences(data_args, training_args, pref_args, tokenizer):
             )
             for split, records in (("train", train_records), ("eval", eval_records))
         )
+
+
+def load_tokenized_unpaired(data_args, training_args, pref_args, tokenizer):
+    """Validated KTO records (and preference pairs) -> tokenised (train, eval) datasets of prompt_ids /
+    completion_ids / label; the training examples shuffled once with --seed (trl's KTOTrainer reads them in order:
+    medicalgpt/processors/kto.py) and their class balance logged."""
+    from medicalgpt.processors.kto import log_class_balance, prepare_unpaired_dataset
+
+    train_records, eval_records = load_stage_records(data_args, training_args, stage="kto")
+    template = build_template(data_args.template_name, tokenizer)
+    lengths = (pref_args.max_source_length, pref_args.max_target_length)
+    splits = []
+    with training_args.main_process_first(desc="tokenising"):
+        for split, records in (("train", train_records), ("eval", eval_records)):
+            options = dict(system_prompt=data_args.system_prompt, num_proc=data_args.preprocessing_num_workers)
+            splits.append(
+                prepare_unpaired_dataset(records, template, tokenizer, *lengths, **options, desc=f" ({split})")
+            )
+    train, evaluation = splits
+    if train is not None:
+        train = train.shuffle(seed=training_args.seed).flatten_indices(desc="Shuffling KTO examples")
+        log_class_balance(train, training_args.desirable_weight, training_args.undesirable_weight)
+    return train, evaluation

@@ -4,6 +4,7 @@ sum of several rewards, and the one-line errors of a run that cannot work."""
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ppo_training
@@ -133,3 +134,21 @@ def test_verifiable_rewards_need_a_critic_free_algorithm(capsys):
         ppo_training.main(["--sft_model_path", "x", "--reward_funcs", "choice_accuracy", "--output_dir", "unused"])
     assert exit_info.value.code != 0
     assert "--reward_funcs other than reward_model need --rl_algorithm grpo or rloo" in capsys.readouterr().err
+
+
+def test_dr_grpo_with_sequence_level_importance_sampling_learns_the_exam_too(exam_setup, tmp_path):
+    """Dr. GRPO (no length normalisation, no std scaling) with GSPO's one importance ratio per answer."""
+    out = tmp_path / "dr-grpo-gspo"
+    ppo_training.main(grpo_argv(exam_setup, out, "--max_steps", "10", "--loss_type", "dr_grpo", "--scale_rewards",
+                                "none", "--importance_sampling_level", "sequence"))  # fmt: skip
+    before = greedy_accuracy(exam_setup["sft"], exam_setup["held_out"])
+    after = greedy_accuracy(str(out), exam_setup["held_out"])
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    rewards = [entry["rewards/choice_accuracy/mean"] for entry in history if "rewards/choice_accuracy/mean" in entry]
+    print(f"dr_grpo + sequence: held-out greedy accuracy {before} -> {after}; sampled reward per step {rewards}")
+    trained_with = torch.load(out / "training_args.bin", weights_only=False)
+    assert (trained_with.loss_type, trained_with.scale_rewards, trained_with.importance_sampling_level) == (
+        "dr_grpo", "none", "sequence")  # fmt: skip
+    assert before <= 0.5
+    assert after == 1.0
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3

@@ -4,7 +4,7 @@ import pytest
 
 from medicalgpt.errors import DataValidationError
 from medicalgpt.rl.exam import load_exam_records, reward_columns
-from medicalgpt.rl.verifiable import VERIFIABLE_REWARDS, choice_accuracy, committed_letters, format_reward
+from medicalgpt.rl.verifiable import VERIFIABLE_REWARDS, choice_accuracy, format_reward
 from tests.helpers import write_jsonl
 
 SINGLE = [
@@ -63,10 +63,10 @@ def test_choice_accuracy_scores_a_batch_item_by_item_and_reads_conversational_co
     assert scores == [1.0, 1.0, 0.0, 1.0]
 
 
-def test_committed_letters_are_none_when_no_letter_or_an_unknown_one():
-    assert committed_letters("答案：A、C") == {"A", "C"}
-    assert committed_letters("没有字母") is None
-    assert committed_letters("答案：E", options="ABCD") is None
+def test_choice_accuracy_ignores_letters_that_are_not_options_and_needs_a_committed_answer():
+    replies = ["答案：E", "没有字母", "答案：A、E"]
+    assert choice_accuracy(replies, answer=["A"] * 3, options=["ABCD"] * 3) == [0.0, 0.0, 1.0]
+    assert choice_accuracy(["答案：E"], answer=["E"], options=None) == [1.0]  # no option column: any letter
 
 
 FORMATS = [

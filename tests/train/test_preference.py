@@ -1,7 +1,6 @@
 """Reward modeling, DPO and ORPO: exact pair tokenisation, the tutorial's commands, and evidence of learning."""
 
 import json
-import random
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ import reward_modeling
 from medicalgpt.errors import DataValidationError
 from medicalgpt.processors.preference import tokenize_preference
 from medicalgpt.templates import get_conv_template
-from tests.helpers import FAST_FLAGS, REPO, global_step, run, write_jsonl
+from tests.helpers import FAST_FLAGS, REPO, global_step, logprob_margin, pair_tokens, run, write_doctor_data
 
 RECORD = {
     "messages": [{"role": "user", "content": "小孩发烧怎么办？"}],
@@ -23,33 +22,10 @@ RECORD = {
     "rejected": "不用管。",
 }
 
-SYMPTOMS = ["发烧", "咳嗽", "头痛", "胸闷", "腹泻", "皮疹", "失眠", "腰痛", "耳鸣", "眼睛红", "喉咙痛", "关节痛"]
-SUBJECTS = ["孩子", "老人", "我", "我妈妈", "同事", "孕妇"]
-
-
-ADVICE = ["建议尽快去医院看医生。", "请及时就医，让医生检查。", "最好去医院做个检查。", "应该找医生面诊。"]
-DISMISSAL = ["不要紧，在家随便吃点药。", "没事的，忍一忍就好了。", "不用管它，过几天自己好。", "随便找点偏方试试。"]
-
-
-def doctor_pairs(symptoms, seed):
-    """Chosen answers recommend seeing a doctor; rejected ones do not. Wording varies from pair to pair."""
-    rng = random.Random(seed)
-    pairs = []
-    for symptom in symptoms:
-        for subject in SUBJECTS:
-            opening = rng.choice(["", f"{symptom}的原因很多，", f"{subject}{symptom}时，"])
-            pairs.append({"prompt": f"{subject}{symptom}了怎么办？", "chosen": opening + rng.choice(ADVICE),
-                          "rejected": opening + rng.choice(DISMISSAL)})  # fmt: skip
-    rng.shuffle(pairs)
-    return pairs
-
 
 @pytest.fixture(scope="module")
 def doctor_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("doctor")
-    train = write_jsonl(root / "train" / "pairs.jsonl", doctor_pairs(SYMPTOMS[:8], seed=0))
-    held_out = write_jsonl(root / "eval" / "pairs.jsonl", doctor_pairs(SYMPTOMS[8:], seed=1))
-    return train.parent, held_out.parent
+    return write_doctor_data(tmp_path_factory.mktemp("doctor"))
 
 
 def test_pair_tokens_follow_the_template_and_end_with_the_stop_token(tiny_tokenizer):
@@ -156,13 +132,6 @@ def reward_model_kwargs():
     return {"model_class": AutoModelForSequenceClassification, "num_labels": 1}
 
 
-def pair_tokens(data_dir, tokenizer):
-    from medicalgpt.data.validate import find_data_files, load_records
-
-    records = load_records(find_data_files(str(data_dir), "preference"), "preference")
-    return [tokenize_preference(r, get_conv_template("qwen"), tokenizer, 512, 128) for r in records]
-
-
 def test_reward_model_learns_to_prefer_seeing_a_doctor(tiny_model_dir, tiny_tokenizer, doctor_data, tmp_path):
     train, held_out = doctor_data
     out = tmp_path / "rm"
@@ -178,25 +147,6 @@ def test_reward_model_learns_to_prefer_seeing_a_doctor(tiny_model_dir, tiny_toke
     print(f"held-out pairwise accuracy: {before:.2f} -> {after:.2f}")
     assert 0.25 <= before <= 0.75, "an untrained head should be near chance"
     assert after >= 0.9 and metrics["eval_accuracy"] >= 0.9
-
-
-def logprob_margin(model_dir, data_dir, tokenizer):
-    """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt)."""
-    from medicalgpt.args import ModelArguments
-    from medicalgpt.model.loader import load_model
-
-    model = load_model(ModelArguments(model_name_or_path=str(model_dir)))
-    margins = []
-    for pair in pair_tokens(data_dir, tokenizer):
-        scores = []
-        for answer in (pair["chosen_ids"], pair["rejected_ids"]):
-            ids = torch.tensor([pair["prompt_ids"] + answer])
-            with torch.no_grad():
-                logprobs = model(ids).logits[0, :-1].log_softmax(-1)
-            targets = ids[0, 1:]
-            scores.append(logprobs[-len(answer) :].gather(1, targets[-len(answer) :, None]).sum().item())
-        margins.append(scores[0] - scores[1])
-    return sum(margins) / len(margins)
 
 
 @pytest.mark.parametrize("stage", ["dpo", "orpo"])

@@ -1,0 +1,72 @@
+"""Stage 3, alternative: CPO and SimPO — preference pairs without a reference model (trl.experimental.cpo).
+
+    python cpo_training.py --model_name_or_path outputs-sft-qwen-v1 --template_name qwen \\
+        --train_file_dir ./data/reward --validation_file_dir ./data/reward --do_train --do_eval \\
+        --loss_type simpo --beta 2.0 --simpo_gamma 1.0 --cpo_alpha 0 --learning_rate 5e-6 \\
+        --use_peft True --max_source_length 1024 --max_target_length 512 --max_steps 100 \\
+        --output_dir outputs-simpo-qwen-v1
+
+Same data, templates and flags as dpo_training.py. `--loss_type sigmoid` (the default) is CPO: the DPO loss on the
+policy alone plus `--cpo_alpha` times the chosen answer's NLL. `--loss_type simpo` is SimPO: length-normalised
+log-probs, a target margin `--simpo_gamma`, `--beta` around 2 (the paper's; trl's default 0.1 is DPO's scale), and
+`--cpo_alpha 0` for SimPO as published (above 0: CPO-SimPO). Nothing else is loaded beside the model, so memory is
+ORPO's. Note CPOConfig's default learning rate is 1e-6: pass `--learning_rate` for LoRA (e.g. 5e-5).
+"""
+
+import logging
+import sys
+
+from trl.experimental.cpo import CPOConfig
+
+from medicalgpt.args import DataArguments, LoraArguments, ModelArguments, PreferenceArguments
+from medicalgpt.cli import run_cli, setup_logging
+from medicalgpt.model.adapter import wrap_with_lora
+from medicalgpt.model.loader import load_model, load_tokenizer
+from medicalgpt.parser import parse_args
+from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
+from medicalgpt.train.records import load_tokenized_preferences
+from medicalgpt.train.resume import find_resume_checkpoint
+from medicalgpt.train.run import check_and_log_args, end_training
+from medicalgpt.train.trainers import PreTokenizedCPOTrainer
+
+logger = logging.getLogger("medicalgpt")
+
+
+def main(argv=None):
+    training_args, model_args, data_args, lora_args, pref_args = parse_args(
+        CPOConfig, ModelArguments, DataArguments, LoraArguments, PreferenceArguments, argv=argv
+    )
+    setup_logging(training_args)
+    check_and_log_args(training_args, model_args, lora_args)
+
+    # Data
+    tokenizer = load_tokenizer(model_args)
+    train_dataset, eval_dataset = load_tokenized_preferences(data_args, training_args, pref_args, tokenizer)
+
+    # Model
+    model = wrap_with_lora(load_model(model_args), lora_args, training_args, model_args.model_name_or_path)
+
+    # Train
+    trainer = with_atomic_checkpoints(PreTokenizedCPOTrainer)(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    end_training(trainer.accelerator, trainer.model_wrapped)
+    logger.info("Outputs in %s", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
