@@ -112,8 +112,9 @@ test: $(VENV)/.installed
 test-real: real-model qwen-tokenizer
 	$(PY) -m pytest -q -m real_model tests/quickstart/test_real_model.py
 
-# The longest multi-process runs (DeepSpeed ZeRO-3 on CPU processes, two nodes on loopback, the run_*.sh chain):
-# ~5 minutes on 2 cores, kept out of `make test` so that it stays under 10. CI runs them after `make test`.
+# The longest multi-process runs (every stage under DeepSpeed ZeRO-2 and ZeRO-3 on CPU processes, --streaming under
+# torchrun, two nodes on loopback, the run_*.sh chain, bench/gpu_check.sh --dry-run): kept out of `make test` so that
+# it stays under 10 minutes. CI runs them after `make test`.
 test-multiprocess: $(VENV)/.installed
 	$(PY) -m pytest -q -m multiprocess tests
 

@@ -115,6 +115,24 @@ class LoraArguments:
     )
     peft_path: str | None = field(default=None, metadata={"help": "An existing LoRA adapter to continue training."})
     qlora: bool = field(default=False, metadata={"help": "Upstream's QLoRA switch: same as --load_in_4bit True."})
+    pure_bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the trainable weights in bf16 (half the memory of weights, gradients and optimizer states; "
+            "updates below bf16's resolution are lost). Default: float32 whatever the checkpoint's dtype."
+        },
+    )
+    save_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the final weights: auto (a full model in the checkpoint's dtype, a LoRA adapter in "
+            "float32), float32, bfloat16 or float16. See medicalgpt/precision.py."
+        },
+    )
+
+    def __post_init__(self):
+        if self.save_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--save_dtype must be auto, float32, bfloat16 or float16, got {self.save_dtype!r}")
 
 
 @dataclass

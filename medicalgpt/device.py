@@ -5,8 +5,9 @@ bf16 runs on the tensor cores, and checkpointing trades ~20% more compute for mu
 both cost: bf16 autocast made an SFT step ~5x slower on 2 cores (4 steps: 16.4 s against 3.1 s in float32), and
 checkpointing recomputes every forward with no GPU memory to save. So, unless a flag says otherwise:
 
-- `bf16` is on only on CUDA with bf16 support; `fp16` is never turned on by default (it needs loss scaling and fails
-  on float16 weights).
+- `bf16` autocast is on on CUDA with bf16 support; `fp16` autocast (with loss scaling) on CUDA without it (V100, T4):
+  the trainable weights are float32 whatever the checkpoint's dtype (medicalgpt/precision.py), so fp16's gradient
+  scaler has float32 weights to unscale into.
 - `gradient_checkpointing` is off on the CPU; on a GPU it keeps the config's default (trl's: on; transformers'
   TrainingArguments, used by pretraining and PPO: off).
 
@@ -46,6 +47,8 @@ def fit_to_device(values, argv, kind=None):
     _defaulted.clear()
     if "bf16" in values and not given & set(PRECISION_FLAGS):
         values["bf16"] = kind == "cuda-bf16"
+        if "fp16" in values:
+            values["fp16"] = kind == "cuda"
         _defaulted.add("bf16")
     if CHECKPOINTING_FLAG in values and CHECKPOINTING_FLAG not in given and kind == "cpu":
         values[CHECKPOINTING_FLAG] = False
@@ -63,6 +66,6 @@ def describe_choice(training_args):
         return f"default on {device}; {flag} to change" if name in _defaulted else "as given"
 
     return (
-        f"Mixed precision: {precision} ({origin('bf16', '--bf16 True/False')}). "
+        f"Mixed precision: {precision} ({origin('bf16', '--bf16 / --fp16 True/False')}). "
         f"Gradient checkpointing: {checkpointing} ({origin(CHECKPOINTING_FLAG, '--gradient_checkpointing True')})."
     )

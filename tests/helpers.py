@@ -4,14 +4,18 @@ preference methods' learning tests) answers that do or do not send the patient t
 log-prob margin between them."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import random
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = [str(REPO / "data" / "pretrain" / "*.txt"), str(REPO / "data" / "finetune" / "*.jsonl")]
@@ -24,6 +28,27 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 def run(args, cwd=REPO, timeout=300):
     return subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (make install-deepspeed: deepspeed==0.19.8 builds for CPU)",
+)
+
+
+def deepspeed_run(script, argv, port, config="configs/ds_zero3.json"):
+    """`script` in 2 CPU processes under DeepSpeed (tests/deepspeed_cpu.py says what it lets through)."""
+    launcher = [*TORCHRUN, "--master_port", str(port), "tests/deepspeed_cpu.py", script]
+    return run([*launcher, *argv, "--deepspeed", config])
+
+
+def lora_b_max(adapter_dir):
+    """The largest |lora_B| in an adapter folder: 0 until the adapter trained (peft initialises B to zeros)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    return max(weight.abs().max().item() for name, weight in weights.items() if "lora_B" in name)
 
 
 def global_step(output_dir):

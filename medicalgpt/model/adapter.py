@@ -13,6 +13,8 @@ from transformers import AutoTokenizer
 
 from medicalgpt.model.embeddings import resize_embeddings_for_tokenizer
 from medicalgpt.model.paths import recorded_base_path, resolve_adapter_base
+from medicalgpt.precision import set_trainable_precision
+from medicalgpt.sharding import gathered_for_change, input_rows
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def fit_embeddings_to_adapter_tokenizer(model, adapter_path, model_args):
     if not os.path.isfile(os.path.join(adapter_path, "tokenizer_config.json")):
         return
     tokenizer = AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=model_args.trust_remote_code)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if len(tokenizer) > input_rows(model):  # ZeRO-3: ds_shape (medicalgpt/sharding.py)
         resize_embeddings_for_tokenizer(model, tokenizer)
         say_rows_come_from_adapter(adapter_path)
 
@@ -71,7 +73,8 @@ def merge_adapter(model, adapter_path, quantized=False):
     model = PeftModel.from_pretrained(model, adapter_path, config=config)
     if quantized:
         logger.warning("Merging %s into quantized weights: rounding makes the merge approximate.", adapter_path)
-    model = model.merge_and_unload()
+    with gathered_for_change(model):  # ZeRO-3: merged into whole weights, partitioned again after
+        model = model.merge_and_unload()
     for parameter in model.parameters():  # peft froze the base; a loaded model is trainable, like from_pretrained's
         parameter.requires_grad_(parameter.is_floating_point())
     return model
@@ -108,7 +111,7 @@ def wrap_with_lora(model, lora_args, training_args, base_path, task_type="CAUSAL
     if not lora_args.use_peft and not lora_args.peft_path:
         if quantized:
             raise ValueError("A 4/8-bit model cannot be fully fine-tuned: add --use_peft True (QLoRA).")
-        return model
+        return set_trainable_precision(model, lora_args, training_args)  # float32 weights (medicalgpt/precision.py)
     if quantized:
         model = prepare_model_for_kbit_training(
             model,
@@ -125,4 +128,4 @@ def wrap_with_lora(model, lora_args, training_args, base_path, task_type="CAUSAL
         model.enable_input_require_grads()
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("Trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / total)
-    return model
+    return set_trainable_precision(model, lora_args, training_args)  # float32 adapters (medicalgpt/precision.py)

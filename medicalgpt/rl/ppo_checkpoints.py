@@ -9,6 +9,8 @@ import shutil
 import torch
 from transformers.trainer_utils import rotate_checkpoints
 
+from medicalgpt.precision import state_dict_for_output, write_config_dtype
+
 logger = logging.getLogger("medicalgpt")
 
 STATE_FILE = "trainer_state.json"
@@ -91,9 +93,13 @@ class PPOCheckpoints:
         if not self.accelerator.is_main_process:
             return
         policy = self.unwrapped.policy
+        # Full weights in the checkpoint's dtype, an adapter in float32 (medicalgpt/precision.py).
+        state, dtype = state_dict_for_output(policy, state)
         if self.config.merge_policy and hasattr(policy, "merge_and_unload") and not self.config.deepspeed:
-            policy, state = policy.merge_and_unload(), None
+            policy, state, dtype = policy.merge_and_unload(), None, None
         policy.save_pretrained(self.config.output_dir, state_dict=state)
+        if dtype is not None:
+            write_config_dtype(self.config.output_dir, dtype)
         self.tokenizer.save_pretrained(self.config.output_dir)
 
     def save_state(self):

@@ -7,6 +7,8 @@ import shutil
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
+from medicalgpt.precision import SaveInOutputDtype
+
 logger = logging.getLogger("medicalgpt")
 
 
@@ -19,9 +21,10 @@ def with_atomic_checkpoints(trainer_class):
     during a save, and `args.output_dir` is never changed. The best checkpoint recorded while staging is then
     mapped to its final place before the checkpoint's trainer_state.json is rewritten and the folder renamed, so
     --load_best_model_at_end finds it and --save_total_limit rotation never deletes it
-    (tests/train/test_scaleout.py)."""
+    (tests/train/test_scaleout.py). The final save_model() writes the weights in the dtype medicalgpt/precision.py
+    chose (SaveInOutputDtype)."""
 
-    class AtomicCheckpointTrainer(trainer_class):
+    class AtomicCheckpointTrainer(SaveInOutputDtype, trainer_class):
         _staging = False
 
         def _get_output_dir(self, trial):

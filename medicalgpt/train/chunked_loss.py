@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from medicalgpt.constants import IGNORE_INDEX
 from medicalgpt.errors import UsageError
+from medicalgpt.sharding import full_shape
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chu
     learned = targets != IGNORE_INDEX
     hidden = hidden_states[:, :-1][learned]
     targets = targets[learned]
-    chunk_size = chunk_size or max(1, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
+    chunk_size = chunk_size or max(1, LOGITS_PER_CHUNK // full_shape(lm_head.weight)[0])  # ZeRO-3: ds_shape
     total = hidden_states.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk_size):
         chunk = (lm_head, hidden[start : start + chunk_size], targets[start : start + chunk_size])

@@ -25,6 +25,7 @@ from trl.experimental.gkd import GKDTrainer
 
 from medicalgpt.errors import UsageError
 from medicalgpt.model.loader import load_model, load_tokenizer
+from medicalgpt.sharding import output_rows
 from medicalgpt.templates import leading_bos
 
 logger = logging.getLogger("medicalgpt")
@@ -157,7 +158,7 @@ def fit_teacher_vocabulary(teacher, student, tokenizer):
     vocabulary to 152,064 rows and 0.5B to 151,936, both beyond the tokenizer's 151,665 tokens, and trl's GKDTrainer
     compares the two distributions row by row (it refuses different sizes). Dropping rows no token uses leaves every
     real token's logit as it was."""
-    size, teacher_size = (m.get_output_embeddings().weight.shape[0] for m in (student, teacher))
+    size, teacher_size = output_rows(student), output_rows(teacher)  # ZeRO-3: ds_shape (medicalgpt/sharding.py)
     if teacher_size == size:
         return
     if teacher_size < size or len(tokenizer) > size:

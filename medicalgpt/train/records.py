@@ -233,6 +233,6 @@ def load_tokenized_unpaired(data_args, training_args, pref_args, tokenizer):
             )
     train, evaluation = splits
     if train is not None:
-        train = train.shuffle(seed=training_args.seed).flatten_indices(desc="Shuffling KTO examples")
+        train = train.shuffle(seed=training_args.seed).flatten_indices()
         log_class_balance(train, training_args.desirable_weight, training_args.undesirable_weight)
     return train, evaluation

@@ -12,6 +12,8 @@ SFT get a `datasets.IterableDataset`. The Trainer cannot know its length, so --m
   conversations are packed on the fly (best fit decreasing within each STREAM_BATCH conversations, trl's
   `pack_dataset`) when --packing says rows. Conversations cut or skipped to fit --model_max_length are counted and
   the totals logged every LOG_EVERY conversations.
+- Under torchrun the ranks share one stream record by record, whatever the number and sizes of the files (see
+  stream_file_records): each record once per pass across ranks, every rank the same number of steps.
 """
 
 import logging
@@ -75,8 +77,15 @@ def stream_file_records(files, stage, skip_invalid=False):
     skipped = check_reports(reports, skip_invalid)
     check_usable(reports)
     logger.info("Validated %d records to stream (%d skipped).", sum(r.valid for r in reports), skipped)
+    # The files as a tuple: one stream, not one shard per file (datasets shards a generator over its list
+    # arguments). Sharded by file, accelerate gave each rank its own files (when there were at least as many files
+    # as ranks): uneven files were read unevenly, and a rank whose files yielded nothing stopped while the others
+    # waited for it. One shard makes accelerate divide records instead, whatever the files: with trl's
+    # dispatch_batches=False (SFT) every rank reads the stream and keeps its slice of each global batch; with the
+    # Trainer's default dispatch (PT) rank 0 reads and sends each rank its share. Every rank steps the same number
+    # of times, and each record is seen once per pass across ranks (tests/train/test_streaming.py).
     return datasets.IterableDataset.from_generator(
-        _file_records, gen_kwargs={"files": list(files), "stage": stage}, features=FEATURES[stage]
+        _file_records, gen_kwargs={"files": tuple(files), "stage": stage}, features=FEATURES[stage]
     )
 
 

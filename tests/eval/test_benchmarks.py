@@ -208,8 +208,15 @@ def test_wilson_interval_has_its_textbook_values():
 def test_letters_are_parsed_from_replies():
     single = {"options": {"A": "阿托品", "B": "纳洛酮", "C": "x", "D": "y"}, "answer": "B"}
     multi = {**single, "answer": "AC"}
-    replies = [("B", "B"), ("答案：C", "C"), ("The answer is (D).", "D"), ("I think the answer is A", "A"),
-               ("应使用纳洛酮。", None), ("E", None), ("", None)]  # fmt: skip  (an option's text is not a letter)
+    replies = [
+        ("B", "B"),
+        ("答案：C", "C"),
+        ("The answer is (D).", "D"),
+        ("I think the answer is A", "A"),
+        ("应使用纳洛酮。", None),
+        ("E", None),
+        ("", None),
+    ]  # fmt: skip  (an option's text is not a letter)
     for reply, expected in replies:
         assert parse_choice(reply, single) == expected, reply
     assert parse_choice("答案是C、A", multi) == "AC" and parse_choice("A,C", multi) == "AC"

@@ -44,10 +44,10 @@ def test_config_file_keys_count_as_given(tmp_path):
 
 
 @pytest.mark.parametrize("kind, expected", [
-    ("cuda-bf16", {"bf16": True, "gradient_checkpointing": True}),  # trl's checkpointing default kept on a GPU
-    ("cuda", {"bf16": False, "gradient_checkpointing": True}),  # no bf16 support: full precision
-    ("accelerator", {"bf16": False, "gradient_checkpointing": True}),
-    ("cpu", {"bf16": False, "gradient_checkpointing": False}),
+    ("cuda-bf16", {"bf16": True, "fp16": False, "gradient_checkpointing": True}),  # trl's checkpointing kept
+    ("cuda", {"bf16": False, "fp16": True, "gradient_checkpointing": True}),  # no bf16: fp16 autocast, scaled
+    ("accelerator", {"bf16": False, "fp16": False, "gradient_checkpointing": True}),
+    ("cpu", {"bf16": False, "fp16": False, "gradient_checkpointing": False}),
 ])  # fmt: skip
 def test_device_decides_what_the_flags_leave_open(kind, expected):
     values = {"bf16": None, "fp16": False, "gradient_checkpointing": True, "use_cpu": False}
@@ -73,6 +73,6 @@ def test_sft_without_the_flags_trains_in_float32_without_checkpointing(tiny_mode
     args = torch.load(out / "training_args.bin", weights_only=False)
     assert (args.bf16, args.fp16, args.gradient_checkpointing) == (False, False, False)
     assert (
-        "Mixed precision: no autocast (default on CPU; --bf16 True/False to change). "
+        "Mixed precision: no autocast (default on CPU; --bf16 / --fp16 True/False to change). "
         "Gradient checkpointing: off (default on CPU; --gradient_checkpointing True to change)."
     ) in caplog.text

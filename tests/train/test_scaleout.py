@@ -5,7 +5,6 @@ DeepSpeed ZeRO-3 and FSDP; which errors are the user's."""
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -14,19 +13,7 @@ from safetensors.torch import load_file
 import dpo_training
 import supervised_finetuning
 from medicalgpt.model.loader import resolve_device_map
-from tests.helpers import FAST_FLAGS, run, write_jsonl
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-needs_deepspeed = pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None,
-    reason="DeepSpeed is not installed (make install-deepspeed: deepspeed==0.19.8 builds for CPU)",
-)
-
-
-def deepspeed_run(script, argv, port, config="configs/ds_zero3.json"):
-    """`script` in 2 CPU processes under DeepSpeed (tests/deepspeed_cpu.py says what it lets through)."""
-    launcher = [*TORCHRUN, "--master_port", str(port), "tests/deepspeed_cpu.py", script]
-    return run([*launcher, *argv, "--deepspeed", config])
+from tests.helpers import FAST_FLAGS, TORCHRUN, deepspeed_run, lora_b_max, needs_deepspeed, run, write_jsonl
 
 
 def learning_rates(output_dir):
@@ -60,10 +47,11 @@ def test_sft_lr_curve_under_torchrun_equals_one_process(tiny_model_dir, sft_data
 
 @pytest.mark.multiprocess
 def test_streaming_sft_under_torchrun_trains_like_one_process(tiny_model_dir, sft_data, tmp_path):
-    """--streaming over 2 processes x 2 examples and one process x 4: accelerate's rank 0 reads the stream and hands
-    each rank its share of every batch (no rank reads the same records), so after 4 steps the weights equal one
-    process's to float rounding, far from the initial ones. Ranks each reading the whole stream would train on
-    records 0-1 twice where one process trains on 0-3."""
+    """--streaming over 2 processes x 2 examples and one process x 4: every rank reads the one stream and keeps its
+    slice of each global batch (trl's dispatch_batches=False; accelerate's IterableDatasetShard), so no two ranks
+    train on the same record and after 4 steps the weights equal one process's to float rounding, far from the
+    initial ones. Ranks each training on the whole stream would train on records 0-1 twice where one process trains
+    on 0-3. (Several files: tests/train/test_streaming.py.)"""
     from transformers import AutoModelForCausalLM
 
     flags = ["--streaming", "True", "--max_steps", "4", "--learning_rate", "1e-2", "--save_strategy", "no"]
@@ -230,38 +218,6 @@ def test_deepspeed_zero3_sft_trains_like_one_process(tiny_model_dir, sft_data, t
     for name, weight in reference.items():
         torch.testing.assert_close(sharded[name], weight, atol=1e-4, rtol=0)  # Adam's steps: ~1e-2 each
     assert max((reference[name] - initial[name]).abs().max() for name in initial) > 1e-2
-
-
-def lora_b_max(adapter_dir):
-    weights = load_file(adapter_dir / "adapter_model.safetensors")
-    return max(weight.abs().max().item() for name, weight in weights.items() if "lora_B" in name)
-
-
-@pytest.mark.multiprocess
-@needs_deepspeed
-def test_deepspeed_zero3_reward_model_and_dpo_adapters_load(tiny_model_dir, tmp_path):
-    """LoRA on ZeRO-3-partitioned weights: the adapters are gathered whole on save, trained, and load."""
-    from transformers import AutoModelForSequenceClassification
-
-    from medicalgpt.args import ModelArguments
-    from medicalgpt.model.loader import load_model
-
-    pairs = [{"prompt": f"问题{i}", "chosen": "请去看医生。", "rejected": "多喝热水。"} for i in range(8)]
-    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    common = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--template_name", "qwen",
-              "--do_train", "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
-              "--use_peft", "True", "--save_strategy", "no", *FAST_FLAGS]  # fmt: skip
-    rm, dpo = tmp_path / "rm", tmp_path / "dpo"
-    for script, out, port in (("reward_modeling.py", rm, 29743), ("dpo_training.py", dpo, 29744)):
-        result = deepspeed_run(script, [*common, "--output_dir", str(out)], port)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
-        assert lora_b_max(out) > 1e-3, f"{script}: the adapter trained"
-    assert "base_model.model.score.weight" in load_file(rm / "adapter_model.safetensors")
-    rm_args = ModelArguments(model_name_or_path=str(rm))
-    reward_model = load_model(rm_args, model_class=AutoModelForSequenceClassification, num_labels=1)
-    assert reward_model.score.weight.shape == (1, 64)
-    assert load_model(ModelArguments(model_name_or_path=str(dpo))).config.vocab_size > 0
 
 
 @pytest.mark.multiprocess

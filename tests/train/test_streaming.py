@@ -1,6 +1,9 @@
 """--streaming True (medicalgpt/train/streaming.py): PT and SFT train for --max_steps on a stream of the same tokens as
 the cached path; validation errors still name `path:line` (or `dataset[split]:row`) before training; no --max_steps is
-a usage error; trl's own passes over already-prepared SFT data are skipped."""
+a usage error; trl's own passes over already-prepared SFT data are skipped; under torchrun the ranks share the one
+stream record by record, whatever the files."""
+
+import json
 
 import datasets
 import pytest
@@ -11,7 +14,8 @@ import pretraining
 import supervised_finetuning
 from medicalgpt.errors import DataValidationError, UsageError
 from medicalgpt.train.streaming import stream_file_records
-from tests.helpers import FAST_FLAGS, global_step, write_jsonl
+from tests.helpers import FAST_FLAGS, TORCHRUN, free_port, global_step, run, write_jsonl
+from tests.record_batches import training_step_spy
 
 QA = [(f"第{i}个问题：发烧{i}天了怎么办？", f"第{i}个回答：多喝水，休息{i}天，不退烧就去医院。") for i in range(8)]
 
@@ -122,3 +126,79 @@ def test_streamed_hub_rows_are_validated_as_they_are_read(monkeypatch):
         list(_hub_records("demo", None, "train", "sft", skip_invalid=False))
     kept = list(_hub_records("demo", None, "train", "sft", skip_invalid=True))
     assert [row["source"] for row in kept] == ["demo[train]:1", "demo[train]:3"]
+
+
+# -- several processes: the ranks share one stream record by record ------------------------------------------------
+
+
+def seen_by_two_ranks(script, argv, tmp_path):
+    """`script` under torchrun (2 processes): the sequences each rank trained on (tests/record_batches.py). A rank
+    left without data used to stop while the other waited for it: the timeout turns such a hang into a failure."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    launcher = [*TORCHRUN, "--master_port", str(free_port()), "tests/record_batches.py", str(seen), script]
+    result = run([*launcher, *argv], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((seen / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def seen_by_one_process(main, argv, monkeypatch):
+    seen = []
+    monkeypatch.setattr(Trainer, "training_step", training_step_spy(seen))
+    main(argv)
+    return seen
+
+
+def sft_stream_argv(model, data, output_dir, steps, batch_size, *extra):
+    return ["--model_name_or_path", model, "--train_file_dir", str(data), "--do_train",
+            "--template_name", "qwen", "--packing", "False", "--streaming", "True", "--max_steps", str(steps),
+            "--per_device_train_batch_size", str(batch_size), "--save_strategy", "no", "--output_dir",
+            str(output_dir), *FAST_FLAGS, *extra]  # fmt: skip
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("second_file", ["4 records", "only invalid and overlong records"])
+def test_streaming_sft_under_torchrun_divides_records_not_files(second_file, tiny_model_dir, tmp_path, monkeypatch):
+    """Files of 40 and 4 records (or 40 and one whose records are all skipped: invalid, or too long for
+    --overlong drop), 2 ranks x 2 per step for one pass: together the ranks train on exactly the records one process
+    x 4 trains on, each once, and both ranks take every step. Divided by file, rank 0 read only the first file and
+    rank 1 the second one four times over (or nothing at all, and stopped at step 0 while rank 0 waited)."""
+    records = [{"instruction": f"第{i}个问题：咳嗽{i}天了？", "output": f"第{i}个回答：多喝水。"} for i in range(44)]
+    write_jsonl(tmp_path / "data" / "a.jsonl", records[:40])
+    extra = []
+    if second_file == "4 records":
+        write_jsonl(tmp_path / "data" / "b.jsonl", records[40:])
+    else:
+        overlong = {"instruction": "头痛", "output": "请去医院做详细检查，" * 40}
+        bad = [{"instruction": "只有问题"}, {"output": "只有回答"}, overlong, overlong]
+        write_jsonl(tmp_path / "data" / "b.jsonl", bad)
+        extra = ["--skip_invalid_examples", "True", "--overlong", "drop", "--model_max_length", "128"]
+    steps = (44 if second_file == "4 records" else 40) // 4
+    data = tmp_path / "data"
+    argv = sft_stream_argv(tiny_model_dir, data, tmp_path / "one", steps, 4, *extra)
+    one = seen_by_one_process(supervised_finetuning.main, argv, monkeypatch)
+    argv = sft_stream_argv(tiny_model_dir, data, tmp_path / "two", steps, 2, *extra)
+    rank0, rank1 = seen_by_two_ranks("supervised_finetuning.py", argv, tmp_path)
+    assert len(rank0) == len(rank1) == 2 * steps
+    assert len({tuple(ids) for ids in one}) == len(one) == 4 * steps  # one pass: every record once
+    assert sorted(rank0 + rank1) == sorted(one)
+
+
+@pytest.mark.multiprocess
+def test_streaming_pt_under_torchrun_divides_blocks_not_files(tiny_model_dir, tmp_path, monkeypatch):
+    """PT: text files of 40 and 4 documents, 2 ranks x 1 block per step: the blocks one process x 2 trains on."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, count in (("a.txt", 40), ("b.txt", 4)):
+        lines = [f"{name}第{i}篇：发热是人体对感染的反应，体温超过三十八度要多喝水。" for i in range(count)]
+        (data / name).write_text("\n".join(lines), encoding="utf-8")
+
+    def argv(output_dir, batch_size):
+        return ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train",
+                "--block_size", "32", "--streaming", "True", "--max_steps", "8", "--per_device_train_batch_size",
+                str(batch_size), "--save_strategy", "no", "--output_dir", str(output_dir), *FAST_FLAGS]  # fmt: skip
+
+    one = seen_by_one_process(pretraining.main, argv(tmp_path / "one", 2), monkeypatch)
+    rank0, rank1 = seen_by_two_ranks("pretraining.py", argv(tmp_path / "two", 1), tmp_path)
+    assert len(rank0) == len(rank1) == 8 and len({tuple(ids) for ids in one}) == 16
+    assert sorted(rank0 + rank1) == sorted(one)
