@@ -98,3 +98,36 @@ def test_every_flag_given_to_a_script_is_one_it_accepts(capsys):
         accepted = accepted_flags(script, capsys)
         unknown += [f"{path.name}:{line}: {script} {flag}" for flag in flags if flag not in accepted]
     assert not unknown, "\n".join(unknown)
+
+
+def anchor(heading):
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def headings(text):
+    fenced, found = False, []
+    for line in text.splitlines():
+        fenced = fenced != line.startswith("```")
+        if not fenced and re.match(r"#{1,6} ", line):
+            found.append(anchor(line.lstrip("#")))
+    return found
+
+
+@pytest.mark.parametrize("name", ["README.md", "README_zh.md"])
+def test_each_readme_opens_with_a_table_of_contents_whose_links_resolve(name):
+    text = (REPO / name).read_text(encoding="utf-8")
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) >= 8 and set(links) <= set(headings(text)), set(links) - set(headings(text))
+    assert text.index("make quickstart") < text.index("make test") < 2500  # the two commands on the first screen
+
+
+def test_the_readme_is_short_and_links_every_topic():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) < 400
+    topics = sorted(path.name for path in (REPO / "docs").glob("*.md"))
+    assert all(f"](docs/{topic})" in readme for topic in topics), topics
+    zh = (REPO / "README_zh.md").read_text(encoding="utf-8")
+    assert all(f"](docs/{topic})" in zh for topic in topics) and "](README.md)" in zh and "](README_zh.md)" in readme
+    for topic in topics:  # each topic links back
+        assert "](../README.md" in (REPO / "docs" / topic).read_text(encoding="utf-8") or topic == "DESIGN.md"
