@@ -118,7 +118,7 @@ def test_letter_width_and_case_change_nothing(case, change):
     assert read_answer(changed, OPTIONS) == letters
 
 
-# -- the README's table ------------------------------------------------------------------------------------------
+# -- the tables in docs/stages.md and README_zh.md ------------------------------------------------------------------------------------------
 
 
 def rule_rows(text):
@@ -132,7 +132,8 @@ def rule_rows(text):
 
 def test_the_readme_tables_in_english_and_chinese_match_the_reader_docstring():
     (documented,) = rule_rows(answers.__doc__)
-    english, chinese = rule_rows((REPO / "README.md").read_text(encoding="utf-8"))
+    (english,) = rule_rows((REPO / "docs" / "stages.md").read_text(encoding="utf-8"))
+    (chinese,) = rule_rows((REPO / "README_zh.md").read_text(encoding="utf-8"))
     assert {row[0] for row in documented} == set(RULES)
     assert english == documented and chinese == documented
 
