@@ -118,7 +118,7 @@ def test_letter_width_and_case_change_nothing(case, change):
     assert read_answer(changed, OPTIONS) == letters
 
 
-# -- the tables in docs/stages.md and README_zh.md ------------------------------------------------------------------------------------------
+# -- the tables in docs/stages.md and README_zh.md --------------------------------------------------------------------
 
 
 def rule_rows(text):
