@@ -42,8 +42,8 @@ def parse_args(config_class, *dataclass_types, argv=None, description=None):
     shared = {f.name for f in dataclasses.fields(config_class)}
     ours = [_without_fields(cls, shared) for cls in dataclass_types]
     training = f"training ({config_class.__name__}: the trainer's options, as transformers / trl document them)"
-    parsed_types = [*map(_as_group, ours), _as_group(config_class, training), _as_group(LegacyArguments)]
-    parsed_types.append(_as_group(ConsoleArguments))
+    parsed_types = [*map(_as_group, ours), _as_group(ConsoleArguments), _as_group(config_class, training)]
+    parsed_types.append(_as_group(LegacyArguments))
     parser = HfArgumentParser(parsed_types, allow_abbrev=False, **help_options(description, config_file=True))
     _allow_bare_bool_flags(parser)
     try:
