@@ -36,10 +36,10 @@ In words:
 - answer-tag: `<answer>...</answer>` (or LaTeX `\\boxed{...}`, `\\boxed{\\text{C}}`) wins; its content is read by
   the steps below.
 - cue / letter-cue: the first final-answer cue followed by letters decides: 答案是 / 答案： / 答： / 正确答案 /
-  正确选项 / 最终答案 / 故选 / 应选 / 本题选 / 所以选 / the answer is / answer: / correct answer / correct option /
-  best choice / final answer / I choose / I'd say / Choose (B) / it's B (ending the clause) / 我认为是 /
-  正确的是 ..., or a letter followed by "is correct" / "is the answer" / ": correct" / 正确 / 是正确的. Letters an
-  explanation mentions after it do not count; a cue after a repeated option list still answers.
+  正确选项 / 最终答案 / 【答案】 / 故选 / 应选 / 本题选 / 所以选 / 选择B / the answer is / answer: / correct answer /
+  correct option / best choice / final answer / I choose / I'd say / Choose (B) / it's B (ending the clause) /
+  我认为是 / 正确的是 ..., or a letter followed by "is correct" / "is the answer" / ": correct" / 正确 /
+  是正确的. Letters an explanation mentions after it do not count; a cue after a repeated option list still answers.
 - negated: 不选A, 排除A, A错误, A选项错误, A不对, A is wrong, A is incorrect, A: wrong, not A, rule out A, Neither A
   nor B never count, wherever they stand.
 - only-letters: a reply that is only letters (brackets, emphasis, punctuation and separators aside) is its answer.
@@ -100,8 +100,8 @@ _HEDGE = re.compile(
 # -- cues --------------------------------------------------------------------------------------------------------
 
 _CUE_ZH = (
-    r"(?:最终|正确|参考|标准)?答案(?:应该?|可能)?(?:是|为|选|选择|应为|应是)?|正确(?:的)?选项(?:是|为)?|答\s*[:：]"
-    r"|(?:故|应该?|本题|此题|该题|这道?题|所以|因此|因而|综上|则|我|可|宜|当)(?:选|选择)|(?:^|(?<=[，,;；]))\s*选(?!项|择的)"
+    r"(?:最终|正确|参考|标准)?答案[】\]」]?(?:应该?|可能)?(?:是|为|选|选择|应为|应是)?|正确(?:的)?选项(?:是|为)?|答\s*[:：]"
+    r"|(?:故|应该?|本题|此题|该题|这道?题|所以|因此|因而|综上|则|我|可|宜|当)(?:选|选择)|(?:^|(?<=[，,;；]))\s*选(?:择(?![的:：]))?(?!项)"
     r"|(?:我认为|我觉得|我选的|正确的(?:选项|答案)?|对的)是|是\s*[:：](?=\s*[(（]?[A-Z][)）.、:：])"
     r"|(?:不是|并非|而非)\s*¤\s*[，,]?\s*而?是"  # 答案不是A，是C: what follows the negated letter
 )
