@@ -82,6 +82,16 @@ def set_trainable_precision(model, lora_args, training_args):
     return model
 
 
+def set_frozen_precision(model, training_args):
+    """A frozen model beside the trained one (DPO / KTO's reference) computes as the policy does: without autocast
+    (CPU) in float32, or a bf16 reference and its float32-upcast policy disagree at step 0 (DPO's first loss is not
+    ln 2); under autocast, or when DeepSpeed owns the precision, it keeps the checkpoint's dtype. Returns the model."""
+    autocast = getattr(training_args, "bf16", False) or getattr(training_args, "fp16", False)
+    if not autocast and not deepspeed_owns_precision(training_args) and loaded_dtype(model) != torch.float32:
+        model.float()
+    return model
+
+
 def describe_precision(model, where, training_args):
     """One line: what is kept in which dtype, what the compute runs in, what the outputs are saved in."""
     frozen = Counter(str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad)
