@@ -184,3 +184,27 @@ def test_dpo_on_a_bf16_checkpoint_trains_as_its_float32_copy(checkpoints, tmp_pa
     bf16_losses = losses(low, tmp_path / "bf16")
     assert bf16_losses[0] == pytest.approx(math.log(2), abs=1e-7)
     assert len(bf16_losses) == 2 and bf16_losses == losses(as_float32, tmp_path / "float32")
+
+
+def test_full_ppo_on_a_bf16_checkpoint_trains_a_float32_policy_and_critic(checkpoints, monkeypatch):
+    """Without LoRA the critic is trained too: float32 like the policy (it was left in bf16, losing its updates), and
+    on CPU the frozen reference computes in float32 as the policy does (a KL that is not 0 at step 0 otherwise); the
+    frozen reward model keeps the checkpoint's dtype."""
+    from types import SimpleNamespace
+
+    from medicalgpt.args import RLArguments
+    from medicalgpt.rl import build
+
+    low, _ = checkpoints["bfloat16"]
+    monkeypatch.setattr(build, "PPOTrainer", lambda config, **models: models)
+    config = SimpleNamespace(bf16=False, fp16=False, deepspeed=None, gradient_checkpointing=False)
+    run = build.RLRun(config, ModelArguments(model_name_or_path=low), LoraArguments(),
+                      RLArguments(reward_model_path=low), AutoTokenizer.from_pretrained(low), [], [])  # fmt: skip
+    models = build.build_ppo_trainer(run, train_prompts=None, eval_prompts=None)
+
+    def dtypes(model):
+        return {p.dtype for p in model.parameters()}
+
+    assert dtypes(models["policy"]) == dtypes(models["critic"]) == dtypes(models["ref_policy"]) == {torch.float32}
+    assert dtypes(models["reward_model"]) == {torch.bfloat16}
+    assert all(p.requires_grad for p in models["critic"].parameters())
