@@ -16,6 +16,11 @@
 The server listens on 127.0.0.1 unless `--host 0.0.0.0` is given. `--api_key` (or the MEDICALGPT_API_KEY
 environment variable) makes every request need `Authorization: Bearer KEY`. Requests that leave out max_tokens,
 temperature or top_p get this command's `--max_new_tokens`, `--temperature` and `--top_p`.
+
+No client can stall the others: generations are interleaved a token at a time (a short answer is not held up by a
+long one), a client that hangs up stops its generation, and the limits answer the way HTTP clients expect:
+`--max_queue` requests at once (then 503 with Retry-After), `--request_timeout` seconds per request (then 504),
+`--max_tokens_limit` tokens per answer (400 above it). SIGTERM and Ctrl-C end every generation and exit in seconds.
 """
 
 import logging
@@ -24,9 +29,10 @@ import sys
 from dataclasses import dataclass, field
 
 from medicalgpt.cli import run_cli, setup_logging
+from medicalgpt.errors import UsageError
 from medicalgpt.parser import parse_cli
 from medicalgpt.serve.chat import ChatArguments, load_chat_engine
-from medicalgpt.serve.server import build_app
+from medicalgpt.serve.server import ServerLimits, build_app, run_server
 
 logger = logging.getLogger("medicalgpt")
 API_KEY_ENV = "MEDICALGPT_API_KEY"
@@ -43,6 +49,23 @@ class ServerArguments:
         default=None, metadata={"help": "Model id in the API (default: the adapter's or model's folder name)."}
     )
     max_batch_size: int = field(default=8, metadata={"help": "Most waiting requests generated as one batch."})
+    max_queue: int = field(
+        default=ServerLimits.max_queue,
+        metadata={"help": "Most requests held at once, generating or waiting; more get 503 with Retry-After."},
+    )
+    request_timeout: float = field(
+        default=ServerLimits.request_timeout,
+        metadata={"help": "Seconds a request may take; then 504 and its generation stops."},
+    )
+    max_tokens_limit: int = field(
+        default=ServerLimits.max_tokens_limit,
+        metadata={"help": "The most max_tokens a request may ask for (400 above it); also caps --max_new_tokens."},
+    )
+
+    def limits(self):
+        if min(self.max_queue, self.max_tokens_limit, self.max_batch_size) < 1 or self.request_timeout <= 0:
+            raise UsageError("--max_queue, --max_tokens_limit, --max_batch_size must be >= 1, --request_timeout > 0")
+        return ServerLimits(self.max_queue, self.request_timeout, self.max_tokens_limit)
 
 
 def served_name(chat_args, server_args):
@@ -51,18 +74,18 @@ def served_name(chat_args, server_args):
 
 
 def main(argv=None):
-    import uvicorn
-
     chat_args, server_args = parse_cli((ChatArguments, ServerArguments), argv, description=__doc__)
     setup_logging()
     api_key = server_args.api_key or os.environ.get(API_KEY_ENV) or None
     if not api_key and server_args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("Listening on %s without an API key: anyone who can reach it can use it.", server_args.host)
+    limits = server_args.limits()
     engine = load_chat_engine(chat_args)
     name = served_name(chat_args, server_args)
-    app = build_app(engine, name, api_key, chat_args.generation_options(), server_args.max_batch_size)
+    defaults = chat_args.generation_options(max_new_tokens=min(chat_args.max_new_tokens, limits.max_tokens_limit))
+    app = build_app(engine, name, api_key, defaults, server_args.max_batch_size, limits)
     logger.info("Serving %r on http://%s:%d (OpenAI API under /v1)", name, server_args.host, server_args.port)
-    uvicorn.run(app, host=server_args.host, port=server_args.port, log_level="info")
+    run_server(app, server_args.host, server_args.port)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
     python gradio_demo.py --base_model Qwen/Qwen2.5-0.5B-Instruct --lora_model outputs-sft-qwen-v1 --template_name qwen
     # then open http://localhost:7860
 
-The page has a stop button (while an answer streams) and a clear button (the bin in the chat's corner) that starts
-a new conversation. When the conversation outgrows the model's context, its oldest exchanges are left out of what
-the model sees and a notice says so (as in `inference.py --interactive`); the chat itself stays as it is.
+Every session's answer goes through one generation worker that interleaves them a token at a time
+(medicalgpt/serve/scheduler.py): a long answer in one tab does not hold up another. The page has a stop button
+(while an answer streams; it ends the generation, as closing the tab does) and a clear button (the bin in the
+chat's corner) that starts a new conversation. When the conversation outgrows the model's context, its oldest
+exchanges are left out of what the model sees and a notice says so (as in `inference.py --interactive`); the chat
+itself stays as it is.
 It listens on 127.0.0.1:7860 (`--host 0.0.0.0` to open it to the network, `--port`);
 `--share True` asks gradio for a public link (off by default).
 """
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from medicalgpt.cli import run_cli, setup_logging
 from medicalgpt.parser import parse_cli
 from medicalgpt.serve.chat import ChatArguments, PromptTooLongError, dropped_note, fit_context, load_chat_engine
+from medicalgpt.serve.scheduler import Scheduler, ServerBusy, TimedOut
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -71,12 +75,37 @@ def respond(engine, options, message, history, notify):
         yield answer
 
 
-def build_demo(engine, options, title="MedicalGPT"):
-    """The gradio ChatInterface over `engine`; every session shares it (its lock serialises generation)."""
+class SharedEngine:
+    """The engine as the page's sessions share it: every answer goes through one Scheduler, so sessions take turns a
+    token at a time and a long answer holds up no one. An answer nobody reads any more (stop button, closed tab)
+    ends: gradio closes its generator, and one left unclosed is parked, then cancelled after `stall_timeout` s."""
+
+    def __init__(self, engine, scheduler):
+        self.engine, self.scheduler = engine, scheduler
+
+    def stream(self, messages, options):
+        ticket = self.scheduler.submit(self.engine.encode(messages), options)
+        try:
+            yield from ticket.iter_pieces()
+        finally:
+            ticket.cancel("the page stopped reading")
+
+    def __getattr__(self, name):  # everything else (fitting the context, encoding) is the engine's
+        return getattr(self.engine, name)
+
+
+def build_demo(engine, options, title="MedicalGPT", scheduler=None):
+    """The gradio ChatInterface over `engine`, through `scheduler` (default: one of up to 16 answers at a time, each
+    within 300 s, ended when unread for 10 s)."""
     import gradio as gr
 
+    shared = SharedEngine(engine, scheduler or Scheduler(engine, max_queue=16, request_timeout=300, stall_timeout=10))
+
     def chat(message, history):
-        yield from respond(engine, options, message, history, notify=gr.Warning)
+        try:
+            yield from respond(shared, options, message, history, notify=gr.Warning)
+        except (ServerBusy, TimedOut) as error:
+            gr.Warning(str(error))
 
     return gr.ChatInterface(
         chat,

@@ -88,14 +88,14 @@ def full_width(text):
     return "".join(chr(ord(c) + 0xFEE0) if "A" <= c <= "Z" else c for c in text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(committed_replies())
 def test_an_explained_answer_reads_as_its_letter(case):
     reply, letters, _, _ = case
     assert read_answer(reply, OPTIONS) == letters
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(committed_replies(), st.sampled_from(NEGATED_EN + NEGATED_ZH), st.booleans())
 def test_a_negated_mention_of_another_letter_changes_nothing(case, negation, in_front):
     reply, letters, other, lead = case
@@ -107,7 +107,7 @@ def test_a_negated_mention_of_another_letter_changes_nothing(case, negation, in_
     assert read_answer(changed, OPTIONS) == read_answer(reply, OPTIONS) == letters
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(committed_replies(), st.sampled_from(["full", "lower"]))
 def test_letter_width_and_case_change_nothing(case, change):
     reply, letters, _, _ = case

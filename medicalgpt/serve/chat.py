@@ -7,9 +7,9 @@
 A conversation is a list of {"role", "content"} messages (user / assistant, a leading system message optional) that
 ends with a user turn. It is rendered with the template and tokenised turn by turn exactly as SFT tokenised it, so
 the model sees at inference what it was trained on. Generation stops at the template's end-of-turn token (and the
-model's EOS tokens); batches are left-padded. Every `model.generate` call holds one lock: concurrent callers
-(server threads, gradio sessions) queue, never interleave. A stream runs generation in a worker thread and yields
-text as it is decoded; leaving the loop early (a stop button, a client that hangs up) ends the generation.
+model's EOS tokens); batches are left-padded. Every use of the model holds one lock (`_lock`): a `model.generate`
+call, a stream (chat_stream.py: generation in a thread, text as it is decoded, ended when the loop is left), or one
+step of the server's and the web page's scheduler (scheduler.py), which interleaves their generations step by step.
 """
 
 import dataclasses
@@ -19,12 +19,20 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, TextIteratorStreamer
+from transformers import GenerationConfig
 
 from medicalgpt.args import ModelArguments
 from medicalgpt.model.adapter import read_adapter_base
 from medicalgpt.model.loader import load_model, load_model_with_adapter, load_tokenizer
 from medicalgpt.model.paths import check_model_path
+from medicalgpt.serve.chat_stream import ChatStream
+from medicalgpt.serve.options import (  # noqa: F401 (GenerationOptions, Completion: imported from here by callers)
+    ChatPrompt,
+    Completion,
+    GenerationOptions,
+    PromptTooLongError,
+    cut_at_stop,
+)
 from medicalgpt.templates import build_template, leading_bos
 
 logger = logging.getLogger(__name__)
@@ -41,10 +49,13 @@ def model_loading_fields(*names, **helps):
 
 
 ModelLoadingArguments = model_loading_fields(
-    "torch_dtype", "load_in_4bit", "load_in_8bit", "trust_remote_code",
+    "torch_dtype",
+    "load_in_4bit",
+    "load_in_8bit",
+    "trust_remote_code",
     torch_dtype="Weights dtype: auto, bfloat16, float16, float32 (default: float32 on CPU, else auto).",
     load_in_4bit="Load the weights in 4-bit NF4 (bitsandbytes).",
-)  # fmt: skip
+)
 
 
 @dataclass(kw_only=True)
@@ -106,37 +117,6 @@ class ChatArguments(ModelLoadingArguments):
         return GenerationOptions(**{**values, **overrides})
 
 
-@dataclass(frozen=True)
-class GenerationOptions:
-    max_new_tokens: int = 512
-    temperature: float = 0.7  # 0 = greedy
-    top_p: float = 0.9
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()  # extra stop strings; the answer ends before the first one
-
-
-@dataclass(frozen=True)
-class ChatPrompt:
-    """A conversation with tools offered to the model (rendered into the system prompt by the template) and the text
-    the answer is made to start with (appended to the prompt; the completion is the text after it)."""
-
-    messages: list
-    tools: list | None = None
-    answer_prefix: str = ""
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop": end of turn or a stop string; "length": max_new_tokens reached
-
-
-class PromptTooLongError(ValueError):
-    """The prompt plus max_new_tokens does not fit the model's context."""
-
-
 def load_chat_engine(args: ChatArguments):
     """Tokenizer, template, model (+ the LoRA adapter, merged) -> a ChatEngine, on the GPU when there is one."""
     model_args = args.model_arguments()
@@ -144,8 +124,10 @@ def load_chat_engine(args: ChatArguments):
     if args.lora_model and not read_adapter_base(args.lora_model):
         from medicalgpt.errors import UsageError
 
-        raise UsageError(f"--lora_model {args.lora_model}: not a LoRA adapter directory (no adapter_config.json); "
-                         "pass a full model as --base_model")  # fmt: skip
+        raise UsageError(
+            f"--lora_model {args.lora_model}: not a LoRA adapter directory (no adapter_config.json); "
+            "pass a full model as --base_model"
+        )
     tokenizer = load_tokenizer(model_args, tokenizer_source(args))
     template = build_template(args.template_name, tokenizer)
     if args.lora_model:
@@ -157,8 +139,11 @@ def load_chat_engine(args: ChatArguments):
 
 def check_chat_paths(args):
     """--base_model, --lora_model and --tokenizer_path exist (or are loadable hub ids); else one line says which."""
-    for flag, path in (("--base_model", args.base_model), ("--lora_model", args.lora_model),
-                       ("--tokenizer_path", args.tokenizer_path)):  # fmt: skip
+    for flag, path in (
+        ("--base_model", args.base_model),
+        ("--lora_model", args.lora_model),
+        ("--tokenizer_path", args.tokenizer_path),
+    ):
         if path:
             check_model_path(path, flag)
 
@@ -195,14 +180,6 @@ def tokenizer_source(args):
     if args.lora_model and os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json")):
         return args.lora_model
     return args.base_model
-
-
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ChatEngine:
@@ -266,7 +243,7 @@ class ChatEngine:
                 f"context of {self.context_length} tokens"
             )
 
-    def _generation_kwargs(self, options: GenerationOptions):
+    def generation_kwargs(self, options: GenerationOptions):
         kwargs = dict(
             max_new_tokens=options.max_new_tokens,
             do_sample=options.temperature > 0,
@@ -281,7 +258,7 @@ class ChatEngine:
             kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
         return kwargs
 
-    def _left_pad(self, encoded):
+    def left_pad(self, encoded):
         width = max(len(ids) for ids in encoded)
         input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids in encoded])
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
@@ -294,15 +271,15 @@ class ChatEngine:
         encoded = [self.encode(messages, system_prompt) for messages in conversations]
         for ids in encoded:
             self.check_length(len(ids), options.max_new_tokens)
-        input_ids, attention_mask = self._left_pad(encoded)
+        input_ids, attention_mask = self.left_pad(encoded)
         with self._lock, torch.inference_mode():
             output = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, **self._generation_kwargs(options)
+                input_ids=input_ids, attention_mask=attention_mask, **self.generation_kwargs(options)
             )
         new_tokens = output[:, input_ids.shape[1] :].tolist()
-        return [self._completion(tokens, len(ids), options) for tokens, ids in zip(new_tokens, encoded)]
+        return [self.completion_of(tokens, len(ids), options) for tokens, ids in zip(new_tokens, encoded)]
 
-    def _completion(self, tokens, prompt_tokens, options):
+    def completion_of(self, tokens, prompt_tokens, options):
         end = next((i for i, token in enumerate(tokens) if token in self.stop_ids), None)
         if end is not None:
             tokens, count = tokens[:end], end + 1
@@ -321,80 +298,3 @@ class ChatEngine:
         ids = self.encode(messages, system_prompt)
         self.check_length(len(ids), options.max_new_tokens)
         return ChatStream(self, ids, options)
-
-
-class ChatStream:
-    """Text pieces of one answer as they are generated. Leaving the loop early stops the generation."""
-
-    def __init__(self, engine: ChatEngine, ids, options: GenerationOptions):
-        self.engine, self.ids, self.options = engine, ids, options
-        self.completion = None
-        self._cancel = threading.Event()
-        self._result, self._error = None, None
-
-    def cancel(self):
-        self._cancel.set()
-
-    def _work(self, streamer):
-        engine = self.engine
-        try:
-            with engine._lock, torch.inference_mode():
-                if self._cancel.is_set():
-                    return
-                input_ids, attention_mask = engine._left_pad([self.ids])
-                self._result = engine.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    streamer=streamer,
-                    stopping_criteria=[_Cancelled(self._cancel)],
-                    **engine._generation_kwargs(self.options),
-                )[0, len(self.ids) :].tolist()
-        except Exception as error:  # re-raised in the consumer's thread
-            self._error = error
-        finally:
-            streamer.end()
-
-    def __iter__(self):
-        streamer = TextIteratorStreamer(self.engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        worker = threading.Thread(target=self._work, args=(streamer,), daemon=True)
-        worker.start()
-        text, hit = "", False
-        try:
-            for piece in until_stop(streamer, [*self.engine.stop_strings, *self.options.stop]):
-                if piece is None:
-                    hit = True
-                    break
-                text += piece
-                yield piece
-        finally:
-            self._cancel.set()
-        worker.join()
-        if self._error is not None:
-            raise self._error
-        done = self.engine._completion(self._result or [], len(self.ids), self.options)
-        finish = "stop" if hit else done.finish_reason
-        self.completion = Completion(text, done.prompt_tokens, done.completion_tokens, finish)
-
-
-def cut_at_stop(text, stops):
-    """(text before the first stop string, whether one was found)."""
-    positions = [text.find(stop) for stop in stops if stop and stop in text]
-    return (text[: min(positions)], True) if positions else (text, False)
-
-
-def until_stop(pieces, stops):
-    """Yield text pieces up to the first stop string, then None. Text that may begin a stop string is held back."""
-    buffer = ""
-    for piece in pieces:
-        buffer, (before, hit) = buffer + piece, cut_at_stop(buffer + piece, stops)
-        if hit:
-            if before:
-                yield before
-            yield None
-            return
-        keep = max((n for stop in stops for n in range(1, len(stop)) if buffer.endswith(stop[:n])), default=0)
-        if len(buffer) > keep:
-            yield buffer[: len(buffer) - keep]
-            buffer = buffer[len(buffer) - keep :]
-    if buffer:
-        yield buffer

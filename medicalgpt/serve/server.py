@@ -2,213 +2,66 @@
 
     GET  /v1/models
     POST /v1/chat/completions   messages, max_tokens (or max_completion_tokens), temperature, top_p, stop, stream,
-                                tools and tool_choice (medicalgpt/serve/tools.py)
+                                tools and tool_choice (medicalgpt/serve/tool_calls.py)
     POST /chat                  {"input": "...", "history": [["q", "a"], ...]} -> {"response": "...", "history": ...}
 
 With an API key, every request needs `Authorization: Bearer KEY` (else 401). Bad requests (malformed JSON, missing
-or invalid fields, max_tokens below 1 or beyond the context, prompts longer than the context) get a 4xx answer with
-an OpenAI-style JSON error body; the server goes on serving. Non-streaming requests wait in one queue served by one
-worker thread: requests with the same sampling options that wait together are generated as one batch. Streams run
-one at a time on the engine's lock. No two generations ever share state.
+or invalid fields, max_tokens below 1 or above --max_tokens_limit, prompts longer than the context) get a 4xx answer
+with an OpenAI-style JSON error body; bodies above max_body_bytes get 413. Every generation runs on one worker that
+interleaves them a token at a time (medicalgpt/serve/scheduler.py). A client that hangs up, streaming or not,
+stops its generation within one step; more than --max_queue requests at once get 503 with Retry-After; a request
+past --request_timeout gets 504 and its generation is stopped; SIGTERM and Ctrl-C cancel every generation and the
+server exits within seconds (run_server).
 """
 
 import asyncio
-import collections
-import concurrent.futures
 import dataclasses
-import hmac
-import itertools
-import json
 import logging
-import threading
 import time
 import uuid
-from typing import Literal
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medicalgpt.serve.chat import ChatEngine, ChatPrompt, GenerationOptions
-from medicalgpt.serve.tools import answer_prefix, function_schemas, parse_tool_calls, role_messages, tool_call_events
+from medicalgpt.serve.chat import ChatEngine
+from medicalgpt.serve.gate import Gate
+from medicalgpt.serve.options import GenerationOptions
+from medicalgpt.serve.scheduler import Cancelled, GenerationFailed, Scheduler, ServerBusy, ShuttingDown, TimedOut
+from medicalgpt.serve.schemas import ChatCompletionRequest, ChatRequest, check_unicode
+from medicalgpt.serve.sse import EventStream, error_body, failure_body, sse_events, usage_of
+from medicalgpt.serve.tool_calls import parse_tool_calls
 
 logger = logging.getLogger(__name__)
+RETRY_AFTER_S = 2  # what a busy server asks clients to wait (the openai client honours Retry-After)
 
 
-class GenerationResponse(StreamingResponse):
-    """A streamed answer whose generation stops when the response ends, also when the client hangs up. Starlette
-    stops reading a synchronous body iterator on a disconnect without closing it, so the generator's own cleanup
-    would wait for the garbage collector; the generation would go on holding the engine meanwhile."""
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """What keeps one client from stalling the others; the defaults keep a 2-core machine responsive."""
 
-    def __init__(self, content, stream, **kwargs):
-        super().__init__(content, **kwargs)
-        self.stream = stream
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.stream.cancel()
+    max_queue: int = 16  # requests held at once, generating or waiting to start; then 503
+    request_timeout: float = 300.0  # seconds from arrival to the last token; then 504 and the generation stops
+    max_tokens_limit: int = 2048  # the most max_tokens a request may ask for; above it 400
+    max_body_bytes: int = 4 * 1024 * 1024  # request bodies above it get 413
+    stall_timeout: float = 30.0  # a stream whose client reads nothing this long is ended
+    buffer_limit: int = 64  # text pieces held for a slow reader before its generation waits for it
+    disconnect_poll: float = 0.1  # how often a waiting non-streamed request checks that its client is still there
 
 
-class TextPart(BaseModel):
-    type: Literal["text"] = "text"
-    text: str
-
-
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str  # JSON, as OpenAI sends it
-
-
-class ToolCall(BaseModel):
-    id: str | None = None
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-
-    @model_validator(mode="after")
-    def has_content(self):
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (only an assistant message with tool_calls may leave it out)")
-        return self
-
-
-class FunctionSchema(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str = Field(min_length=1)
-    description: str | None = None
-    parameters: dict | None = None
-
-
-class Tool(BaseModel):
-    type: Literal["function"] = "function"
-    function: FunctionSchema
-
-
-class NamedFunction(BaseModel):
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    type: Literal["function"] = "function"
-    function: NamedFunction
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    model: str | None = None
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: str | list[str] | None = Field(default=None)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-
-    @model_validator(mode="after")
-    def tool_choice_names_a_tool(self):
-        names = [tool.function.name for tool in self.tools or []]
-        if self.tool_choice not in (None, "none", "auto") and not names:
-            raise ValueError("tool_choice needs tools")
-        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-            raise ValueError(f"tool_choice: no tool named {self.tool_choice.function.name!r} in tools")
-        return self
-
-    def prompt(self):
-        """The ChatPrompt: messages in the template's roles, the tools shown (none for tool_choice none)."""
-        messages = [{**m.model_dump(), "content": text_of(m.content)} for m in self.messages]
-        try:
-            messages = role_messages(messages)
-        except ValueError as error:
-            raise HTTPException(400, f"messages: {error}") from error
-        if not self.tools or self.tool_choice == "none":
-            return ChatPrompt(messages)
-        tools = function_schemas([tool.model_dump(exclude_none=True) for tool in self.tools])
-        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
-        return ChatPrompt(messages, tools, answer_prefix(choice))
-
-
-class ChatRequest(BaseModel):
-    input: str = Field(min_length=1)
-    history: list[tuple[str, str]] = Field(default_factory=list)
-
-
-class BatchQueue:
-    """One worker thread answers queued requests; those with equal options that wait together form one batch."""
-
-    def __init__(self, engine: ChatEngine, max_batch_size=8):
-        self.engine, self.max_batch_size = engine, max_batch_size
-        self._pending = collections.deque()
-        self._ready = threading.Condition()
-        threading.Thread(target=self._serve, name="generation-worker", daemon=True).start()
-
-    def submit(self, messages, options) -> concurrent.futures.Future:
-        future = concurrent.futures.Future()
-        with self._ready:
-            self._pending.append((messages, options, future))
-            self._ready.notify()
-        return future
-
-    def _next_batch(self):
-        with self._ready:
-            while not self._pending:
-                self._ready.wait()
-            options = self._pending[0][1]
-            batch = [item for item in self._pending if item[1] == options][: self.max_batch_size]
-            for item in batch:
-                self._pending.remove(item)
-        return batch, options
-
-    def _serve(self):
-        while True:
-            batch, options = self._next_batch()
-            try:
-                completions = self.engine.generate([messages for messages, _, _ in batch], options)
-            except Exception as error:  # reported to every request of the batch; the worker goes on
-                logger.exception("Generation failed")
-                for _, _, future in batch:
-                    future.set_exception(error)
-                continue
-            for (_, _, future), completion in zip(batch, completions):
-                future.set_result(completion)
-
-
-def error_body(message, error_type="invalid_request_error", code=None, param=None):
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def error_response(status, message, **kwargs):
-    return JSONResponse(error_body(message, **kwargs), status_code=status)
-
-
-def text_of(content):
-    if content is None:
-        return None
-    return content if isinstance(content, str) else "".join(part.text for part in content)
+def error_response(status, message, headers=None, **kwargs):
+    return JSONResponse(error_body(message, **kwargs), status_code=status, headers=headers)
 
 
 class ChatService:
-    """What the routes share: the engine, its batch queue, the served name and the default sampling options."""
+    """What the routes share: the engine, the scheduler, the served name, the default options and the limits."""
 
-    def __init__(self, engine: ChatEngine, model_name, defaults: GenerationOptions, max_batch_size):
-        self.engine, self.model_name, self.defaults = engine, model_name, defaults
-        self.batches = BatchQueue(engine, max_batch_size)
+    def __init__(self, engine: ChatEngine, model_name, defaults: GenerationOptions, max_batch_size, limits):
+        self.engine, self.model_name, self.defaults, self.limits = engine, model_name, defaults, limits
+        self.scheduler = Scheduler(
+            engine, max_batch_size, limits.max_queue, limits.request_timeout, limits.buffer_limit, limits.stall_timeout
+        )
 
     def encode(self, messages):
         try:
@@ -217,13 +70,17 @@ class ChatService:
             raise HTTPException(400, f"messages: {error}") from error
 
     def room_after(self, prompt_tokens, max_tokens):
-        """Tokens left for the answer; 400 when the prompt (plus max_tokens) does not fit the context."""
+        """Tokens left for the answer; 400 when max_tokens is above the limit or the prompt does not fit."""
+        limit = self.limits.max_tokens_limit
+        if max_tokens is not None and max_tokens > limit:
+            message = f"max_tokens ({max_tokens}) is above this server's limit of {limit} (--max_tokens_limit)"
+            raise HTTPException(400, message)
         context = self.engine.context_length
         room = context - prompt_tokens
         if room < 1 or (max_tokens or 0) > room:
             wanted = f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens or 1})"
             raise HTTPException(400, f"{wanted} exceeds the model's context of {context} tokens")
-        return room
+        return min(room, limit)
 
     def options_for(self, request: ChatCompletionRequest, prompt_tokens):
         max_tokens = request.max_completion_tokens or request.max_tokens
@@ -240,8 +97,29 @@ class ChatService:
             stop=tuple(stops),
         )
 
-    async def complete(self, messages, options):
-        return await asyncio.wrap_future(self.batches.submit(messages, options))
+    def submit(self, ids, options):
+        try:
+            return self.scheduler.submit(ids, options)
+        except ServerBusy as error:
+            raise HTTPException(503, str(error), headers={"Retry-After": str(RETRY_AFTER_S)}) from error
+        except ShuttingDown as error:
+            raise HTTPException(503, str(error)) from error
+
+    async def complete(self, request: Request, ids, options):
+        """The Completion of a non-streamed request; its generation is cancelled as soon as the client is gone
+        (checked every disconnect_poll seconds) or when this task is cancelled (a server that cancels on hang-up)."""
+        ticket = self.submit(ids, options)
+        answer = asyncio.ensure_future(ticket.result())
+        try:
+            while not answer.done():
+                await asyncio.wait([answer], timeout=self.limits.disconnect_poll)
+                if not answer.done() and await request.is_disconnected():
+                    ticket.cancel("the client disconnected")
+            return answer.result()
+        finally:
+            ticket.cancel("the request ended")
+            if not answer.done():
+                answer.cancel()
 
 
 router = APIRouter()
@@ -258,55 +136,71 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service = request.app.state.service
     if body.model not in (None, service.model_name):
         raise HTTPException(404, f"The model {body.model!r} does not exist; this server has {service.model_name!r}")
+    check_unicode(body.model_dump())
     prompt = body.prompt()
-    options = service.options_for(body, len(service.encode(prompt)))
+    ids = service.encode(prompt)
+    options = service.options_for(body, len(ids))
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        stream = service.engine.stream(prompt, options)
-        events = sse_events(stream, reply_id, created, service.model_name, usage, prompt)
-        headers = {"Cache-Control": "no-cache"}
-        return GenerationResponse(events, stream, media_type="text/event-stream", headers=headers)
-    completion = await service.complete(prompt, options)
+        ticket = service.submit(ids, options)
+        events = sse_events(ticket, reply_id, created, service.model_name, usage, prompt)
+        return EventStream(events, ticket, service.limits.stall_timeout)
+    completion = await service.complete(request, ids, options)
     message, finish_reason = reply_message(prompt, completion)
     choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
-    return {"id": reply_id, "object": "chat.completion", "created": created, "model": service.model_name,
-            "choices": [choice], "usage": usage_of(completion)}  # fmt: skip
+    return {
+        "id": reply_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": service.model_name,
+        "choices": [choice],
+        "usage": usage_of(completion),
+    }
 
 
 @router.post("/chat")
 async def chat(body: ChatRequest, request: Request):
     """Upstream MedicalGPT's endpoint: {"input", "history": [[q, a], ...]} -> {"response", "history"}."""
     service = request.app.state.service
+    check_unicode(body.model_dump())
     messages = []
     for question, answer in body.history:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": body.input})
-    room = service.room_after(len(service.encode(messages)), None)
+    ids = service.encode(messages)
+    room = service.room_after(len(ids), None)
     options = dataclasses.replace(service.defaults, max_new_tokens=min(service.defaults.max_new_tokens, room))
-    completion = await service.complete(messages, options)
+    completion = await service.complete(request, ids, options)
     return {"response": completion.text, "history": [*body.history, (body.input, completion.text)]}
 
 
-def build_app(engine: ChatEngine, model_name="medicalgpt", api_key=None, defaults=None, max_batch_size=8):
-    """The FastAPI app. `defaults` (GenerationOptions) fill in what a request leaves out."""
-    app = FastAPI(title="MedicalGPT API", version="1.0")
-    app.state.service = ChatService(engine, model_name, defaults or GenerationOptions(), max_batch_size)
+def build_app(
+    engine: ChatEngine,
+    model_name="medicalgpt",
+    api_key=None,
+    defaults=None,
+    max_batch_size=8,
+    limits: ServerLimits | None = None,
+):
+    """The FastAPI app, behind the Gate (API key, body size). `defaults` (GenerationOptions) fill in what a request
+    leaves out. `app.state.service.scheduler` is its generation worker."""
+    limits = limits or ServerLimits()
+    app = FastAPI(title="MedicalGPT API", version="1.0", lifespan=stop_generating_on_shutdown)
+    app.state.service = ChatService(engine, model_name, defaults or GenerationOptions(), max_batch_size, limits)
     app.include_router(router)
-    expected = f"Bearer {api_key}".encode() if api_key else None
-
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        given = request.headers.get("authorization", "").encode("utf-8", "replace")
-        if expected and not hmac.compare_digest(given, expected):
-            message = "Invalid or missing API key (send Authorization: Bearer KEY)"
-            return error_response(401, message, code="invalid_api_key")
-        return await call_next(request)
-
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    for failure, status in ((GenerationFailed, 500), (TimedOut, 504), (ShuttingDown, 503), (Cancelled, 499)):
+        app.add_exception_handler(failure, failed_request(status))
     app.add_exception_handler(Exception, server_error)
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=limits.max_body_bytes)
     return app
+
+
+async def stop_generating_on_shutdown(app):
+    yield
+    app.state.service.scheduler.close()
 
 
 async def invalid_request(request, error):
@@ -316,7 +210,14 @@ async def invalid_request(request, error):
 
 async def http_error(request, error):
     kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-    return error_response(error.status_code, str(error.detail), error_type=kind)
+    return error_response(error.status_code, str(error.detail), error.headers, error_type=kind)
+
+
+def failed_request(status):
+    async def handler(request, error):
+        return JSONResponse(failure_body(error), status_code=status)
+
+    return handler
 
 
 async def server_error(request, error):
@@ -334,44 +235,23 @@ def reply_message(prompt, completion):
     return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
 
-def usage_of(completion):
-    total = completion.prompt_tokens + completion.completion_tokens
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": total}  # fmt: skip
+def run_server(app, host, port, graceful_timeout=5.0):
+    """uvicorn on host:port until SIGTERM or Ctrl-C. The signal first stops the scheduler, which fails every
+    generation, running or queued, with 503 at once: uvicorn's graceful shutdown, which waits for open requests,
+    then takes moments, and `graceful_timeout` bounds the rest (a client that reads nothing)."""
+    import uvicorn
 
+    scheduler = app.state.service.scheduler
 
-def sse_events(stream, reply_id, created, model_name, include_usage, prompt=None):
-    """Server-sent events of a streamed answer, as the openai client reads them; ends with `data: [DONE]`. With tools,
-    the text of the tool calls is held back and sent as one `tool_calls` delta at the end."""
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # uvicorn's signal handler (0.55): only sets flags; stop() sets an event
+            scheduler.stop()
+            super().handle_exit(sig, frame)
 
-    def event(delta, finish_reason=None, **extra):
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                 "choices": [choice] if delta is not None else [], **extra}  # fmt: skip
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-
-    yield event({"role": "assistant", "content": ""})
-    finish_reason = None
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_timeout)
     try:
-        for kind, value in stream_events(stream, prompt):
-            if kind == "content":
-                yield event({"content": value})
-            else:
-                yield event({"tool_calls": [{"index": i, **call} for i, call in enumerate(value)]})
-                finish_reason = "tool_calls"
-    except Exception as error:  # the status line is already sent: report in the stream
-        logger.exception("Streaming failed")
-        yield f"data: {json.dumps(error_body(f'generation failed: {type(error).__name__}', 'server_error'))}\n\n"
-        yield "data: [DONE]\n\n"
-        return
-    yield event({}, finish_reason or stream.completion.finish_reason)
-    if include_usage:
-        yield event(None, usage=usage_of(stream.completion))
-    yield "data: [DONE]\n\n"
-
-
-def stream_events(stream, prompt):
-    """("content", text) per streamed piece; with tools, tool_call_events over the answer, its prefix included."""
-    if prompt is None or not prompt.tools:
-        return (("content", piece) for piece in stream)
-    return tool_call_events(itertools.chain([prompt.answer_prefix], stream))
+        Server(config).run()
+    except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down
+        pass
+    finally:
+        scheduler.close()

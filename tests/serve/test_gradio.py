@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from medicalgpt.serve.chat import ChatArguments, GenerationOptions, load_chat_engine
+from medicalgpt.serve.scheduler import Scheduler
 from tests.helpers import QA_PAIRS, REPO, free_port, qa_adapter
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
@@ -91,37 +92,53 @@ def test_tutorial_gradio_command_answers_in_the_browser(browser, tiny_model_dir,
         process.wait(30)
 
 
-class Recorder:
-    """Records the conversations the page asks the engine to continue, and paces the answer to 20 pieces a second: the
-    tiny model writes thousands, and a browser re-rendering that flood on a busy 2-core machine took clicks longer
-    than 30 s to process."""
+class PacedEngine:
+    """SharedEngine.stream recorded and paced to 20 pieces a second: the tiny model writes thousands, and a browser
+    re-rendering that flood on a busy 2-core machine took clicks longer than 30 s to process."""
 
-    def __init__(self, engine, seconds_per_piece=0.05):
-        self.engine, self.seen, self.seconds_per_piece = engine, [], seconds_per_piece
+    def __init__(self, stream, seconds_per_piece=0.05):
+        self.original, self.seen, self.seconds_per_piece = stream, [], seconds_per_piece
 
-    def stream(self, messages, options):
+    def __call__(self, shared, messages, options):
         self.seen.append(messages)
-        pieces = iter(self.engine.stream(messages, options))
+        pieces = self.original(shared, messages, options)
         try:
             for piece in pieces:
                 time.sleep(self.seconds_per_piece)
                 yield piece
         finally:
-            pieces.close()  # a stop click closes this generator; closing the engine's stream ends the generation
-
-    def __getattr__(self, name):  # everything else (fitting the context, encoding) is the engine's
-        return getattr(self.engine, name)
+            pieces.close()  # a stop click closes this generator; closing the shared stream ends the generation
 
 
-def test_answers_stream_in_the_stop_button_ends_generation_and_clear_forgets(browser, tiny_model_dir):
+def generating(scheduler, seconds=0.5):
+    """Whether the worker took a step within `seconds` (after the one that may be under way)."""
+    time.sleep(0.3)
+    steps = scheduler.steps
+    time.sleep(seconds)
+    return scheduler.steps != steps
+
+
+def wait_until(condition, seconds):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_stop_button_and_closed_tab_end_generation_a_long_answer_holds_up_no_other_tab(browser, tiny_model_dir,
+                                                                                     monkeypatch):  # fmt: skip
     import gradio_demo
 
     engine = load_chat_engine(ChatArguments(base_model=tiny_model_dir))  # untrained: long, endless answers
     engine.stop_ids = [len(engine.tokenizer) + 1000]  # an id it can never generate: only max tokens or stop end it
-    recorder = Recorder(engine)
-    demo = gradio_demo.build_demo(recorder, GenerationOptions(temperature=1.0, top_p=1.0, max_new_tokens=3000))
+    paced = PacedEngine(gradio_demo.SharedEngine.stream)
+    monkeypatch.setattr(gradio_demo.SharedEngine, "stream", lambda shared, m, o: paced(shared, m, o))
+    scheduler = Scheduler(engine, max_batch_size=1, stall_timeout=5)
+    demo = gradio_demo.build_demo(engine, GenerationOptions(temperature=1.0, top_p=1.0, max_new_tokens=3000),
+                                  scheduler=scheduler)  # fmt: skip
     port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.queue(default_concurrency_limit=4).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
+                                                   quiet=True)  # fmt: skip
     try:
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{port}/")
@@ -132,8 +149,8 @@ def test_answers_stream_in_the_stop_button_ends_generation_and_clear_forgets(bro
                                timeout=60_000)  # fmt: skip
         page.click('[data-testid="stop-button"]')
         page.wait_for_selector('[data-testid="stop-button"]', state="detached", timeout=30_000)
-        assert engine._lock.acquire(timeout=5), "stop must end the generation, not leave it running"
-        engine._lock.release()
+        wait_until(lambda: scheduler.held == 0, 5)  # stop ends the generation, not only the display
+        assert not generating(scheduler)
         stopped = last_answer(page)
         time.sleep(1)
         assert last_answer(page) == stopped, "nothing may be added after stop"
@@ -142,9 +159,18 @@ def test_answers_stream_in_the_stop_button_ends_generation_and_clear_forgets(bro
 
         page.click('button[aria-label="Clear"]')
         page.wait_for_selector(BOT, state="detached", timeout=10_000)
-        ask(page, "Again.")
+        ask(page, "Again.")  # a long answer in this tab ...
         page.wait_for_selector(BOT, timeout=30_000)
-        page.click('[data-testid="stop-button"]')
-        assert [len(messages) for messages in recorder.seen] == [1, 1], "clear must forget the conversation"
+        other = browser.new_page()  # ... holds up no answer in another tab
+        other.goto(f"http://127.0.0.1:{port}/")
+        ask(other, "Me too.")
+        other.wait_for_function(f"() => (document.querySelector('{BOT}')?.textContent || '').trim().length > 10",
+                                timeout=30_000)  # fmt: skip
+        assert scheduler.held == 2 and [len(messages) for messages in paced.seen] == [1, 1, 1]
+        page.close()  # closed tabs: their generations end
+        other.close()
+        wait_until(lambda: scheduler.held == 0, 20)
+        assert not generating(scheduler) and scheduler.alive
     finally:
         demo.close()
+        scheduler.close()

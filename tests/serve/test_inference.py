@@ -10,7 +10,8 @@ import threading
 import pytest
 
 from medicalgpt.errors import DataValidationError
-from medicalgpt.serve.chat import ChatArguments, GenerationOptions, PromptTooLongError, load_chat_engine, until_stop
+from medicalgpt.serve.chat import ChatArguments, GenerationOptions, PromptTooLongError, load_chat_engine
+from medicalgpt.serve.options import until_stop
 from tests.helpers import ANSWERS, QA_PAIRS, REPO, free_port, qa_adapter, qa_engine, user, write_jsonl
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}

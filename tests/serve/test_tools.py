@@ -13,7 +13,7 @@ import pytest
 
 from medicalgpt.serve.chat import ChatArguments, ChatPrompt, GenerationOptions, load_chat_engine
 from medicalgpt.serve.server import build_app
-from medicalgpt.serve.tools import answer_prefix, parse_tool_calls, role_messages, tool_call_events
+from medicalgpt.serve.tool_calls import answer_prefix, parse_tool_calls, role_messages, tool_call_events
 from tests.helpers import ENV, FAST_FLAGS, REPO, free_port, serving, wait_for_http, write_jsonl
 
 openai = pytest.importorskip("openai")

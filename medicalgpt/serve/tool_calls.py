@@ -83,24 +83,36 @@ def openai_call(name, arguments):
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function}
 
 
-def tool_call_events(pieces):
+class ToolCallSplitter:
     """Streamed text pieces -> ("content", text) events for the text before the first <tool_call> (text that may be
-    its beginning is held back), then ("tool_calls", calls) at the end; the held text as content if no call parses."""
-    held, in_call = "", False
-    for piece in pieces:
-        held += piece
-        if in_call:
-            continue
-        start = held.find(CALL_OPEN)
+    its beginning is held back), then ("tool_calls", calls) at the end; the held text as content if no call parses.
+    Fed one piece at a time (feed), then end(): the server's streams are asynchronous."""
+
+    def __init__(self):
+        self.held, self.in_call = "", False
+
+    def feed(self, piece):
+        self.held += piece
+        if self.in_call:
+            return []
+        start = self.held.find(CALL_OPEN)
         if start >= 0:
-            before, held, in_call = held[:start], held[start:], True
+            before, self.held, self.in_call = self.held[:start], self.held[start:], True
         else:
-            keep = max((n for n in range(1, len(CALL_OPEN)) if held.endswith(CALL_OPEN[:n])), default=0)
-            before, held = held[: len(held) - keep], held[len(held) - keep :]
-        if before:
-            yield "content", before
-    _, calls = parse_tool_calls(held) if in_call else (held, [])
-    if calls:
-        yield "tool_calls", calls
-    elif held:
-        yield "content", held
+            keep = max((n for n in range(1, len(CALL_OPEN)) if self.held.endswith(CALL_OPEN[:n])), default=0)
+            before, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return [("content", before)] if before else []
+
+    def end(self):
+        _, calls = parse_tool_calls(self.held) if self.in_call else (self.held, [])
+        if calls:
+            return [("tool_calls", calls)]
+        return [("content", self.held)] if self.held else []
+
+
+def tool_call_events(pieces):
+    """ToolCallSplitter over an iterable of pieces."""
+    splitter = ToolCallSplitter()
+    for piece in pieces:
+        yield from splitter.feed(piece)
+    yield from splitter.end()
