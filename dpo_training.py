@@ -24,6 +24,7 @@ from medicalgpt.cli import run_cli, setup_logging
 from medicalgpt.model.adapter import wrap_with_lora
 from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
+from medicalgpt.precision import set_frozen_precision
 from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_tokenized_preferences
 from medicalgpt.train.resume import find_resume_checkpoint
@@ -47,7 +48,8 @@ def main(argv=None):
 
     # Model
     model = wrap_with_lora(load_model(model_args), lora_args, training_args, model_args.model_name_or_path)
-    reference = None if lora_args.use_peft else load_model(model_args)  # LoRA: the base with the adapter disabled
+    # LoRA: the base with the adapter disabled; else a frozen copy computing as the policy does
+    reference = None if lora_args.use_peft else set_frozen_precision(load_model(model_args), training_args)
 
     # Train
     trainer = with_atomic_checkpoints(PreTokenizedDPOTrainer)(

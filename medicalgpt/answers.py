@@ -33,22 +33,25 @@ labelled corpus (tests/assets/answers/) gives each reply:
 In words:
 - think: a closed `<think>...</think>` block is removed first (what follows the last `</think>` is the answer);
   unclosed-think: a `<think>` that never closes means no answer (the model ran out of tokens while reasoning).
-- answer-tag: `<answer>...</answer>` (or LaTeX `\\boxed{...}`) wins; its content is read by the steps below.
+- answer-tag: `<answer>...</answer>` (or LaTeX `\\boxed{...}`, `\\boxed{\\text{C}}`) wins; its content is read by
+  the steps below.
 - cue / letter-cue: the first final-answer cue followed by letters decides: 答案是 / 答案： / 答： / 正确答案 /
-  正确选项 / 最终答案 / 故选 / 应选 / 本题选 / 所以选 / the answer is / answer: / correct answer / correct option /
-  best choice / final answer / I choose / it's B (ending the clause) / 我认为是 / 正确的是 ..., or a letter followed
-  by "is correct" / "is the answer" / 正确 / 是正确的. Letters an explanation mentions after it do not count; a cue
-  after a repeated option list still answers.
-- negated: 不选A, 排除A, A错误, A选项错误, A不对, A is wrong, A is incorrect, not A, rule out A, Neither A nor B never
-  count, wherever they stand.
+  正确选项 / 最终答案 / 【答案】 / 故选 / 应选 / 本题选 / 所以选 / 选择B / the answer is / answer: / correct answer /
+  correct option / best choice / final answer / I choose / I'd say / Choose (B) / it's B (ending the clause) /
+  我认为是 / 正确的是 ..., or a letter followed by "is correct" / "is the answer" / ": correct" / 正确 /
+  是正确的. Letters an explanation mentions after it do not count; a cue after a repeated option list still answers.
+- negated: 不选A, 排除A, A错误, A选项错误, A不对, A is wrong, A is incorrect, A: wrong, not A, rule out A, Neither A
+  nor B never count, wherever they stand.
 - only-letters: a reply that is only letters (brackets, emphasis, punctuation and separators aside) is its answer.
 - leading: an answer form at the start: `(C) ...`, `C. ...`, `C、...`, `C: ...`, `C) ...`, `选项B`, `B项`,
   `Option B`, or a first line that is only letters.
-- hedge: a cue or answer form whose letter is followed by "or" / 或 / 还是 and another letter commits to nothing.
+- hedge: a cue or answer form whose letter is followed by "or" / 或 / 还是 and another letter, or by "but B is also
+  plausible" / "but B could be right" / 但B也有可能, commits to nothing.
 - conflict: an answer form at the start and a cue naming other letters, with no correction between them ("no,
   wait", "actually", 不对), or an answer the reply calls wrong ("This answer is not correct"): no answer.
 - not-an-option: letters that are not options of the item are ignored; a cue naming only such letters reads nothing.
-- option-list: a reply whose lines repeat two or more options (`A. ...`, `B. ...`) commits to none of them.
+- option-list: a reply whose lines repeat two or more options (`A. ...`, `B. ...`, or `A、x B、y` in order on one
+  line) commits to none of them; a cue after the list still answers.
 - none: no cue and no answer form: no answer (an article "A" starting a sentence is not option A).
 """
 
@@ -84,24 +87,29 @@ _SEP = r"(?:\s*(?:[,、/&;+]|和|及|与|以及|\band\b)\s*)"
 _ANY = r"(?:[A-Z](?![A-Za-z0-9]|-[A-Za-z0-9]|'[A-Za-z])|[a-z](?![A-Za-z0-9]|-[A-Za-z0-9]|'[A-Za-z]|\s+[a-z]))"
 # a run of letters: "B", "A、C", "A, C and D", "AC" (a contiguous run only in upper case and not before a word)
 _RUN = rf"(?:[A-Z]{{2,8}}(?![A-Za-z0-9]|\s+[A-Za-z])|{_ANY}(?:{_SEP}(?:and\s+)?{_ANY})*)"
-_OPEN = r"[(\[【《{「$]*\s*"
+_OPEN = r"[(\[【《{「$\"“‘']*\s*"
 _HEDGE = re.compile(
     r"^\s*[)\]】》}」$]*\s*(?:,?\s*\bor\b(?:\s+(?:maybe|possibly|perhaps))?|或者?|还是|或许是?|也可能是?)\s*"
     rf"(?:option\s*|选项\s*)?{_OPEN}[A-Za-z](?![A-Za-z])"
+    # "D, but B is also plausible", "D，但B也有可能": a second letter held open
+    r"|^\s*[)\]】》}」$\"”’]*\s*[.,;，；。]?\s*(?:\bbut\b|但是?|不过)\s*(?i:option\s*|选项\s*)?[(]?[A-Z](?![A-Za-z])[)]?"
+    r"\s*(?:(?i:is|are)\s+also\s+(?i:plausible|possible|correct|right|reasonable|likely)|(?i:could|might|may)\s+"
+    r"(?i:also\s+)?be\s+(?i:right|correct|the\s+answer)|也(?:有可能|可能|对|正确))"
 )
 
 # -- cues --------------------------------------------------------------------------------------------------------
 
 _CUE_ZH = (
-    r"(?:最终|正确|参考|标准)?答案(?:应该?|可能)?(?:是|为|选|选择|应为|应是)?|正确(?:的)?选项(?:是|为)?|答\s*[:：]"
-    r"|(?:故|应该?|本题|此题|该题|这道?题|所以|因此|因而|综上|则|我|可|宜|当)(?:选|选择)|(?:^|(?<=[，,;；]))\s*选(?!项|择的)"
+    r"(?:最终|正确|参考|标准)?答案[】\]」]?(?:应该?|可能)?(?:是|为|选|选择|应为|应是)?|正确(?:的)?选项(?:是|为)?|答\s*[:：]"
+    r"|(?:故|应该?|本题|此题|该题|这道?题|所以|因此|因而|综上|则|我|可|宜|当)(?:选|选择)|(?:^|(?<=[，,;；]))\s*选(?:择(?![的:：]))?(?!项)"
     r"|(?:我认为|我觉得|我选的|正确的(?:选项|答案)?|对的)是|是\s*[:：](?=\s*[(（]?[A-Z][)）.、:：])"
     r"|(?:不是|并非|而非)\s*¤\s*[，,]?\s*而?是"  # 答案不是A，是C: what follows the negated letter
 )
 _CUE_EN = (
     r"\b(?:the\s+)?(?:(?:final|correct|right|best|most\s+(?:likely|appropriate|accurate))\s+"
     r"(?:answer|option|choice|response)s?|answers?)\b(?:\s+(?:is|are|would\s+be|should\s+be|will\s+be))?"
-    r"|\bI(?:\s+would|\s+will|'d|'ll)?\s+(?:choose|pick|select|go\s+with)\b"
+    r"|\bI(?:\s+would|\s+will|'d|'ll)?\s+(?:choose|pick|select|go\s+with)\b|\bI(?:\s+would|'d)\s+say\b"
+    r"|(?:^|(?<=[.!]\s))(?:choose|select|pick)(?=\s)"  # "Choose (B)."
     r"|\bnot\s+¤\s*[,;]?\s*but(?:\s+rather)?\b"  # not A but C
     r"|\bans\s*(?=[:：])"
 )
@@ -119,7 +127,8 @@ _LETTER_CUE = re.compile(
     rf"(?<![A-Za-z])(?:(?i:option|choice)\s*|选项\s*)?{_OPEN}(?P<run>[A-Z](?:{_SEP}[A-Z])*|(?<=\()[a-z](?=\)))"
     rf"(?![A-Za-z0-9])\s*[)\]】》}}」]?\s*(?:项|选项)?\s*[:：]?\s*"
     r"(?:(?i:is|are)\s+(?i:the\s+)?(?i:correct|right|true|best|most\s+likely)(?:\s+(?i:answer|option|choice|one))?\b"
-    r"|(?i:is|are)\s+(?i:the\s+)?answer\b|(?:是|为)?(?:都|均|也)?(?:正确|对(?!应))的?(?:答案|选项)?)"
+    r"|(?i:is|are)\s+(?i:the\s+)?answer\b|(?:是|为)?(?:都|均|也)?(?:正确|对(?!应))的?(?:答案|选项)?"
+    r"|(?:(?<=[:：])|(?<=[:：][ \t]))(?i:correct|right|true)\b)"  # "- C: correct"
 )
 _NOT_A_LETTER_CUE = re.compile(r"(?i:vitamin|hepatitis|type|group|class|factor|protein|grade|stage|phase|lead)\s+$")
 
@@ -142,12 +151,16 @@ _NEGATED = [
         r"(?<![A-Za-z])(?P<l>[A-Z])\)?[ \t]+(?i:is|are)\s+(?i:not\s+(?:the\s+)?(?:correct|right|answer)|"
         r"(?:wrong|incorrect|false|unlikely)|less\s+likely)"
     ),
+    # "- A: wrong"
+    re.compile(r"(?<![A-Za-z])(?P<l>[A-Z])[ \t]*[)\]]?[ \t]*[:：\-–—][ \t]*(?i:wrong|incorrect|false)\b"),
 ]
 
 # -- answer forms ------------------------------------------------------------------------------------------------
 
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>|\\boxed\{([^{}]*)\}", re.DOTALL)
+_ANSWER_TAG = re.compile(
+    r"<answer>(.*?)</answer>|\\boxed\{\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?([^{}]*)\}?\s*\}", re.DOTALL
+)
 _ONLY = re.compile(rf"^[\s(\[【《{{「'\"$>#]*(?P<run>{_RUN})[\s)\]】》}}」'\".。,，;；!！$]*$")
 _BECAUSE = r"[,，]\s*(?=(?i:because|since|as|given|due\s+to)\b|因为|由于)"  # "A, because ..."
 _LEAD_PREFIX = r"^[\s>#\-]*(?:(?i:answer|答)\s*[:：]?\s*)?"
@@ -155,7 +168,7 @@ _LEADING = [
     re.compile(rf"{_LEAD_PREFIX}[(\[【]\s*(?P<run>{_RUN})\s*[)\]】]"),
     re.compile(rf"{_LEAD_PREFIX}(?P<run>[A-Z](?:{_SEP}[A-Z])*|[A-Z]{{2,8}})\s*(?:[.:、)]|\s+[-–—]\s|{_BECAUSE})"),
     re.compile(rf"{_LEAD_PREFIX}(?P<run>[a-z])\s*(?:\.(?![A-Za-z])|[)、])"),  # not "e.g."
-    re.compile(rf"{_LEAD_PREFIX}(?:选项|(?i:options?)\s*)(?P<run>{_RUN})"),
+    re.compile(rf"{_LEAD_PREFIX}(?:选项|(?i:options?)\s*){_OPEN}(?P<run>{_RUN})"),
     re.compile(rf"{_LEAD_PREFIX}(?P<run>[A-Za-z](?:{_SEP}[A-Za-z])*)\s*(?:项|选项)"),
     re.compile(rf"{_LEAD_PREFIX}(?P<run>{_RUN})\s*(?:\n|$)"),
 ]
@@ -166,6 +179,7 @@ _RETRACTED = re.compile(
 )
 _CORRECTION = re.compile(r"(?i:\bno\b[,.]?\s*wait\b|\bwait\b|\bactually\b|\bcorrection\b|\bI\s+mean\b)|不对|更正|纠正")
 _OPTION_LINE = re.compile(r"^\s*[(\[]?(?P<l>[A-Z])\s*[.:、)\]]\s*\S", re.MULTILINE)
+_INLINE_OPTION = re.compile(r"(?:^|(?<=\s))[(\[]?(?P<l>[A-Z])\s*[.:、)\]]\s*\S")
 
 
 def read_answer(reply, options=ALL_LETTERS):
@@ -197,7 +211,7 @@ def read_committed(text, options):
     masked, negated = mask_negations(text)
     if _RETRACTED.search(masked):
         return None, "conflict"
-    listed = {m.group("l") for m in _OPTION_LINE.finditer(masked)} & set(options)
+    listed = listed_options(masked) & set(options)
     lead = None if len(listed) >= 2 else leading_answer(masked, options)
     for rule, match in cue_matches(masked):
         letters, hedged = letters_of(match, masked, options)
@@ -214,6 +228,16 @@ def read_committed(text, options):
     if lead:
         return (None, "hedge") if lead[1] else (lead[0], "leading")
     return None, "negated" if negated else "none"
+
+
+def listed_options(text):
+    """The options a reply repeats: one per line (`A. ...`), or in order on one line (`A、高血压 B、糖尿病 ...`)."""
+    listed = {match.group("l") for match in _OPTION_LINE.finditer(text)}
+    for line in text.splitlines():
+        letters = [match.group("l") for match in _INLINE_OPTION.finditer(line)]
+        if len(letters) >= 2 and "".join(letters) in ALL_LETTERS:  # "A. x B. y", never "C. x. The answer is E."
+            listed.update(letters)
+    return listed
 
 
 def leading_answer(text, options):

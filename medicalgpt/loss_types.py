@@ -97,12 +97,24 @@ def _check_known(names, losses):
         raise UsageError(f"--loss_type {' '.join(unknown)}: unknown; expected one of {', '.join(losses)}")
 
 
+def _check_beta(config):
+    # 0 makes the preference term a constant (IPO divides by it), a negative value learns the opposite preference
+    if not config.beta > 0:
+        raise UsageError(f"--beta must be above 0 (how far the policy may move from the reference), got {config.beta}")
+
+
 def _check_dpo(config, given):
     names = list(config.loss_type)
     _check_known(names, DPO_LOSSES)
+    if len(set(names)) < len(names):
+        raise UsageError(f"--loss_type {' '.join(names)}: a loss named twice (weigh it with --loss_weights)")
+    _check_beta(config)
     smoothing = config.label_smoothing
     if "robust" in names and not 0 < smoothing < 0.5:
-        raise UsageError("--loss_type robust needs --label_smoothing in (0, 0.5): the share of flipped labels (0.1)")
+        raise UsageError(
+            "--loss_type robust needs --label_smoothing in (0, 0.5): the share of flipped labels (0.1), "
+            f"got {smoothing}"
+        )
     if "exo_pair" in names and smoothing <= 0:
         raise UsageError("--loss_type exo_pair needs --label_smoothing above 0 (EXO's epsilon, e.g. 1e-3)")
     if smoothing and not set(names) & set(SMOOTHED_DPO):
@@ -131,6 +143,9 @@ def _check_dpo(config, given):
 
 def _check_cpo(config, given):
     _check_known([config.loss_type], CPO_LOSSES)
+    _check_beta(config)
+    if config.cpo_alpha < 0:
+        raise UsageError(f"--cpo_alpha weighs the chosen answers' NLL: it must be 0 or more, got {config.cpo_alpha}")
     if config.label_smoothing and config.loss_type not in ("sigmoid", "simpo"):
         raise UsageError(f"--label_smoothing is read only by the sigmoid and simpo losses, not {config.loss_type}")
     if not 0 <= config.label_smoothing < 0.5:
@@ -140,6 +155,7 @@ def _check_cpo(config, given):
 
 
 def _check_kto(config, given):
+    _check_beta(config)
     if config.desirable_weight <= 0 or config.undesirable_weight <= 0:
         raise UsageError("--desirable_weight and --undesirable_weight must be above 0")
     if config.loss_type != "kto":

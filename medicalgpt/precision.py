@@ -7,8 +7,9 @@ vanishes (2 full SFT steps at lr 1e-5 changed 15.5% of a bf16 model's weights). 
 
 - Trainable parameters are kept in float32 whatever the checkpoint's dtype: full training upcasts the whole model;
   LoRA the adapters (peft does already) and `--modules_to_save`. Frozen weights (LoRA's base, the DPO reference, the
-  teacher, the reward model) stay in the checkpoint's dtype, except LoRA's base without autocast (CPU): a float32
-  module (`--modules_to_save`, a reward head) cannot take bf16 layers' activations, so it is float32 too there.
+  teacher, the reward model) stay in the checkpoint's dtype, except without autocast (CPU): LoRA's base, as a float32
+  module (`--modules_to_save`, a reward head) cannot take bf16 layers' activations, and the DPO / KTO / PPO
+  reference (set_frozen_precision), which must compute as the upcast policy does, are float32 too there.
 - The compute is bf16 / fp16 autocast where the device supports it (`--bf16`, `--fp16`; medicalgpt/device.py).
 - `--pure_bf16 True`: the trainable parameters in bf16 too (weights, gradients and AdamW's states: 8 bytes per
   parameter instead of 16), for those who need the memory and accept the lost updates.
@@ -79,6 +80,16 @@ def set_trainable_precision(model, lora_args, training_args):
             model.float()  # buffers too (rotary frequencies): a bf16 checkpoint then trains as its float32 copy
         where = f"{str(kept).removeprefix('torch.')}{' (--pure_bf16)' if lora_args.pure_bf16 else ''}"
     logger.info(describe_precision(model, where, training_args))
+    return model
+
+
+def set_frozen_precision(model, training_args):
+    """A frozen model beside the trained one (DPO / KTO's reference) computes as the policy does: without autocast
+    (CPU) in float32, or a bf16 reference and its float32-upcast policy disagree at step 0 (DPO's first loss is not
+    ln 2); under autocast, or when DeepSpeed owns the precision, it keeps the checkpoint's dtype. Returns the model."""
+    autocast = getattr(training_args, "bf16", False) or getattr(training_args, "fp16", False)
+    if not autocast and not deepspeed_owns_precision(training_args) and loaded_dtype(model) != torch.float32:
+        model.float()
     return model
 
 

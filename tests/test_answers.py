@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from medicalgpt import answers
 from medicalgpt.answers import RULES, read_answer
+from medicalgpt.eval.choice import parse_choice
+from medicalgpt.rl.verifiable import choice_accuracy
 from tests.helpers import REPO, answer_corpus
 
 CORPUS = answer_corpus()
@@ -145,3 +147,19 @@ def test_every_example_of_the_table_reads_as_the_table_says():
         expected = reads.split(", ") if ", " in reads else [reads] * len(replies)
         read = [read_answer(reply, "ABCDE") or "none" for reply in replies]
         assert read == expected, rule
+
+
+def test_grpo_reward_and_generate_mode_score_every_corpus_reply_alike():
+    """The same reply is right or wrong alike in GRPO's choice_accuracy (exam rows: options as letters, completions
+    plain or conversational) and in evaluate.py's generate mode (items: options as {letter: text})."""
+    for row in CORPUS:
+        item = {"options": {letter: f"text {letter}" for letter in row["options"]}}
+        for answer in [row["expected"] or row["options"][0], row["options"][-1]]:
+            evaluated = 1.0 if parse_choice(row["reply"], item) == answer else 0.0
+            plain, chat = choice_accuracy(
+                [row["reply"], [{"role": "assistant", "content": row["reply"]}]], [answer] * 2, [row["options"]] * 2
+            )
+            assert plain == chat == evaluated, row["id"]
+        assert choice_accuracy([row["reply"]], [row["expected"] or "none"], [row["options"]]) == [
+            1.0 if row["expected"] else 0.0
+        ], row["id"]

@@ -161,3 +161,50 @@ def test_deepspeed_with_bf16_keeps_its_own_master_weights(checkpoints, monkeypat
         assert {p.dtype for p in model.parameters()} == {dtype}
     monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
     assert deepspeed_owns_precision(zero2_fp32)
+
+
+def test_dpo_on_a_bf16_checkpoint_trains_as_its_float32_copy(checkpoints, tmp_path):
+    """Full-parameter DPO on CPU: the reference computes in float32 like the upcast policy, so the first loss is
+    exactly ln 2 (policy == reference) and every loss equals the float32 copy's (a bf16 reference gave 0.69287 at
+    step 0, seen)."""
+    import math
+
+    import dpo_training
+    from tests.helpers import REPO
+
+    def losses(model_dir, output_dir):
+        dpo_training.main(["--model_name_or_path", model_dir, "--train_file_dir", str(REPO / "data" / "reward"),
+                           "--do_train", "--template_name", "qwen", "--max_steps", "2", "--learning_rate", "2e-5",
+                           "--per_device_train_batch_size", "1", "--logging_steps", "1", "--save_strategy", "no",
+                           "--output_dir", str(output_dir), *FAST_FLAGS])  # fmt: skip
+        history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+        return [entry["loss"] for entry in history if "loss" in entry]
+
+    low, as_float32 = checkpoints["bfloat16"]
+    bf16_losses = losses(low, tmp_path / "bf16")
+    assert bf16_losses[0] == pytest.approx(math.log(2), abs=1e-7)
+    assert len(bf16_losses) == 2 and bf16_losses == losses(as_float32, tmp_path / "float32")
+
+
+def test_full_ppo_on_a_bf16_checkpoint_trains_a_float32_policy_and_critic(checkpoints, monkeypatch):
+    """Without LoRA the critic is trained too: float32 like the policy (it was left in bf16, losing its updates), and
+    on CPU the frozen reference computes in float32 as the policy does (a KL that is not 0 at step 0 otherwise); the
+    frozen reward model keeps the checkpoint's dtype."""
+    from types import SimpleNamespace
+
+    from medicalgpt.args import RLArguments
+    from medicalgpt.rl import build
+
+    low, _ = checkpoints["bfloat16"]
+    monkeypatch.setattr(build, "PPOTrainer", lambda config, **models: models)
+    config = SimpleNamespace(bf16=False, fp16=False, deepspeed=None, gradient_checkpointing=False)
+    run = build.RLRun(config, ModelArguments(model_name_or_path=low), LoraArguments(),
+                      RLArguments(reward_model_path=low), AutoTokenizer.from_pretrained(low), [], [])  # fmt: skip
+    models = build.build_ppo_trainer(run, train_prompts=None, eval_prompts=None)
+
+    def dtypes(model):
+        return {p.dtype for p in model.parameters()}
+
+    assert dtypes(models["policy"]) == dtypes(models["critic"]) == dtypes(models["ref_policy"]) == {torch.float32}
+    assert dtypes(models["reward_model"]) == {torch.bfloat16}
+    assert all(p.requires_grad for p in models["critic"].parameters())

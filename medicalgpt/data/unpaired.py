@@ -37,6 +37,10 @@ from medicalgpt.data.shapes import (
 )
 
 PAIR_KEYS = ("chosen", "rejected", "response_chosen", "response_rejected")
+PAIR_LABEL = (
+    "a preference pair takes no label (its chosen answer is desirable, its rejected one undesirable): "
+    "drop the label, or give each answer as a record of its own"
+)
 
 
 def validate_labelled(value, stage: str | None, ck: Checker) -> tuple[dict | None, str]:
@@ -50,6 +54,8 @@ def validate_labelled(value, stage: str | None, ck: Checker) -> tuple[dict | Non
 def validate_unpaired(record: dict, ck: Checker) -> tuple[dict | None, str]:
     """One KTO record (or preference pair) -> its normalised shape and the format's name."""
     if any(key in record for key in PAIR_KEYS):
+        if "label" in record:  # a label on a pair would be read by no one: say so rather than drop it
+            ck.error("label", PAIR_LABEL)
         pair, kind = _preference(record, ck)
         if pair is None:
             return None, kind
@@ -77,7 +83,8 @@ def validate_unpaired(record: dict, ck: Checker) -> tuple[dict | None, str]:
 def _label(record: dict, ck: Checker) -> bool | None:
     label = record.get("label")
     if label is None:
-        ck.error("label", "missing: true for a desirable answer, false for an undesirable one")
+        problem = "missing" if "label" not in record else "null"
+        ck.error("label", f"{problem}: true for a desirable answer, false for an undesirable one")
         return None
     if not isinstance(label, bool):
         ck.error("label", f"expected true or false, got {_kind(label)} {label!r}")

@@ -11,6 +11,7 @@ from medicalgpt.args import LoraArguments, ModelArguments, RLArguments
 from medicalgpt.errors import UsageError
 from medicalgpt.model.adapter import wrap_with_lora
 from medicalgpt.model.loader import load_model
+from medicalgpt.precision import set_frozen_precision
 from medicalgpt.rl.placement import prepare_frozen
 from medicalgpt.rl.rewards import RewardModelScorer
 from medicalgpt.rl.trainer import PPOTrainer
@@ -71,11 +72,11 @@ def build_ppo_trainer(run, train_prompts, eval_prompts):
     config, model_args, lora_args, rl_args = run.config, run.model_args, run.lora_args, run.rl_args
     policy = wrap_with_lora(load_model(model_args), lora_args, config, model_args.model_name_or_path)
     critic = load_reward_model(model_args, rl_args, run.tokenizer)
+    # Full training too: the critic's weights in float32 whatever the checkpoint's (medicalgpt/precision.py)
+    critic = wrap_with_lora(critic, lora_args, config, rl_args.reward_model_path, task_type="SEQ_CLS")
     reference = reward_model = None
-    if lora_args.use_peft:
-        critic = wrap_with_lora(critic, lora_args, config, rl_args.reward_model_path, task_type="SEQ_CLS")
-    else:
-        reference = frozen(load_model(model_args))
+    if not lora_args.use_peft:
+        reference = frozen(set_frozen_precision(load_model(model_args), config))  # computes as the policy does
         reward_model = frozen(load_reward_model(model_args, rl_args, run.tokenizer))
     return PPOTrainer(
         config,

@@ -13,7 +13,8 @@ SFT get a `datasets.IterableDataset`. The Trainer cannot know its length, so --m
   `pack_dataset`) when --packing says rows. Conversations cut or skipped to fit --model_max_length are counted and
   the totals logged every LOG_EVERY conversations.
 - Under torchrun the ranks share one stream record by record, whatever the number and sizes of the files (see
-  stream_file_records): each record once per pass across ranks, every rank the same number of steps.
+  stream_file_records): each record once per pass across ranks, every rank the same number of steps; a pass's last
+  global batch, when short, is completed with the pass's first records (accelerate's even_batches).
 """
 
 import logging
@@ -83,7 +84,8 @@ def stream_file_records(files, stage, skip_invalid=False):
     # waited for it. One shard makes accelerate divide records instead, whatever the files: with trl's
     # dispatch_batches=False (SFT) every rank reads the stream and keeps its slice of each global batch; with the
     # Trainer's default dispatch (PT) rank 0 reads and sends each rank its share. Every rank steps the same number
-    # of times, and each record is seen once per pass across ranks (tests/train/test_streaming.py).
+    # of times, and each record is seen once per pass across ranks, except that a short last global batch is
+    # completed with the pass's first records (accelerate's even_batches; tests/train/test_streaming.py).
     return datasets.IterableDataset.from_generator(
         _file_records, gen_kwargs={"files": tuple(files), "stage": stage}, features=FEATURES[stage]
     )

@@ -56,11 +56,16 @@ BAD_LINES = [
     {"prompt": "头痛怎么办？", "completion": "忍着。", "label": "false"},
     {"conversations": [{"from": "human", "value": "咳嗽"}, {"from": "gpt", "value": "多喝水"},
                        {"from": "human", "value": "还咳"}], "label": True},
+    {"prompt": "头痛怎么办？", "completion": "忍着。", "label": None},
+    {"prompt": "头痛怎么办？", "chosen": "就医。", "rejected": "忍着。", "label": False},
 ]  # fmt: skip
 BAD_ERRORS = [
     "{path}:2: error: label: missing: true for a desirable answer, false for an undesirable one",
     "{path}:3: error: label: expected true or false, got string 'false'",
     "{path}:4: error: conversations[2]: the conversation ends with a user turn (human): there is no answer to judge",
+    "{path}:5: error: label: null: true for a desirable answer, false for an undesirable one",
+    "{path}:6: error: label: a preference pair takes no label (its chosen answer is desirable, its rejected one "
+    "undesirable): drop the label, or give each answer as a record of its own",
 ]
 
 
@@ -70,7 +75,7 @@ def test_bad_kto_data_is_refused_by_path_and_line_and_nothing_is_written(tiny_mo
     with pytest.raises(DataValidationError) as error:
         kto_training.main(["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(bad), "--do_train",
                            "--output_dir", str(out), *FAST_FLAGS])  # fmt: skip
-    assert str(error.value).splitlines()[:3] == [line.format(path=bad) for line in BAD_ERRORS]
+    assert str(error.value).splitlines()[: len(BAD_ERRORS)] == [line.format(path=bad) for line in BAD_ERRORS]
     assert not out.exists()
 
 
@@ -78,7 +83,7 @@ def test_validate_jsonl_checks_kto_files(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", BAD_LINES)
     assert validate_jsonl.main([str(bad), "--stage", "kto", "--quiet"]) == 1
     printed = capsys.readouterr().out.splitlines()
-    assert printed[:3] == [line.format(path=bad) for line in BAD_ERRORS]
+    assert printed[: len(BAD_ERRORS)] == [line.format(path=bad) for line in BAD_ERRORS]
     assert validate_jsonl.main([str(REPO / "data" / "kto"), "--stage", "kto"]) == 0
     assert "0 errors, 0 warnings" in capsys.readouterr().out.splitlines()[-1]
 

@@ -64,6 +64,13 @@ REFUSED = [  # (script, flags, the one-line error)
     ("grpo", ["--epsilon_high", "0.1"], r"--epsilon_high 0.1 is below --epsilon 0.2: clip-higher \(DAPO\)"),
     ("grpo", ["--delta", "1.1"], r"--delta 1.1 must be above 1 \+ the upper clip range \(1.2\)"),
     ("grpo", ["--importance_sampling_level", "sentence"], "must be token or sequence"),
+    ("dpo", ["--loss_type", "robust", "--label_smoothing", "0.7"], r"in \(0, 0.5\): .*, got 0.7$"),
+    ("dpo", ["--beta", "0"], "--beta must be above 0 .*, got 0.0"),
+    ("dpo", ["--loss_type", "ipo", "--beta", "-0.1"], "--beta must be above 0 .*, got -0.1"),
+    ("dpo", ["--loss_type", "sigmoid", "sigmoid"], "--loss_type sigmoid sigmoid: a loss named twice"),
+    ("cpo", ["--loss_type", "simpo", "--beta", "0"], "--beta must be above 0"),
+    ("cpo", ["--loss_type", "simpo", "--cpo_alpha", "-1"], "--cpo_alpha weighs .* must be 0 or more, got -1.0"),
+    ("kto", ["--beta", "-1"], "--beta must be above 0"),
 ]  # fmt: skip
 MAINS = {"dpo": dpo_training.main, "cpo": cpo_training.main, "kto": kto_training.main, "grpo": ppo_training.main}
 

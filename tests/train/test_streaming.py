@@ -202,3 +202,23 @@ def test_streaming_pt_under_torchrun_divides_blocks_not_files(tiny_model_dir, tm
     rank0, rank1 = seen_by_two_ranks("pretraining.py", argv(tmp_path / "two", 1), tmp_path)
     assert len(rank0) == len(rank1) == 8 and len({tuple(ids) for ids in one}) == 16
     assert sorted(rank0 + rank1) == sorted(one)
+
+
+@pytest.mark.multiprocess
+def test_streaming_sft_under_torchrun_fills_the_last_batch_with_the_first_records(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):  # fmt: skip
+    """Files of 1, 0 (blank lines only) and 17 records, 2 ranks x 2 for one pass (5 steps): the ranks train on the
+    18 records one process x 4 trains on, plus the pass's first 2 records once more: accelerate completes the last
+    global batch (2 records) with the first ones so that every rank takes the same steps (even_batches); one process
+    takes a short last batch instead."""
+    records = [{"instruction": f"第{i}个问题：咳嗽{i}天了？", "output": f"第{i}个回答：多喝水。"} for i in range(18)]
+    write_jsonl(tmp_path / "data" / "a.jsonl", records[:1])
+    (tmp_path / "data" / "b.jsonl").write_text("\n\n", encoding="utf-8")
+    write_jsonl(tmp_path / "data" / "c.jsonl", records[1:])
+    data = tmp_path / "data"
+    one_argv = sft_stream_argv(tiny_model_dir, data, tmp_path / "one", 5, 4)
+    one = seen_by_one_process(supervised_finetuning.main, one_argv, monkeypatch)
+    two_argv = sft_stream_argv(tiny_model_dir, data, tmp_path / "two", 5, 2)
+    rank0, rank1 = seen_by_two_ranks("supervised_finetuning.py", two_argv, tmp_path)
+    assert len(one) == len({tuple(ids) for ids in one}) == 18 and len(rank0) == len(rank1) == 10
+    assert sorted(rank0 + rank1) == sorted(one + one[:2])
