@@ -11,7 +11,12 @@ import pytest
 
 from tests.helpers import REPO
 
-DOCS = [REPO / "README.md", REPO / "README_zh.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [
+    REPO / "README.md",
+    REPO / "README_zh.md",
+    *sorted((REPO / "docs").glob("*.md")),
+    *sorted((REPO / "docs" / "zh").glob("*.md")),
+]
 FENCE = re.compile(r"^```(bash|sh|shell|console)\n(.*?)^```", re.M | re.S)
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 REPO_FOLDERS = ("examples/", "configs/", "data/", "scripts/", "docs/", "tests/", "bench/")
@@ -131,3 +136,22 @@ def test_the_readme_is_short_and_links_every_topic():
     assert all(f"](docs/{topic})" in zh for topic in topics) and "](README.md)" in zh and "](README_zh.md)" in readme
     for topic in topics:  # each topic links back
         assert "](../README.md" in (REPO / "docs" / topic).read_text(encoding="utf-8") or topic == "DESIGN.md"
+
+
+def test_the_chinese_topic_pages_translate_every_english_one_and_their_links_resolve():
+    english = sorted(path.name for path in (REPO / "docs").glob("*.md") if path.name != "DESIGN.md")
+    chinese = sorted(path.name for path in (REPO / "docs" / "zh").glob("*.md"))
+    assert chinese == english
+    zh = (REPO / "README_zh.md").read_text(encoding="utf-8")
+    assert all(f"](docs/zh/{topic})" in zh for topic in chinese)
+    broken = []
+    for page in (REPO / "docs" / "zh").glob("*.md"):
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)#:]+\.md)(#[^)]*)?\)", text):
+            path, fragment = target
+            resolved = (page.parent / path).resolve()
+            if not resolved.exists():
+                broken.append(f"{page.name}: {path}")
+            elif fragment and fragment[1:] not in headings(resolved.read_text(encoding="utf-8")):
+                broken.append(f"{page.name}: {path}{fragment}")
+    assert not broken, broken
