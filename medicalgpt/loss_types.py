@@ -67,10 +67,12 @@ F_DIVERGENCE_DPO = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robu
 
 
 def loss_table(config_class):
-    """The loss types of `config_class`'s trainer as --help text (empty when it has none)."""
-    if config_class.__name__ not in TABLES:
+    """The loss types of `config_class`'s trainer as --help text (empty when it has none). A script's subclass of a
+    trainer's config (cpo_training.py's CpoConfig) is tabled as the config it extends."""
+    tabled = [cls.__name__ for cls in config_class.__mro__ if cls.__name__ in TABLES]
+    if not tabled:
         return ""
-    heading, losses, notes = TABLES[config_class.__name__]
+    heading, losses, notes = TABLES[tabled[0]]
     lines = [f"Loss types, {heading}:", f"  {'name':<17} {'needs':<36} use it when"]
     lines += [f"  {name:<17} {needs or '-':<36} {when}" for name, (needs, when) in losses.items()]
     return "\n".join(lines + [f"  {note}" for note in notes])

@@ -41,4 +41,17 @@ if __name__ == "__main__":
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     patch()
     sys.argv = sys.argv[1:]
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+        status = 0
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    # The script has finished (its outputs saved, the process group left). Interpreter teardown after a DeepSpeed
+    # run on CPU processes (DeepSpeed 0.19.8, torch 2.13, gloo) now and then aborts one rank with "terminate called
+    # without an active exception" (a C++ thread destroyed while joinable), failing a run that succeeded; seen in
+    # ~1 of 10 stage runs here. Leave without that teardown. Tests only: GPU runs use NCCL and the scripts as they are.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

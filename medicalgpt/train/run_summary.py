@@ -85,7 +85,7 @@ def log_ppo_summary(trainer, script, arguments):
     log_run_summary(
         script,
         arguments,
-        model=trainer.model.policy,
+        model=trainer.unwrapped.policy,  # trainer.model is wrapped (DDP, DeepSpeed) on several processes
         args=trainer.config,
         steps=f"{trainer.num_updates:,} PPO updates of {trainer.global_batch:,} prompts",
         data=f"{len(trainer.train_prompts):,} prompts for training, {len(trainer.eval_prompts):,} for evaluation",

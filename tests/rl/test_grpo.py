@@ -105,13 +105,15 @@ def test_rewards_are_summed_with_their_weights(exam_setup, rm_adapter_dir, tmp_p
         assert means[1] == 0.0, "a tiny model that never learned <think> gets no format reward"
 
 
-def test_bad_exam_items_fail_by_path_and_line_before_any_model_loads(tmp_path):
+def test_bad_exam_items_fail_by_path_and_line_before_any_model_loads(tiny_model_dir, tmp_path, monkeypatch):
     exam = write_jsonl(tmp_path / "exam.jsonl", [
         {"question": "q", "options": {"A": "a", "B": "b"}, "answer": "B"},
         {"question": "q", "options": {"A": "a", "B": "b"}},
     ])  # fmt: skip
-    argv = ["--rl_algorithm", "grpo", "--reward_funcs", "choice_accuracy", "--sft_model_path", "no-such-model",
+    argv = ["--rl_algorithm", "grpo", "--reward_funcs", "choice_accuracy", "--sft_model_path", tiny_model_dir,
             "--train_file_dir", str(exam), "--do_train", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    # The model path is checked first (it exists); the data are checked before any model loads.
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(DataValidationError, match=rf"{exam}:2: error: answer: expected the letter"):
         ppo_training.main(argv)
 
