@@ -61,7 +61,13 @@ LLAMAFACTORY = {
     "llamafactory_packing": {"packing": True},
     "llamafactory_neat_packing": {"packing": True, "neat_packing": True},
 }
-GROUPS = {"upstream": ["upstream"], "ours": list(OURS), "llamafactory": list(LLAMAFACTORY)}
+GROUPS = {
+    "upstream": ["upstream"],
+    "ours": list(OURS),
+    "llamafactory": list(LLAMAFACTORY),
+    "best": ["upstream", "ours_chunked", "llamafactory_neat_packing"],  # upstream, our defaults, LLaMA-Factory's best
+}
+METHODS = ("lora", "full")
 
 
 # --- in the child process: train once, count what the Trainer trained on --------------------------------------------
@@ -165,9 +171,11 @@ def run_child(kind, model, argv, profile_steps=0):
 # --- in the main process: equal data, one command per contender, interleaved runs -----------------------------------
 
 
-def select_conversations(data, model, max_length, limit, margin=8):
-    """The records of `data` whose whole conversation fits in `max_length - margin` tokens with our qwen template
-    (the margin covers the other contenders' extra newline / end token per turn), at most `limit` of them."""
+def select_conversations(data, model, max_length, limit, pick="first", margin=8):
+    """(lines, token counts) of the records of `data` whose whole conversation fits in `max_length - margin` tokens
+    with our qwen template (the margin covers the other contenders' extra newline / end token per turn), at most
+    `limit` of them: the first ones (`pick` "first"), or ones spread over the lengths ("spread": sorted by length,
+    cut into `limit` groups of equal count, the middle one of each), kept in the file's order."""
     from transformers import AutoTokenizer
 
     from medicalgpt.data.validate import load_records
@@ -181,8 +189,13 @@ def select_conversations(data, model, max_length, limit, margin=8):
     for record in load_records([data], "sft", skip_invalid=True):
         ids = tokenize_conversation(record, template, tokenizer, system_prompt=SYSTEM_PROMPT)["input_ids"]
         if 0 < len(ids) <= max_length - margin:
-            kept.append(lines[int(record["source"].rsplit(":", 1)[1]) - 1])  # "path:line", counted from 1
-    return kept[:limit] if limit else kept
+            kept.append((lines[int(record["source"].rsplit(":", 1)[1]) - 1], len(ids)))  # "path:line", from 1
+    if limit and pick == "spread" and limit < len(kept):
+        by_length = sorted(range(len(kept)), key=lambda index: kept[index][1])
+        kept = [kept[index] for index in sorted(by_length[int((j + 0.5) * len(kept) / limit)] for j in range(limit))]
+    elif limit:
+        kept = kept[:limit]
+    return [line for line, _ in kept], [length for _, length in kept]
 
 
 def with_distinct_pad_token(model, folder):
@@ -229,25 +242,28 @@ def write_data(lines, work):
     return folder
 
 
-def shared_flags(args, model, data_dir, output_dir):
-    """The flags ours and upstream share (upstream's own names): the run the issue measured."""
+def shared_flags(args, model, data_dir, output_dir, method):
+    """The flags ours and upstream share (upstream's own names): the run the issue measured; `method` "full" trains
+    all weights (the LoRA flags are then unused)."""
     return [
         "--model_name_or_path", model, "--train_file_dir", data_dir, "--template_name", "qwen", "--do_train",
         "--per_device_train_batch_size", str(args.batch_size), "--model_max_length", str(args.max_length),
-        "--num_train_epochs", "1", "--learning_rate", "2e-5", "--use_peft", "True", "--target_modules", "all",
+        "--num_train_epochs", "1", "--learning_rate", "2e-5", "--use_peft", str(method == "lora"),
+        "--target_modules", "all",
         "--lora_rank", "8", "--lora_alpha", "16", "--lora_dropout", "0.05", "--torch_dtype", "float32",
         "--bf16", "False", "--gradient_checkpointing", "False", "--save_strategy", "no", "--logging_steps", "10",
         "--report_to", "none", "--disable_tqdm", "True", "--output_dir", output_dir, "--seed", "42",
     ]  # fmt: skip
 
 
-def llamafactory_config(args, model, work, output_dir, options):
+def llamafactory_config(args, model, work, output_dir, options, method):
     """LLaMA-Factory's YAML for the same run; returns its path."""
     import yaml
 
+    lora = {"lora_target": "all", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05} if method == "lora" else {}
     config = {
-        "model_name_or_path": model, "stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_target": "all",
-        "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "dataset": "bench_sft", "dataset_dir": work,
+        "model_name_or_path": model, "stage": "sft", "do_train": True, "finetuning_type": method, **lora,
+        "dataset": "bench_sft", "dataset_dir": work,
         "template": "qwen", "default_system": SYSTEM_PROMPT, "cutoff_len": args.max_length, "overwrite_cache": True,
         "per_device_train_batch_size": args.batch_size, "num_train_epochs": 1.0, "learning_rate": 2e-5,
         "bf16": False, "fp16": False, "gradient_checkpointing": False, "disable_gradient_checkpointing": True,
@@ -260,9 +276,9 @@ def llamafactory_config(args, model, work, output_dir, options):
     return path
 
 
-def child_command(name, args, model, work, data_dir, output_dir):
+def child_command(name, method, args, model, work, data_dir, output_dir):
     """(python, kind, argv, extra PYTHONPATH) that trains contender `name` once into `output_dir`."""
-    flags = shared_flags(args, model, data_dir, output_dir)
+    flags = shared_flags(args, model, data_dir, output_dir, method)
     if name in OURS:
         return sys.executable, "ours", [*flags, "--system_prompt", SYSTEM_PROMPT, *OURS[name]], REPO
     if name == "upstream":
@@ -270,14 +286,14 @@ def child_command(name, args, model, work, data_dir, output_dir):
         script = os.path.join(upstream, "training", "supervised_finetuning.py")
         # a validation folder, or upstream holds out validation_split_percentage of the training data
         return sys.executable, script, [*flags, "--validation_file_dir", data_dir], upstream
-    config = llamafactory_config(args, model, work, output_dir, LLAMAFACTORY[name])
+    config = llamafactory_config(args, model, work, output_dir, LLAMAFACTORY[name], method)
     return args.llamafactory_python, "llamafactory", [config], ""
 
 
-def run_once(name, args, model, work, data_dir, env, index):
+def run_once(name, method, args, model, work, data_dir, env, index):
     """One training run of `name` in its own process: its counts, seconds and the load average around it."""
-    output_dir = os.path.join(work, f"{name}-{index}")
-    python, kind, argv, path = child_command(name, args, model, work, data_dir, output_dir)
+    output_dir = os.path.join(work, f"{name}-{method}-{index}")
+    python, kind, argv, path = child_command(name, method, args, model, work, data_dir, output_dir)
     child_env = {**env, "PYTHONPATH": path, "DISABLE_VERSION_CHECK": "1"}
     load_before, start = load_average(), time.perf_counter()
     profile = ["--profile", str(args.profile)] if args.profile else []
@@ -288,24 +304,26 @@ def run_once(name, args, model, work, data_dir, env, index):
         print(f"{name}: " + done.stdout[done.stdout.find("PROFILE") :].split("BENCH ")[0], flush=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
     if done.returncode or not lines:
-        print(f"{name}: failed\n{(done.stderr or done.stdout)[-3000:]}", file=sys.stderr)
-        return {"contender": name, "error": (done.stderr or done.stdout)[-1000:]}
-    run = {"contender": name, **json.loads(lines[-1][len("BENCH ") :]), "process_s": round(wall, 1)}
+        print(f"{name} {method}: failed\n{(done.stderr or done.stdout)[-3000:]}", file=sys.stderr)
+        return {"contender": name, "method": method, "error": (done.stderr or done.stdout)[-1000:]}
+    run = {"contender": name, "method": method, **json.loads(lines[-1][len("BENCH ") :]), "process_s": round(wall, 1)}
     run["load_before_after"] = [load_before, load_average()]
-    print(f"{name} #{index}: {run['train_s']:.1f} s training ({run['train_cpu_s']:.1f} s CPU), {run['steps']} steps, "
-          f"{run['real']} real tokens, peak RSS {run['peak_rss_mb']} MB, load {load_before} -> {load_average()}",
+    print(f"{name} {method} #{index}: {run['train_s']:.1f} s training ({run['train_cpu_s']:.1f} s CPU), "
+          f"{run['steps']} steps, {run['real']} real tokens, peak RSS {run['peak_rss_mb']} MB, "
+          f"load {load_before} -> {load_average()}",
           flush=True)  # fmt: skip
     return run
 
 
-def summarize(name, runs):
-    """One row of the table from the runs of one contender."""
+def summarize(name, method, runs):
+    """One row of the table from the runs of one contender with one method."""
     median, low, high = median_and_spread([run["train_s"] for run in runs])
     first = runs[0]
     return {
-        "contender": name, "runs": len(runs), "real_tokens": first["real"], "learned_tokens": first["learned"],
-        "answers": first["spans"], "optimizer_steps": first["steps"], "median_train_s": round(median, 1),
-        "spread_s": [round(low, 1), round(high, 1)], "real_tokens_per_s": round(first["real"] / median),
+        "contender": name, "method": method, "runs": len(runs), "real_tokens": first["real"],
+        "learned_tokens": first["learned"], "answers": first["spans"], "optimizer_steps": first["steps"],
+        "median_train_s": round(median, 1), "spread_s": [round(low, 1), round(high, 1)],
+        "real_tokens_per_s": round(first["real"] / median),
         "median_process_s": round(median_and_spread([run["process_s"] for run in runs])[0], 1),
         "median_train_cpu_s": round(median_and_spread([run["train_cpu_s"] for run in runs])[0], 1),
         "median_forward_backward_s": round(median_and_spread([run["forward_backward_s"] for run in runs])[0], 1),
@@ -315,22 +333,36 @@ def summarize(name, runs):
     }  # fmt: skip
 
 
+def add_mfu(rows, model, lengths, peak, threads):
+    """Each row's counted FLOPs (bench/flops.py: its own real and learned tokens, the selected conversations'
+    attention pairs) and its MFU against `peak` GFLOP/s: over the median training seconds ("mfu"), and over the
+    median training CPU seconds divided by the threads ("mfu_cpu", less sensitive to other jobs' load)."""
+    from bench.flops import attention_pairs, mfu, read_config, training_flops
+
+    config, pairs = read_config(model), attention_pairs(lengths)
+    for row in rows:
+        flops = training_flops(config, row["method"], row["real_tokens"], row["learned_tokens"], pairs)
+        row["tflop"], row["flop_per_real_token"] = round(flops / 1e12, 3), round(flops / row["real_tokens"])
+        if peak:
+            row["mfu"] = round(mfu(flops, row["median_train_s"], peak), 4)
+            row["mfu_cpu"] = round(mfu(flops, row["median_train_cpu_s"] / threads, peak), 4)
+
+
 def print_table(rows, conversations):
     reference = rows[0]
-    upstream = next((row for row in rows if row["contender"] == "upstream"), None)
-    header = f"{'contender':27}{'convs':>6}{'answers':>8}{'real tok':>10}{'learned':>9}{'vs first':>9}{'steps':>6}"
-    header += (
-        f"{'median s':>10}{'spread s':>14}{'CPU s':>7}{'real tok/s':>11}{'x upstream':>11}{'RSS MB':>8}{'load':>12}"
-    )
-    print(header)
+    header = f"{'contender':27}{'method':>7}{'convs':>6}{'answers':>8}{'real tok':>10}{'learned':>9}{'vs first':>9}"
+    header += f"{'steps':>6}{'median s':>10}{'spread s':>14}{'CPU s':>7}{'real tok/s':>11}{'x upstream':>11}"
+    print(header + f"{'MFU':>7}{'RSS MB':>8}{'load':>12}")
     for row in rows:
+        upstream = next((r for r in rows if r["contender"] == "upstream" and r["method"] == row["method"]), None)
         gap = (row["real_tokens"] - reference["real_tokens"]) / reference["real_tokens"]
         versus = f"{row['real_tokens_per_s'] / upstream['real_tokens_per_s']:.2f}" if upstream else "-"
         spread, load = "{}-{}".format(*row["spread_s"]), "{}-{}".format(*row["load_range"])
-        print(f"{row['contender']:27}{conversations:>6}{row['answers']:>8}{row['real_tokens']:>10}"
-              f"{row['learned_tokens']:>9}{gap:>+9.2%}{row['optimizer_steps']:>6}{row['median_train_s']:>10}{spread:>14}"
-              f"{row['median_train_cpu_s']:>7}{row['real_tokens_per_s']:>11}{versus:>11}{row['peak_rss_mb']:>8}"
-              f"{load:>12}")  # fmt: skip
+        mfu = f"{row['mfu']:.1%}" if "mfu" in row else "-"
+        print(f"{row['contender']:27}{row['method']:>7}{conversations:>6}{row['answers']:>8}{row['real_tokens']:>10}"
+              f"{row['learned_tokens']:>9}{gap:>+9.2%}{row['optimizer_steps']:>6}{row['median_train_s']:>10}"
+              f"{spread:>14}{row['median_train_cpu_s']:>7}{row['real_tokens_per_s']:>11}{versus:>11}{mfu:>7}"
+              f"{row['peak_rss_mb']:>8}{load:>12}")  # fmt: skip
 
 
 def contender_names(spec):
@@ -339,6 +371,13 @@ def contender_names(spec):
     if unknown:
         raise SystemExit(f"--contenders: unknown {', '.join(unknown)}; known: {', '.join(GROUPS)} and the rows above")
     return list(dict.fromkeys(names))
+
+
+def method_names(spec):
+    methods = [method.strip() for method in spec.split(",")]
+    if not methods or any(method not in METHODS for method in methods):
+        raise SystemExit(f"--method: {spec!r}; give lora, full or both (lora,full)")
+    return list(dict.fromkeys(methods))
 
 
 def check_contenders(names, args):
@@ -354,17 +393,51 @@ def check_contenders(names, args):
     return kept
 
 
+def machine_peak(args, model, work, env):
+    """{"gflops", ...}: the peak MFU is stated against, from --peak's JSON file or measured now by bench/peak.py
+    (threads pinned as for the runs, the model's shapes at --max_length tokens); None with --peak none."""
+    if args.peak == "none":
+        return None
+    path = args.peak
+    if args.peak == "measure":
+        path = os.path.join(work, "peak.json")
+        command = [sys.executable, os.path.join(REPO, "bench", "peak.py"), "--model", model]
+        command += ["--threads", str(args.threads), "--tokens", str(args.max_length), "--json", path]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"bench/peak.py failed:\n{done.stderr[-2000:]}")
+    with open(path, encoding="utf-8") as f:
+        measured = json.load(f)
+    if "peak_for_mfu" not in measured:
+        raise SystemExit(f"--peak: {path} has no peak_for_mfu (bench/peak.py's JSON with float32 measured)")
+    peak = {**measured["peak_for_mfu"], "source": args.peak, "load_before_after": measured["load_before_after"]}
+    print(f"peak for MFU: {peak['gflops']} GFLOP/s float32, {peak['layer']} {peak['kernel']}", flush=True)
+    return peak
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contenders", default="upstream,ours,llamafactory", help="rows or groups, comma-separated")
+    parser.add_argument("--method", default="lora", help="lora (all linear layers, rank 8), full, or lora,full")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each contender, interleaved")
     parser.add_argument("--limit", type=int, help="at most this many conversations (default: all that fit)")
+    parser.add_argument(
+        "--pick",
+        choices=("first", "spread"),
+        default="first",
+        help="with --limit: the first conversations that fit, or ones spread over the lengths of all that fit",
+    )
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for every run")
     parser.add_argument("--model", help="model folder (default: a hidden-256, 2-layer tiny model built now)")
     parser.add_argument("--data", default=DATA, help="sharegpt .jsonl (default: upstream's 1K medical file)")
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--llamafactory_python", default=LLAMAFACTORY_PYTHON)
+    parser.add_argument(
+        "--peak",
+        default="measure",
+        help="the peak for MFU: measure (run bench/peak.py first), a JSON file bench/peak.py wrote, or none",
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
         "--profile",
@@ -377,16 +450,12 @@ def parse_args():
     return parser.parse_known_args()
 
 
-def main():
-    args, rest = parse_args()
-    if args.child:
-        return run_child(args.child, args.model, rest[1:] if rest[:1] == ["--"] else rest, args.profile)
-    names = check_contenders(contender_names(args.contenders), args)
+def prepare(args, env, work):
+    """(model folder, selected lines, their token counts, data folder) for the runs."""
     if not os.path.isfile(args.data):
         raise SystemExit(f"--data: no file {args.data} (upstream's data/finetune/medical_sft_1K_format.jsonl)")
-    work = tempfile.mkdtemp(prefix="bench-sft-")
-    env = pinned_threads_env(os.environ, args.threads)
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=os.path.join(work, "cache"))
+    if args.peak not in ("measure", "none") and not os.path.isfile(args.peak):
+        raise SystemExit(f"--peak: no file {args.peak}")
     os.environ["HF_DATASETS_CACHE"] = env["HF_DATASETS_CACHE"]
     if args.model:
         model = with_distinct_pad_token(os.path.abspath(args.model), os.path.join(work, "model"))
@@ -394,18 +463,38 @@ def main():
         from medicalgpt.quickstart.tiny_model import build_tiny_model
 
         model = build_tiny_model(os.path.join(work, "model"), hidden_size=256, num_layers=2)
-    lines = select_conversations(os.path.abspath(args.data), model, args.max_length, args.limit)
-    data_dir = write_data(lines, work)
-    print(f"{len(lines)} conversations, {args.threads} threads, work in {work}", flush=True)
+    lines, lengths = select_conversations(os.path.abspath(args.data), model, args.max_length, args.limit, args.pick)
+    return model, lines, lengths, write_data(lines, work)
+
+
+def main():
+    args, rest = parse_args()
+    if args.child:
+        return run_child(args.child, args.model, rest[1:] if rest[:1] == ["--"] else rest, args.profile)
+    names, methods = check_contenders(contender_names(args.contenders), args), method_names(args.method)
+    work = tempfile.mkdtemp(prefix="bench-sft-")
+    env = pinned_threads_env(os.environ, args.threads)
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=os.path.join(work, "cache"))
+    model, lines, lengths, data_dir = prepare(args, env, work)
+    print(f"{len(lines)} conversations ({sum(lengths)} tokens, longest {max(lengths)}), {args.threads} threads, "
+          f"work in {work}", flush=True)  # fmt: skip
+    peak = machine_peak(args, model, work, env)
+    pairs = [(name, method) for method in methods for name in names]
     runs = []
     for repeat in range(args.repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            runs.append(run_once(name, args, model, work, data_dir, env, repeat))
-    rows = [summarize(name, [r for r in runs if r["contender"] == name and "error" not in r]) for name in names
-            if any(r["contender"] == name and "error" not in r for r in runs)]  # fmt: skip
+        shift = repeat % len(pairs)
+        for name, method in pairs[shift:] + pairs[:shift]:
+            runs.append(run_once(name, method, args, model, work, data_dir, env, repeat))
+    done = [run for run in runs if "error" not in run]
+    of = {pair: [run for run in done if (run["contender"], run["method"]) == pair] for pair in pairs}
+    rows = [summarize(name, method, of[name, method]) for name, method in pairs if of[name, method]]
+    add_mfu(rows, model, lengths, peak and peak["gflops"], args.threads)
     print_table(rows, len(lines))
-    results = {"conversations": len(lines), "threads": args.threads, "model": model, "rows": rows, "runs": runs}
+    results = {
+        "conversations": len(lines), "conversation_tokens": sum(lengths), "longest": max(lengths),
+        "threads": args.threads, "max_length": args.max_length, "batch_size": args.batch_size, "model": model,
+        "peak": peak, "rows": rows, "runs": runs,
+    }  # fmt: skip
     print(json.dumps(results, indent=2, ensure_ascii=False))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -54,3 +54,40 @@ def test_a_model_padding_with_its_end_of_turn_is_benched_with_a_pad_token_of_its
     assert os.path.islink(os.path.join(folder, "model.safetensors"))  # the weights are linked, not copied
     assert AutoTokenizer.from_pretrained(model).pad_token == "<|im_end|>"  # the model itself is left as it was
     assert sft_throughput.with_distinct_pad_token(tiny_model_dir, str(tmp_path / "unused")) == tiny_model_dir
+
+
+def test_spread_picks_conversations_over_the_whole_length_distribution(tiny_model_dir, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    lengths = [1, 40, 2, 30, 3, 20, 4, 10, 5, 50]  # words in the answer, in the file's order
+    turns = [[{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok " * n}] for n in lengths]
+    records = [{"conversations": conversation} for conversation in turns]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+
+    first, first_tokens = sft_throughput.select_conversations(str(data), tiny_model_dir, 512, 3)
+    spread, spread_tokens = sft_throughput.select_conversations(str(data), tiny_model_dir, 512, 3, pick="spread")
+    answer_words = lambda lines: [json.loads(line)["conversations"][1]["value"].count("ok") for line in lines]  # noqa: E731
+    assert answer_words(first) == [1, 40, 2]
+    # sorted by length 1 2 3 4 5 10 20 30 40 50, three groups of 10/3: the middle ones are the 2nd, 6th and 9th
+    assert answer_words(spread) == [40, 2, 10]  # in the file's order
+    assert spread_tokens[1] < spread_tokens[2] < spread_tokens[0]
+    all_lines, all_tokens = sft_throughput.select_conversations(str(data), tiny_model_dir, 512, None)
+    assert len(all_lines) == 10 and first_tokens == all_tokens[:3]
+
+
+def test_full_parameter_runs_train_all_weights_in_every_contender(tmp_path):
+    class Args:
+        batch_size, max_length = 8, 1024
+
+    flags = sft_throughput.shared_flags(Args, "model", "data", "out", "full")
+    assert flags[flags.index("--use_peft") + 1] == "False"
+    lora = sft_throughput.shared_flags(Args, "model", "data", "out", "lora")
+    assert lora[lora.index("--use_peft") + 1] == "True"
+    import yaml
+
+    for method, expected in (("full", None), ("lora", "all")):
+        path = sft_throughput.llamafactory_config(Args, "model", str(tmp_path), str(tmp_path / method), {}, method)
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+        assert (config["finetuning_type"], config.get("lora_target"), config["cutoff_len"]) == (method, expected, 1024)
+    assert sft_throughput.method_names("lora,full") == ["lora", "full"]
+    assert sft_throughput.contender_names("best") == ["upstream", "ours_chunked", "llamafactory_neat_packing"]
