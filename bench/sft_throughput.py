@@ -3,17 +3,20 @@
     python bench/sft_throughput.py --contenders ours --limit 64 --repeats 1        # a quick check, ~2 minutes
     MEDICALGPT_UPSTREAM=~/src/MedicalGPT python bench/sft_throughput.py \\
         --contenders upstream,llamafactory,ours --repeats 3                          # the full table
-    python bench/sft_throughput.py --model models/smollm2-135m-instruct --max_length 128 --limit 32 \\
-        --contenders upstream,ours_chunked,llamafactory                              # a real model (make real-model)
+    MEDICALGPT_UPSTREAM=~/src/MedicalGPT python bench/sft_throughput.py --model models/smollm2-135m-instruct \\
+        --max_length 1024 --batch_size 2 --limit 20 --pick spread --contenders best --method lora,full \\
+        --json sft-real-1024.json                        # the real model at real lengths, LoRA and full: ~25 minutes
     python bench/sft_throughput.py --contenders ours_chunked,llamafactory_packing --limit 128 --repeats 1 \\
         --profile 3                                                # where the time goes: top operators of 3 steps
 
 Equal work: every contender trains on the same conversations (upstream's 1K medical SFT file, those that fit in
---max_length tokens with every template, so nobody truncates or skips), on the same model (a Qwen2-shaped tiny model,
-hidden 256, 2 layers, built here unless --model is given), with LoRA on all linear layers (rank 8), batch 8,
-one epoch, float32, no bf16 autocast, no gradient checkpointing, the same system prompt. Each run counts, from the
-batches its Trainer actually trains on, the real (non-padding) tokens, the learned tokens (labels other than -100)
-and the learned spans (answers); the table says how far each contender is from the first one ("equal work").
+--max_length tokens with every template, so nobody truncates or skips; with --limit, the first ones or, with --pick
+spread, ones spread over the lengths of all that fit), on the same model (a Qwen2-shaped tiny model, hidden 256,
+2 layers, built here unless --model is given), with LoRA on all linear layers (rank 8) or all weights trained
+(--method full; --method lora,full runs both), batch 8 (--batch_size), one epoch, float32, no bf16 autocast, no
+gradient checkpointing, the same system prompt. Each run counts, from the batches its Trainer actually trains on,
+the real (non-padding) tokens, the learned tokens (labels other than -100) and the learned spans (answers); the
+table says how far each contender is from the first one ("equal work").
 
 One row per change, so each gain is attributed:
   upstream            upstream's training/supervised_finetuning.py (MEDICALGPT_UPSTREAM: a checkout of
@@ -25,12 +28,21 @@ One row per change, so each gain is attributed:
   llamafactory_*      LLaMA-Factory 0.9.5: _unpacked batches, and _packing / _neat_packing (its packing on);
                       the same YAML otherwise. It pins older libraries: `sh bench/setup_llamafactory.sh` installs
                       it into bench/.venv-llamafactory (git-ignored); --llamafactory_python to use another.
+Groups: upstream, ours (our four rows), llamafactory (its three), best (upstream, ours_chunked and
+llamafactory_neat_packing: LLaMA-Factory's packing with attention kept within each conversation, as ours).
 
-Runs are interleaved (each repeat visits every contender, in a rotated order) and repeated (--repeats), each in its
-own process with OMP_NUM_THREADS pinned (--threads). Printed: a table of medians with their spread (min-max), the
-training's CPU seconds (all threads; less sensitive than wall time to other jobs on the machine), real tokens/s (real
-tokens / median training seconds), optimizer steps, peak RSS and the load average around each run, then everything
-as JSON. Timings taken while other jobs share the cores are noisy: read the load average.
+Runs are interleaved (each repeat visits every contender and method, in a rotated order) and repeated (--repeats),
+each in its own process with OMP_NUM_THREADS pinned (--threads). Printed: a table of medians with their spread
+(min-max), the training's CPU seconds (all threads; less sensitive than wall time to other jobs on the machine), real
+tokens/s (real tokens / median training seconds), optimizer steps, MFU, peak RSS and the load average around each
+run, then everything as JSON. Timings taken while other jobs share the cores are noisy: read the load average.
+
+MFU: each row's FLOPs are counted by bench/flops.py from the model's config, the row's real and learned tokens and
+the conversations' causal attention pairs (full: 6 per weight and token, LoRA: 4 per frozen weight and token plus 6
+per adapter weight; the LM head at the learned tokens only), divided by the median training seconds and by the peak
+that bench/peak.py measures first with the same threads, at the model's shapes and --max_length tokens (--peak
+FILE reads a peak.py JSON instead, --peak none leaves MFU out). "mfu_cpu" in the JSON uses the training's CPU
+seconds / threads instead of its wall-clock seconds.
 
 --model benches another model; one that pads with its end-of-turn token (SmolLM2-Instruct pads with <|im_end|>) is
 given its unknown token as pad, for every contender, so that real tokens can be counted as the non-padding ones.
@@ -175,7 +187,7 @@ def select_conversations(data, model, max_length, limit, pick="first", margin=8)
     """(lines, token counts) of the records of `data` whose whole conversation fits in `max_length - margin` tokens
     with our qwen template (the margin covers the other contenders' extra newline / end token per turn), at most
     `limit` of them: the first ones (`pick` "first"), or ones spread over the lengths ("spread": sorted by length,
-    cut into `limit` groups of equal count, the middle one of each), kept in the file's order."""
+    the shortest, the longest and evenly spaced ranks between them), kept in the file's order."""
     from transformers import AutoTokenizer
 
     from medicalgpt.data.validate import load_records
@@ -192,7 +204,8 @@ def select_conversations(data, model, max_length, limit, pick="first", margin=8)
             kept.append((lines[int(record["source"].rsplit(":", 1)[1]) - 1], len(ids)))  # "path:line", from 1
     if limit and pick == "spread" and limit < len(kept):
         by_length = sorted(range(len(kept)), key=lambda index: kept[index][1])
-        kept = [kept[index] for index in sorted(by_length[int((j + 0.5) * len(kept) / limit)] for j in range(limit))]
+        ranks = [round(j * (len(kept) - 1) / max(limit - 1, 1)) for j in range(limit)]
+        kept = [kept[index] for index in sorted(by_length[rank] for rank in ranks)]
     elif limit:
         kept = kept[:limit]
     return [line for line, _ in kept], [length for _, length in kept]

@@ -64,12 +64,12 @@ def test_spread_picks_conversations_over_the_whole_length_distribution(tiny_mode
     data.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
 
     first, first_tokens = sft_throughput.select_conversations(str(data), tiny_model_dir, 512, 3)
-    spread, spread_tokens = sft_throughput.select_conversations(str(data), tiny_model_dir, 512, 3, pick="spread")
+    spread, spread_tokens = sft_throughput.select_conversations(str(data), tiny_model_dir, 512, 4, pick="spread")
     answer_words = lambda lines: [json.loads(line)["conversations"][1]["value"].count("ok") for line in lines]  # noqa: E731
     assert answer_words(first) == [1, 40, 2]
-    # sorted by length 1 2 3 4 5 10 20 30 40 50, three groups of 10/3: the middle ones are the 2nd, 6th and 9th
-    assert answer_words(spread) == [40, 2, 10]  # in the file's order
-    assert spread_tokens[1] < spread_tokens[2] < spread_tokens[0]
+    # sorted by length 1 2 3 4 5 10 20 30 40 50: the shortest, the longest and ranks 3 and 6 between them
+    assert answer_words(spread) == [1, 20, 4, 50]  # in the file's order
+    assert spread_tokens[0] < spread_tokens[2] < spread_tokens[1] < spread_tokens[3]
     all_lines, all_tokens = sft_throughput.select_conversations(str(data), tiny_model_dir, 512, None)
     assert len(all_lines) == 10 and first_tokens == all_tokens[:3]
 
