@@ -5,7 +5,7 @@
         --contenders upstream,llamafactory,ours --repeats 3                          # the full table
     MEDICALGPT_UPSTREAM=~/src/MedicalGPT python bench/sft_throughput.py --model models/smollm2-135m-instruct \\
         --max_length 1024 --batch_size 2 --limit 16 --pick spread --contenders best --method lora,full \\
-        --json sft-real-1024.json                   # the real model at real lengths, LoRA and full: 16-32 minutes
+        --json sft-real-1024.json                   # the real model at real lengths, LoRA and full: 20-27 minutes
     python bench/sft_throughput.py --contenders ours_chunked,llamafactory_packing --limit 128 --repeats 1 \\
         --profile 3                                                # where the time goes: top operators of 3 steps
 
