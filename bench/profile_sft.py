@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(REPO, "..", "..", "shared", "data", "upstream", "sft", "medical_sft_1K_format.jsonl")
+DATA = os.path.join(REPO, "..", "shared", "data", "upstream", "sft", "medical_sft_1K_format.jsonl")
 
 
 def share_table(profiler, top):
