@@ -1,14 +1,15 @@
-"""LoRA's linear layer with fewer passes over the activations: the same outputs, gradients and dropout masks as
-peft's, less elementwise work (the largest share of LoRA training's CPU time on a small model).
+"""LoRA's linear layer with fewer passes over the activations and a cheaper dropout mask of the same distribution:
+peft's outputs and gradients, less elementwise work (the largest share of LoRA training's CPU time after the
+matrix products).
 
 peft's `Linear.forward` (0.21.2) computes `result + lora_B(lora_A(dropout(x))) * scaling`: on every LoRA layer
-that is a dropout mask scaled by 1/(1-p) (`bernoulli_`, `div_`, `mul`: three passes over the input), then a
-product by `scaling` and a sum (two passes over the output) forward, and the product by `scaling` again in
-backward. Here the same mask (the same `bernoulli_` call on the same generator, so a seeded run draws the same
-masks) multiplies the input unscaled, and 1/(1-p) and `scaling` both go into one `addmm` that adds the
-adapter's product to the base layer's output inside the matrix product: one pass over the input and none over
-the output. Algebraically the same function; rounding can differ in the last bits (tests/train/test_fused_lora.py
-compares it with peft's layer: outputs, gradients, masks, and the identity in eval mode).
+a float mask from `bernoulli_` scaled by 1/(1-p) (`div_`) times the input, then a product by `scaling` and a sum
+over the output forward, and the product by `scaling` again in backward. Here each input element is kept with the
+same probability 1 - p through a bool mask (uniform floats below 1 - p: cheaper on CPU than `bernoulli_`, and a
+byte per element for backward to read), and 1/(1-p) and `scaling` both go into one `addmm` that adds the adapter's
+product to the base layer's output inside the matrix product. Algebraically the same function; with dropout 0
+the outputs and gradients equal peft's to rounding (tests/train/test_fused_lora.py: outputs, gradients, the
+mask's distribution, the identity in eval mode).
 
 It is plugged in through peft's custom-module mapping (`LoraConfig._register_custom_module`, peft's documented,
 experimental way to give a layer type its own LoRA class), subclasses peft's `Linear` (saving, loading, merging
@@ -33,9 +34,10 @@ class FusedLoraLinear(LoraLinear):
         dropout = self.lora_dropout[adapter]
         if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
             keep = 1.0 - dropout.p
-            # nn.Dropout on CPU draws exactly this mask (ATen's _dropout_impl: empty_like(input).bernoulli_(1 - p)),
-            # then divides it by 1 - p: that division moves into addmm's alpha.
-            x = x * torch.empty_like(x).bernoulli_(keep)
+            # Each element kept with probability 1 - p, as nn.Dropout keeps it; a bool mask from uniform floats
+            # (exact to 2**-24, as CUDA's dropout draws it) costs less than CPU's float bernoulli_, and backward
+            # reads a byte per element instead of a float. The 1 / (1 - p) rescaling moves into addmm's alpha.
+            x = x * (torch.rand_like(x) < keep)
             alpha = alpha / keep
         down = lora_a(x)
         out = result.reshape(-1, result.shape[-1])
