@@ -107,8 +107,6 @@ def wrap_with_lora(model, lora_args, training_args, base_path, task_type="CAUSAL
     as an absolute path, so the adapter loads from any working directory)."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    from medicalgpt.model.fused_lora import use_fused_lora_linear
-
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if not lora_args.use_peft and not lora_args.peft_path:
         if quantized:
@@ -124,10 +122,7 @@ def wrap_with_lora(model, lora_args, training_args, base_path, task_type="CAUSAL
         logger.info("Continuing training of the LoRA adapter %s", lora_args.peft_path)
         model = PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
     else:
-        config = build_lora_config(lora_args, task_type)
-        # fewer passes over the activations, same results (medicalgpt/model/fused_lora.py); bitsandbytes' layers
-        # subclass nn.Linear but need peft's own 4/8-bit LoRA classes
-        model = get_peft_model(model, config if quantized else use_fused_lora_linear(config))
+        model = get_peft_model(model, build_lora_config(lora_args, task_type))
     model.peft_config["default"].base_model_name_or_path = recorded_base_path(base_path)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()
