@@ -5,8 +5,9 @@
 
 The texts: upstream MedicalGPT's SFT files (medical_sft_1K_format.jsonl, sharegpt_zh_1K_format.jsonl and the
 tool-call demo glaive_toolcall_zh_demo.jsonl, in ../shared/data/upstream/sft; --data_dir), validated and normalised
-by our records path (--skip_invalid_examples: the ShareGPT file holds a conversation with no answer), repeated to --records conversations, rendered by our template (`qwen` for Qwen2.5, `smollm2` for
-SmolLM2). Measured, interleaved (each repeat runs every contender, in a rotated order) and repeated (--repeats):
+by our records path (as --skip_invalid_examples: the ShareGPT file holds a conversation with no answer), repeated to
+--records conversations, rendered by our template (`qwen` for Qwen2.5, `smollm2` for SmolLM2).
+Measured, interleaved (each repeat runs every contender, in a rotated order) and repeated (--repeats):
 
   raw_encode  the tokenizers library alone: `Tokenizer.encode_batch_fast` on exactly the strings our preprocessing
               encodes (every prompt and answer of every turn), batched as our `.map` batches them (1000 records);
@@ -77,8 +78,10 @@ def repeated_files(files, count, folder):
             lines += [line for line in f if line.strip()]
     path = os.path.join(folder, "sft.jsonl")
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(lines[i % len(lines)] if lines[i % len(lines)].endswith("\n") else lines[i % len(lines)] + "\n"
-                     for i in range(count))
+        f.writelines(
+            lines[i % len(lines)] if lines[i % len(lines)].endswith("\n") else lines[i % len(lines)] + "\n"
+            for i in range(count)
+        )
     return [path]
 
 
@@ -94,8 +97,10 @@ class Contenders:
         self.encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         self.batches = []  # the strings each .map batch encodes
         for start in range(0, len(records), MAP_BATCH):
-            rendered = [render_conversation(r, template) for r in records.select(range(start, min(start + MAP_BATCH,
-                                                                                                  len(records))))]
+            rendered = [
+                render_conversation(r, template)
+                for r in records.select(range(start, min(start + MAP_BATCH, len(records))))
+            ]
             self.batches.append([text for turns in rendered for turn in turns for text in turn])
 
     def raw_encode(self):
@@ -119,7 +124,7 @@ def measure(contenders, names, repeats):
     """{name: [(wall, cpu, records)]}: every repeat runs every contender, rotated."""
     runs = {name: [] for name in names}
     for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
             wall, cpu = time.perf_counter(), time.process_time()
             count = getattr(contenders, name)()
             runs[name].append((time.perf_counter() - wall, time.process_time() - cpu, count))
@@ -147,9 +152,9 @@ def summarise(runs):
 
 def bench_tokenizer(name, args, files, folder):
     import datasets
+    import tokenizers
     from transformers import AutoTokenizer
 
-    import tokenizers
     from medicalgpt.templates import get_conv_template
     from medicalgpt.train.records import load_file_records
 
