@@ -151,8 +151,9 @@ def prepare_sft_dataset(
 def _log_overlong(dataset, max_length):
     """Log how many conversations were cut, lost later turns or were skipped; returns the number skipped."""
     lengths = sequence_lengths(dataset)
-    dropped = [n for n, length in zip(dataset["dropped_turns"], lengths) if n and length]
-    truncated = sum(dataset["truncated"])
+    columns = dataset.with_format("arrow")  # whole columns read at once: iterating them decodes row by row
+    dropped = [n for n, length in zip(columns["dropped_turns"].to_pylist(), lengths) if n and length]
+    truncated = sum(columns["truncated"].to_pylist())
     skipped = lengths.count(0)
     if truncated:
         logger.warning(
