@@ -55,7 +55,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizers", default="qwen,smollm2", help=f"comma-separated: {', '.join(TOKENIZERS)}")
     parser.add_argument("--records", type=int, default=4000, help="conversations per run (the files repeated)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max_length", type=int, default=MAX_LENGTH)
     parser.add_argument("--data_dir", default=None, help="folder of upstream's SFT files (default: ../shared/...)")
     parser.add_argument("--contenders", default="raw_encode,sft_map,from_files")
