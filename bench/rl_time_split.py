@@ -143,7 +143,7 @@ def ppo_instruments(trainer, timer, flops, config):
         new = ppo_math.response_mask(responses, trainer.stop_token_ids)[0].sum().item()
         timer.count(part, query_mask.sum().item() + new, flops.forward(query_mask.sum().item() + new, new))
 
-    calls = []  # response_logprobs: the first call of a rollout is the policy with the critic, the second the reference
+    calls = []  # response_logprobs: a rollout's first call is the policy with the critic, the second the reference
 
     def logprobs_part(logits_fn, *args, **kwargs):
         calls.append(1)
@@ -221,7 +221,8 @@ def trainer_argv(algorithm, args, work):
               "--do_train", "--use_peft", "True", "--lora_rank", "8", "--learning_rate", "1e-5",
               "--response_length", str(args.response_length), "--per_device_train_batch_size", "8",
               "--gradient_accumulation_steps", "2", "--max_steps", "1", "--seed", "42", "--save_strategy", "no",
-              "--logging_steps", "1", "--missing_eos_penalty", "1.0", "--output_dir", f"{work}/{algorithm}", *QUIET]  # fmt: skip
+              "--logging_steps", "1", "--missing_eos_penalty", "1.0", "--output_dir", f"{work}/{algorithm}",
+              *QUIET]  # fmt: skip
     if algorithm == "ppo":
         return [*common, "--train_file_dir", f"{work}/prompts_twice.jsonl", "--temperature", "1.0"]
     return [*common, "--rl_algorithm", algorithm, "--train_file_dir", f"{work}/prompts.jsonl",
@@ -281,6 +282,7 @@ def main(argv=None):
     }  # fmt: skip
     for algorithm in args.trainers.split(","):
         result["trainers"][algorithm] = measure(algorithm, args, work, flops)
+        print(json.dumps({algorithm: result["trainers"][algorithm]}), file=sys.stderr, flush=True)
     result["load_average_end"] = load_average()
     print(json.dumps(result, indent=1))
 
