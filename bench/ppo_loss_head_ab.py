@@ -60,8 +60,11 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt_length", type=int, default=45)
     parser.add_argument("--response_length", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from medicalgpt.rl.ppo_loss import ppo_loss
 
     model = build_models(args.model)

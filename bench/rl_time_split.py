@@ -266,8 +266,11 @@ def main(argv=None):
                         help="the machine's float32 matmul peak (bench/peak.py; default: the figure measured on the "
                              "project's 2-core CPU at SmolLM2's shapes)")  # fmt: skip
     parser.add_argument("--work_dir", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = args.work_dir or tempfile.mkdtemp(prefix="rl-time-split-")
     records = [{"instruction": q, "output": CHOSEN} for q in QUESTIONS[:8]]
     write_jsonl(f"{work}/prompts.jsonl", records)
