@@ -83,9 +83,35 @@ def test_end_training_frees_ddp_reducers_before_leaving_the_process_group(tmp_pa
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1))
     ddp(torch.ones(3, 2)).sum().backward()
-    end_training(types.SimpleNamespace(end_training=dist.destroy_process_group), ddp)
+    end_training(types.SimpleNamespace(wait_for_everyone=dist.barrier, end_training=dist.destroy_process_group), ddp)
     assert not hasattr(ddp, "reducer") and not hasattr(ddp, "logger")
     assert not dist.is_initialized()
+
+
+def _end_training_on_rank(rank, store, stamps):
+    import time
+    import types
+
+    import torch.distributed as dist
+
+    from medicalgpt.train.run import end_training
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    if rank == 0:
+        time.sleep(1.0)  # the main rank still writing the model
+    entered = time.time()
+    end_training(types.SimpleNamespace(wait_for_everyone=dist.barrier, end_training=dist.destroy_process_group))
+    (stamps / f"{rank}").write_text(f"{entered} {time.time()}")
+
+
+def test_ranks_leave_training_together(tmp_path):
+    """A rank with nothing to save must not shut its interpreter down while the main rank still writes: it waits."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_end_training_on_rank, args=(tmp_path / "store", tmp_path), nprocs=2)
+    main_entered, _ = map(float, (tmp_path / "0").read_text().split())
+    _, other_left = map(float, (tmp_path / "1").read_text().split())
+    assert other_left >= main_entered
 
 
 def test_rerun_resumes_from_the_last_checkpoint(tiny_model_dir, tmp_path):

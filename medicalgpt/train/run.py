@@ -47,9 +47,16 @@ def check_sharding_device(training_args):
 
 
 def end_training(accelerator, *wrapped_models):
-    """Finish the trackers and leave the process group, freeing DDP's reducers first. Freed later, when main()
-    returns, a reducer can drop the last reference to the gloo group with the GIL held; the group's destructor then
-    waits forever for a worker thread that needs the GIL (pytorch/pytorch#56297), and torchrun never exits."""
+    """Wait for every rank, finish the trackers and leave the process group, freeing DDP's reducers first.
+
+    Ranks leave together: a rank that has nothing to save (all but the main one) would otherwise exit while the main
+    one still writes, and its interpreter could shut down before the gloo worker thread had released the last
+    collective's tensors; that thread then needs the GIL of a finalizing interpreter and the process aborts
+    ("terminate called without an active exception", seen under load on torch 2.13 with torchrun).
+    Freed later, when main() returns, a reducer can drop the last reference to the gloo group with the GIL held; the
+    group's destructor then waits forever for a worker thread that needs the GIL (pytorch/pytorch#56297), and torchrun
+    never exits."""
+    accelerator.wait_for_everyone()
     for model in wrapped_models:
         if isinstance(model, DistributedDataParallel):
             del model.reducer, model.logger
