@@ -1,6 +1,6 @@
 """SFT preprocessing's records/s against the raw fast-tokenizer encode of the same texts, side by side, one worker.
 
-    flock /tmp/bench.lock python bench/tokenize_speed.py                  # both tokenizers, ~1 minute
+    flock /tmp/bench.lock python bench/tokenize_speed.py                  # both tokenizers, ~2 minutes
     python bench/tokenize_speed.py --tokenizers qwen --records 2000 --repeats 3  # a quick look
 
 The texts: upstream MedicalGPT's SFT files (medical_sft_1K_format.jsonl, sharegpt_zh_1K_format.jsonl and the
@@ -54,7 +54,7 @@ MAX_LENGTH = 1024
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizers", default="qwen,smollm2", help=f"comma-separated: {', '.join(TOKENIZERS)}")
-    parser.add_argument("--records", type=int, default=4000, help="conversations per run (the files repeated)")
+    parser.add_argument("--records", type=int, default=3000, help="conversations per run (the files repeated)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max_length", type=int, default=MAX_LENGTH)
     parser.add_argument("--data_dir", default=None, help="folder of upstream's SFT files (default: ../shared/...)")
