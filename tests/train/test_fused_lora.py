@@ -1,4 +1,4 @@
-"""The fused LoRA layer (medicalgpt/model/fused_lora.py) against peft's own: same loss and gradients on the tiny model,
+"""The fused LoRA layer (bench/fused_lora.py) against peft's own: same loss and gradients on the tiny model,
 dropout as peft's layer on the masked input, nn.Dropout's mask distribution, identity dropout in eval mode, and
 peft's forward where it does not apply. A peft release that changes its LoRA layer's forward or its custom-module
 dispatch fails here."""
@@ -12,7 +12,7 @@ from torch import nn
 
 from medicalgpt.args import LoraArguments
 from medicalgpt.model.adapter import build_lora_config
-from medicalgpt.model.fused_lora import FusedLoraLinear, use_fused_lora_linear
+from bench.fused_lora import FusedLoraLinear, use_fused_lora_linear
 
 
 def lora_pair(tiny_model_dir, dropout):

@@ -11,7 +11,7 @@ product to the base layer's output inside the matrix product. Algebraically the 
 the outputs and gradients equal peft's to rounding (tests/train/test_fused_lora.py: outputs, gradients, the
 mask's distribution, the identity in eval mode).
 
-Not on by default: its gain on a whole training step is not measured yet (docs/speed.md, "What changed on the real
+A bench-side experiment, not wired into training: its gain on a whole training step is not shown yet (docs/speed.md, "What changed on the real
 model"; `bench/lora_step_ab.py` measures it). It is plugged in through peft's custom-module mapping
 (`LoraConfig._register_custom_module`, peft's documented, experimental way to give a layer type its own LoRA
 class), subclasses peft's `Linear` (saving, loading, merging and the adapter's weights are peft's), and falls back
