@@ -11,14 +11,13 @@ product to the base layer's output inside the matrix product. Algebraically the 
 the outputs and gradients equal peft's to rounding (tests/train/test_fused_lora.py: outputs, gradients, the
 mask's distribution, the identity in eval mode).
 
-A bench-side experiment, not wired into training: its gain on a whole training step is not shown yet (docs/speed.md, "What changed on the real
-model"; `bench/lora_step_ab.py` measures it). It is plugged in through peft's custom-module mapping
-(`LoraConfig._register_custom_module`, peft's documented, experimental way to give a layer type its own LoRA
-class), subclasses peft's `Linear` (saving, loading, merging and the adapter's weights are peft's), and falls back
-to peft's forward wherever it does not apply: adapters disabled or merged, several active adapters, DoRA and other
+A bench-side experiment, not wired into training: its gain on a whole training step is not shown yet (docs/speed.md,
+"What changed on the real model"; `bench/lora_step_ab.py` measures it). It is plugged in through peft's custom-module
+mapping (`LoraConfig._register_custom_module`, peft's documented, experimental way to give a layer type its own LoRA
+class), subclasses peft's `Linear` (saving, loading, merging and the adapter's weights are peft's), and falls back to
+peft's forward wherever it does not apply: adapters disabled or merged, several active adapters, DoRA and other
 variants, a LoRA bias, mixed dtypes or autocast, and weights partitioned by DeepSpeed ZeRO-3 (read outside their
-module's forward, they would be empty).
-"""
+module's forward, they would be empty)."""
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear

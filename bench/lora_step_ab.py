@@ -50,9 +50,9 @@ def packed_batch(model_dir, data, rows, max_length):
 def lora_model(base, fused, dropout):
     import torch
 
+    from bench.fused_lora import use_fused_lora_linear
     from medicalgpt.args import LoraArguments
     from medicalgpt.model.adapter import build_lora_config
-    from bench.fused_lora import use_fused_lora_linear
     from medicalgpt.train.chunked_loss import add_chunked_lm_head
 
     config = build_lora_config(LoraArguments(use_peft=True, target_modules="all", lora_dropout=dropout))

@@ -10,9 +10,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from bench.fused_lora import FusedLoraLinear, use_fused_lora_linear
 from medicalgpt.args import LoraArguments
 from medicalgpt.model.adapter import build_lora_config
-from bench.fused_lora import FusedLoraLinear, use_fused_lora_linear
 
 
 def lora_pair(tiny_model_dir, dropout):
