@@ -113,7 +113,8 @@ test: $(VENV)/.installed
 # The real-model tier: SmolLM2-135M-Instruct and the real Qwen2.5 tokenizer (built once under models/); ~2 minutes
 # on 2 cores. CI runs it after `make test`.
 test-real: real-model qwen-tokenizer released-benchmarks
-	$(PY) -m pytest -q -m real_model tests/quickstart/test_real_model.py tests/eval/test_released_benchmarks.py
+	$(PY) -m pytest -q -m real_model tests/quickstart/test_real_model.py tests/eval/test_released_benchmarks.py \
+		tests/train/test_sft_tokenising.py
 
 released-benchmarks: $(RELEASED)/medqa/test.jsonl
 

@@ -33,7 +33,8 @@ def tokenising_fingerprint(dataset, tokenizer, template, *settings):
         return None
     if isinstance(template, TokenizerTemplate):
         template = ("tokenizer", tokenizer.chat_template, template.chat_template_kwargs)
-    tokenizer_key = (backend.to_str(), type(tokenizer).__name__, tokenizer.bos_token, tokenizer.eos_token_id)
+    serialised = hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()  # repr() of 4 MB of JSON is slower
+    tokenizer_key = (serialised, type(tokenizer).__name__, tokenizer.bos_token, tokenizer.eos_token_id)
     key = [dataset._fingerprint, tokenizer_key, repr(template), settings, _code_hash()]
     return hashlib.sha256(repr(key).encode("utf-8")).hexdigest()[:32]
 

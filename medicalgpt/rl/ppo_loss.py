@@ -34,9 +34,12 @@ def ppo_loss(model, batch, config, autocast=contextlib.nullcontext):
     PPOTrainer.rollout builds it), and its statistics. `model` is PolicyAndValue (or its DDP/DeepSpeed wrapper);
     its forward runs inside `autocast()`."""
     context, mask = batch["context"], batch["mask"]
+    # The vocabulary head runs only on the positions whose logits the loss reads (the one before each response
+    # token, and the last): on the prompt's it cost a [batch, prompt, vocabulary] product forward and backward
+    # for nothing. The kept rows' logits and gradients are bit-identical (tests/rl/test_rollout.py).
     with autocast():
-        logits, values = model(batch["input_ids"], batch["attention_mask"])
-    response_logits = logits[:, context - 1 : -1]
+        logits, values = model(batch["input_ids"], batch["attention_mask"], batch["responses"].shape[1] + 1)
+    response_logits = logits[:, :-1]
     logprobs = ppo.logprobs_from_logits(response_logits, batch["responses"], config.temperature)
     logprobs = logprobs.masked_fill(mask == 0, ppo.INVALID_LOGPROB)
     values = values[:, context - 1 : -1]

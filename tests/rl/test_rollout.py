@@ -14,6 +14,7 @@ from medicalgpt.rl import ppo_math as ppo
 from medicalgpt.rl import rollout
 from medicalgpt.rl.config import PPOConfig
 from medicalgpt.rl.models import left_pad
+from medicalgpt.rl.ppo_loss import ppo_loss
 from medicalgpt.rl.rewards import RewardModelScorer, closing_ids
 from medicalgpt.rl.trainer import PPOTrainer
 from medicalgpt.templates import get_conv_template
@@ -151,6 +152,40 @@ def test_micro_batched_logprobs_equal_one_full_batch_log_softmax(tiny_model_dir,
         torch.testing.assert_close(logprobs, full, atol=1e-5, rtol=0)
         torch.testing.assert_close(ref_logprobs, full, atol=1e-5, rtol=0)  # the reference starts as the policy
         torch.testing.assert_close(micro_values, values, atol=1e-5, rtol=0)
+
+
+def test_the_ppo_loss_runs_the_vocabulary_head_only_where_it_reads_with_bit_identical_loss_and_gradients(
+    tiny_model_dir, tmp_path
+):
+    """The loss's forward keeps only the response positions' logits (the head on the prompt was wasted work):
+    the loss, its statistics and every gradient of a seeded step equal, bit for bit, those of the head run on
+    every position and sliced afterwards (how the loss read them before)."""
+    trainer = build_trainer(tiny_model_dir, tmp_path)
+    batch = trainer.rollout(trainer.train_prompts)
+    width = batch["responses"].shape[1]
+    assert batch["context"] > 4 and batch["mask"].sum() > 8, "a real prompt and responses to score"
+    head_rows = []
+    head = trainer.unwrapped.policy.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, output: head_rows.append(args[0].shape[1]))
+
+    def every_position(input_ids, attention_mask, logits_to_keep):  # the head on all positions, then sliced
+        logits, values = trainer.model(input_ids, attention_mask)
+        return logits[:, -logits_to_keep:], values
+
+    results = []
+    for model in (trainer.model, every_position):
+        trainer.model.zero_grad()
+        loss, stats = ppo_loss(model, batch, trainer.config)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), stats, grads))
+    hook.remove()
+    assert head_rows == [width + 1, batch["input_ids"].shape[1]]
+    (loss, stats, grads), (loss_before, stats_before, grads_before) = results
+    assert torch.equal(loss, loss_before) and stats == stats_before
+    assert grads.keys() == grads_before.keys() and len(grads) > 10
+    assert all(torch.equal(grads[name], grads_before[name]) for name in grads)
+    assert any(g.abs().sum() > 0 for name, g in grads.items() if "critic" in name), "the value loss trains too"
 
 
 def test_the_server_samples_with_only_the_options_the_request_or_flags_name(tiny_model_dir):
