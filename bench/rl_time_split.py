@@ -2,7 +2,7 @@
 
     make real-model        # once: builds models/smollm2-135m-instruct offline
     python -m bench.rl_time_split [--model models/smollm2-135m-instruct] [--trainers ppo,grpo,rloo] \\
-        [--response_length 64] [--peak_gflops 256]
+        [--response_length 64] [--peak peak.json | --peak_gflops G]
 
 All three run through ppo_training.main on the same 8 medical questions, 2 completions per question (PPO gets each
 question twice: it samples one response per prompt), at most --response_length new tokens, LoRA rank 8 on the
@@ -22,7 +22,9 @@ Only the methods are wrapped, here in the bench; the package is not changed to b
 FLOPs (the convention, until bench/flops.py is wired in): a forward costs 2N per token, N the weights that
 multiply (the transformer body; the vocabulary head only at positions whose logits the algorithm uses);
 the backward of a LoRA model 2N per token (input gradients; the adapters' own weight gradients, < 1%, are left out).
-Attention's sequence-length term is left out (< 3% at these lengths). MFU = counted FLOPs / seconds / --peak_gflops.
+Attention's sequence-length term is left out (< 3% at these lengths). MFU = counted FLOPs / seconds / the peak:
+--peak names bench/peak.py's JSON (its "peak_for_mfu", the machine's best float32 GFLOP/s at the model's shapes), as
+bench/sft_throughput.py --peak does; --peak_gflops gives a number instead.
 """
 
 import argparse
@@ -262,12 +264,14 @@ def main(argv=None):
     parser.add_argument("--model", default="models/smollm2-135m-instruct")
     parser.add_argument("--trainers", default="ppo,grpo,rloo")
     parser.add_argument("--response_length", type=int, default=64)
-    parser.add_argument("--peak_gflops", type=float, default=256.0,
-                        help="the machine's float32 matmul peak (bench/peak.py; default: the figure measured on the "
-                             "project's 2-core CPU at SmolLM2's shapes)")  # fmt: skip
+    parser.add_argument("--peak", help="bench/peak.py's JSON file: MFU against its peak_for_mfu")
+    parser.add_argument("--peak_gflops", type=float, default=None, help="the peak as a number instead of --peak")
     parser.add_argument("--work_dir", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args(argv)
+    if args.peak:
+        with open(args.peak, encoding="utf-8") as f:
+            args.peak_gflops = json.load(f)["peak_for_mfu"]["gflops"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
