@@ -149,6 +149,7 @@ def main(argv=None):
         row = best["float32"]
         results["peak_for_mfu"] = {
             "gflops": row["median_gflops"], "dtype": "float32", "layer": row["layer"], "kernel": row["kernel"],
+            "gflops_per_cpu_s_x_threads": row["gflops_per_cpu_s_x_threads"], "threads": args.threads,
             "rule": "the best median float32 GFLOP/s among the products of the model's linear layers "
             "(forward, input gradient, weight gradient) at this many tokens",
         }  # fmt: skip

@@ -349,7 +349,8 @@ def summarize(name, method, runs):
 def add_mfu(rows, model, lengths, peak, threads):
     """Each row's counted FLOPs (bench/flops.py: its own real and learned tokens, the selected conversations'
     attention pairs) and its MFU against `peak` GFLOP/s: over the median training seconds ("mfu"), and over the
-    median training CPU seconds divided by the threads ("mfu_cpu", less sensitive to other jobs' load)."""
+    median training CPU seconds divided by the threads ("mfu_cpu", against the peak's own CPU-time rate: both
+    rates are what the work reaches with the cores to itself, so other jobs' load inflates neither)."""
     from bench.flops import attention_pairs, mfu, read_config, training_flops
 
     config, pairs = read_config(model), attention_pairs(lengths)
@@ -357,8 +358,9 @@ def add_mfu(rows, model, lengths, peak, threads):
         flops = training_flops(config, row["method"], row["real_tokens"], row["learned_tokens"], pairs)
         row["tflop"], row["flop_per_real_token"] = round(flops / 1e12, 3), round(flops / row["real_tokens"])
         if peak:
-            row["mfu"] = round(mfu(flops, row["median_train_s"], peak), 4)
-            row["mfu_cpu"] = round(mfu(flops, row["median_train_cpu_s"] / threads, peak), 4)
+            row["mfu"] = round(mfu(flops, row["median_train_s"], peak["gflops"]), 4)
+            cpu_peak = peak.get("gflops_per_cpu_s_x_threads", peak["gflops"])
+            row["mfu_cpu"] = round(mfu(flops, row["median_train_cpu_s"] / threads, cpu_peak), 4)
 
 
 def print_table(rows, conversations):
@@ -425,6 +427,8 @@ def machine_peak(args, model, work, env):
         raise SystemExit(f"--peak: {path} has no peak_for_mfu (bench/peak.py's JSON with float32 measured)")
     peak = {**measured["peak_for_mfu"], "source": args.peak, "load_before_after": measured["load_before_after"]}
     print(f"peak for MFU: {peak['gflops']} GFLOP/s float32, {peak['layer']} {peak['kernel']}", flush=True)
+    if measured.get("threads") != args.threads:
+        print(f"warning: --peak was measured at {measured.get('threads')} threads, the runs use {args.threads}")
     return peak
 
 
@@ -501,7 +505,7 @@ def main():
     done = [run for run in runs if "error" not in run]
     of = {pair: [run for run in done if (run["contender"], run["method"]) == pair] for pair in pairs}
     rows = [summarize(name, method, of[name, method]) for name, method in pairs if of[name, method]]
-    add_mfu(rows, model, lengths, peak and peak["gflops"], args.threads)
+    add_mfu(rows, model, lengths, peak, args.threads)
     print_table(rows, len(lines))
     results = {
         "conversations": len(lines), "conversation_tokens": sum(lengths), "longest": max(lengths),

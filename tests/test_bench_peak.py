@@ -77,6 +77,7 @@ def test_peak_json_at_tiny_shapes(tiny_model_dir, tmp_path):
     best = max((row for row in results["results"] if row["dtype"] == "float32"), key=lambda row: row["median_gflops"])
     assert results["peak_for_mfu"]["gflops"] == best["median_gflops"] == results["best_at_model_shapes"]["float32"]
     assert (results["peak_for_mfu"]["layer"], results["peak_for_mfu"]["kernel"]) == (best["layer"], best["kernel"])
+    assert results["peak_for_mfu"]["gflops_per_cpu_s_x_threads"] == best["gflops_per_cpu_s_x_threads"]
 
 
 def test_the_bench_states_mfu_per_row_against_the_peak(tiny_model_dir):
@@ -86,8 +87,9 @@ def test_the_bench_states_mfu_per_row_against_the_peak(tiny_model_dir):
         {"contender": "upstream", "method": "full", "real_tokens": 8, "learned_tokens": 4, "median_train_s": 4.0,
          "median_train_cpu_s": 8.0},
     ]  # fmt: skip
-    sft_throughput.add_mfu(rows, CONFIG, [3, 5], peak=0.004, threads=2)
+    peak = {"gflops": 0.004, "gflops_per_cpu_s_x_threads": 0.008}  # the wall-clock rate halved by other jobs
+    sft_throughput.add_mfu(rows, CONFIG, [3, 5], peak=peak, threads=2)
     assert (rows[0]["tflop"], rows[0]["flop_per_real_token"]) == (round(6_249_984 / 1e12, 3), 6_249_984 // 8)
     assert rows[0]["mfu"] == round(6_249_984 / 2.0 / 4e6, 4)
-    assert rows[0]["mfu_cpu"] == round(6_249_984 / 1.5 / 4e6, 4)  # CPU seconds over 2 threads
+    assert rows[0]["mfu_cpu"] == round(6_249_984 / 1.5 / 8e6, 4)  # CPU seconds over 2 threads, the peak's CPU rate
     assert rows[1]["mfu"] == round(8_179_200 / 4.0 / 4e6, 4)
