@@ -1,7 +1,10 @@
 """What every command-line entry point shares: the one-line error for the user's mistakes, and logging."""
 
+import atexit
 import logging
+import os
 import sys
+import threading
 
 import datasets
 import transformers
@@ -21,7 +24,26 @@ def run_cli(main):
     except (DataValidationError, UsageError, InputNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave_without_teardown()
     return 0
+
+
+def leave_without_teardown():
+    """End a rank of a multi-process run whose work is done (outputs written, the process group left) without the
+    interpreter's teardown. With torch 2.13 and gloo the group's worker threads outlive it (DDP's C++ side keeps a
+    reference), and one that releases a finished collective's tensors while the interpreter finalizes needs the GIL
+    then, leaves its thread through C++ frames, and the process aborts ("terminate called without an active
+    exception", gloo's runLoop in the core dump): a successful run that torchrun reports as failed, seen under load.
+    Everything a normal exit does for the program still happens: other threads are joined, atexit handlers run
+    (logging is flushed by one), and the standard streams are flushed."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # the handlers a normal exit runs (CPython's atexit, unchanged since Python 3)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def setup_logging(training_args=None):

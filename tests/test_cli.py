@@ -2,11 +2,12 @@
 
 import math
 import shutil
+import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import FAST_FLAGS, global_step, run, write_jsonl
+from tests.helpers import ENV, FAST_FLAGS, REPO, global_step, run, write_jsonl
 
 
 def test_malformed_sft_file_fails_with_file_and_line_before_anything_is_written(tiny_model_dir, tmp_path):
@@ -112,6 +113,39 @@ def test_ranks_leave_training_together(tmp_path):
     main_entered, _ = map(float, (tmp_path / "0").read_text().split())
     _, other_left = map(float, (tmp_path / "1").read_text().split())
     assert other_left >= main_entered
+
+
+RANK_SCRIPT = """
+import atexit, sys, threading, time
+from medicalgpt.cli import run_cli
+
+class Teardown:
+    def __del__(self):
+        print("interpreter teardown ran", flush=True)
+
+kept = Teardown()
+
+def main():
+    atexit.register(lambda: print("atexit handler ran"))
+    threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
+    print("work done")
+
+sys.exit(run_cli(main))
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_rank_of_a_multiprocess_run_leaves_without_interpreter_teardown(world_size, tmp_path):
+    """Under torchrun (WORLD_SIZE > 1) a finished rank skips the teardown in which gloo's surviving worker threads can
+    abort the process; its threads are joined, its atexit handlers run and its output is flushed all the same."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT, encoding="utf-8")
+    env = {**ENV, "WORLD_SIZE": world_size, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["work done", "thread finished", "atexit handler ran"]
+    assert ("interpreter teardown ran" in lines) == (world_size == "1")
 
 
 def test_rerun_resumes_from_the_last_checkpoint(tiny_model_dir, tmp_path):
