@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +143,31 @@ def test_sigkilled_run_resumes_from_its_last_whole_checkpoint(stage, tiny_model_
     assert f"Resuming from {last}" in resumed.stderr
     assert global_step(out) == last_step + 2
     complete_checkpoints(out)
+
+
+@pytest.mark.parametrize(
+    ("steps", "limit", "best"),
+    [([1, 2, 3, 4, 5], 2, None), ([1, 2, 3, 4, 5], 2, 2), ([1, 2, 3], 2, 3), ([2, 10, 11], 1, 2), ([1, 2], 3, None)],
+)
+def test_rotation_keeps_what_transformers_keeps_and_never_deletes_in_place(steps, limit, best, tmp_path, monkeypatch):
+    """The same checkpoints survive as with transformers' rotate_checkpoints, and every folder is renamed into
+    .partial before it is deleted: a run killed mid-delete leaves no half checkpoint where resuming looks."""
+    from transformers.trainer_utils import rotate_checkpoints
+
+    from medicalgpt.train import atomic_checkpoints
+
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    for run_dir in (theirs, ours):
+        for step in steps:
+            (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+            (run_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    deleted = []
+    rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: (deleted.append(Path(path)), rmtree(path, **kw)))
+    best_of = lambda run_dir: str(run_dir / f"checkpoint-{best}") if best else None  # noqa: E731
+    atomic_checkpoints.rotate_whole_checkpoints(str(ours), limit, best_of(ours))
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    rotate_checkpoints(str(theirs), limit, best_of(theirs))
+    assert sorted(d.name for d in ours.glob("checkpoint-*")) == sorted(d.name for d in theirs.glob("checkpoint-*"))
+    assert all(path.parent.name == ".partial" and path.name.startswith("deleting-") for path in deleted)
+    assert len(set(deleted)) == len(steps) - len(list(theirs.glob("checkpoint-*")))

@@ -7,9 +7,9 @@ import os
 import shutil
 
 import torch
-from transformers.trainer_utils import rotate_checkpoints
 
 from medicalgpt.precision import state_dict_for_output, write_config_dtype
+from medicalgpt.train.atomic_checkpoints import remove_whole, rotate_whole_checkpoints
 
 logger = logging.getLogger("medicalgpt")
 
@@ -39,9 +39,9 @@ class PPOCheckpoints:
             self.model.save_checkpoint(os.path.join(partial, "deepspeed"), exclude_frozen_parameters=True)
             self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
+            remove_whole(final)
             os.replace(partial, final)
-            rotate_checkpoints(self.config.output_dir, self.config.save_total_limit)
+            rotate_whole_checkpoints(self.config.output_dir, self.config.save_total_limit)
         self.accelerator.wait_for_everyone()
 
     def gathered_state(self):

@@ -3,9 +3,10 @@
 import logging
 import os
 import shutil
+from pathlib import Path
 
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer_utils import sort_checkpoints
 
 from medicalgpt.precision import SaveInOutputDtype
 
@@ -46,9 +47,9 @@ def with_atomic_checkpoints(trainer_class):
                 self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+                remove_whole(os.path.join(run_dir, name))
                 os.replace(os.path.join(staging, name), os.path.join(run_dir, name))
-                rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+                rotate_whole_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
             self.accelerator.wait_for_everyone()
 
         def _record_best_checkpoint(self, run_dir):
@@ -61,3 +62,29 @@ def with_atomic_checkpoints(trainer_class):
 
     AtomicCheckpointTrainer.__name__ = trainer_class.__name__
     return AtomicCheckpointTrainer
+
+
+def remove_whole(folder):
+    """Delete `folder` in one step as far as a reader can tell: it is renamed into the run's .partial folder
+    (atomic), then deleted there. Deleted in place, a run killed midway (SIGKILL while rotating) left a checkpoint
+    folder without its trainer_state.json where resuming looks."""
+    if not os.path.isdir(folder):
+        return
+    staging = os.path.join(os.path.dirname(folder), ".partial")
+    os.makedirs(staging, exist_ok=True)
+    doomed = os.path.join(staging, f"deleting-{os.path.basename(folder)}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def rotate_whole_checkpoints(run_dir, save_total_limit, best_model_checkpoint=None):
+    """transformers' `rotate_checkpoints` (5.23: keep the newest and the best, delete the oldest others down to
+    `save_total_limit`) with each deletion whole (`remove_whole`)."""
+    checkpoints = sort_checkpoints(run_dir)
+    if not save_total_limit or save_total_limit <= 0 or len(checkpoints) <= save_total_limit:
+        return
+    protected = {checkpoints[-1]} | ({str(Path(best_model_checkpoint))} if best_model_checkpoint else set())
+    excess = len(checkpoints) - max(save_total_limit, len(protected))
+    for checkpoint in [path for path in checkpoints if path not in protected][: max(excess, 0)]:
+        remove_whole(checkpoint)
