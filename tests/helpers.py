@@ -250,3 +250,11 @@ def logprob_margin(model_dir, data_dir, tokenizer, template="qwen"):
             scores.append(logprobs[-len(answer) :].gather(1, targets[-len(answer) :, None]).sum().item())
         margins.append(scores[0] - scores[1])
     return sum(margins) / len(margins)
+
+
+def wait_until(condition, seconds=10.0):
+    """Poll `condition` until it holds; fail the test after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

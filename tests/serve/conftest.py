@@ -15,3 +15,13 @@ def slow_model(tmp_path_factory, tiny_model_dir):
         return build_slow_model(str(folder), tiny_model_dir, layers)
 
     return build
+
+
+@pytest.fixture(scope="module")
+def endless_engine(tiny_model_dir):
+    """The untrained tiny model with an end-of-turn id it can never generate: only the token limit ends an answer."""
+    from medicalgpt.serve.chat import ChatArguments, load_chat_engine
+
+    engine = load_chat_engine(ChatArguments(base_model=tiny_model_dir))
+    engine.stop_ids = [len(engine.tokenizer) + 1000]
+    return engine

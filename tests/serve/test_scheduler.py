@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from medicalgpt.serve import scheduler as scheduling
-from medicalgpt.serve.chat import ChatArguments, GenerationOptions, load_chat_engine
+from medicalgpt.serve.chat import GenerationOptions
 from medicalgpt.serve.decoding import Decoding
 from medicalgpt.serve.scheduler import Cancelled, GenerationFailed, Scheduler, ServerBusy, ShuttingDown, TimedOut
-from tests.helpers import QA_PAIRS, qa_engine, user
+from tests.helpers import QA_PAIRS, qa_engine, user, wait_until
 
 GREEDY = GenerationOptions(temperature=0, max_new_tokens=30)
 ENDLESS = GenerationOptions(temperature=1.0, top_p=1.0, max_new_tokens=3000)
@@ -19,21 +19,6 @@ ENDLESS = GenerationOptions(temperature=1.0, top_p=1.0, max_new_tokens=3000)
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, tiny_model_dir):
     return qa_engine(tmp_path_factory, tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def endless_engine(tiny_model_dir):
-    """The untrained tiny model with an end-of-turn id it can never generate: only max_new_tokens ends an answer."""
-    engine = load_chat_engine(ChatArguments(base_model=tiny_model_dir))
-    engine.stop_ids = [len(engine.tokenizer) + 1000]
-    return engine
-
-
-def wait_until(condition, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def result(ticket):

@@ -14,27 +14,12 @@ import httpx
 import pytest
 
 from medicalgpt.serve import scheduler as scheduling
-from medicalgpt.serve.chat import ChatArguments, GenerationOptions, load_chat_engine
+from medicalgpt.serve.chat import GenerationOptions
 from medicalgpt.serve.server import ServerLimits, build_app
-from tests.helpers import ENV, QA_PAIRS, REPO, free_port, qa_engine, serving, user, wait_for_http
+from tests.helpers import ENV, QA_PAIRS, REPO, free_port, qa_engine, serving, user, wait_for_http, wait_until
 
 openai = pytest.importorskip("openai")
 LONG = {"messages": user("Tell me everything."), "max_tokens": 2000, "temperature": 1.0}
-
-
-@pytest.fixture(scope="module")
-def endless_engine(tiny_model_dir):
-    """The untrained tiny model with an end-of-turn id it can never generate: only max_tokens ends an answer."""
-    engine = load_chat_engine(ChatArguments(base_model=tiny_model_dir))
-    engine.stop_ids = [len(engine.tokenizer) + 1000]
-    return engine
-
-
-def wait_until(condition, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def settled(scheduler, seconds=1.0):
