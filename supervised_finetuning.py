@@ -121,7 +121,8 @@ def main(argv=None):
     chunked_loss = resolve_chunked_loss(sft_args.chunked_loss, training_args, model)
     if chunked_loss:
         add_chunked_lm_head(model)
-    logger.debug("Batches: %s (--packing); loss: %s.", packing, "chunked" if chunked_loss else "trl's fused LM head")
+    loss = "chunked" if chunked_loss else "trl's fused LM head"
+    logger.debug("Batches: %s (--packing); attention: %s; loss: %s.", packing, model.config._attn_implementation, loss)
     model = wrap_with_lora(model, lora_args, training_args, base_path=model_args.model_name_or_path)
 
     # Train

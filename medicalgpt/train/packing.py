@@ -8,7 +8,8 @@ Built from trl's own pieces: `pack_dataset` (best-fit-decreasing bins, no conver
 - mask-based kernels (sdpa, eager): each bin stays a row of the batch and no `attention_mask` is passed, so
   transformers builds a block-diagonal causal mask from the position_ids resets. These kernels compute the whole
   masked square, so flattening B bins into one row would cost (B*L)^2; rows cost B*L^2, like padded batches, with
-  almost no padding.
+  almost no padding. On sdpa the rows get "packed_sdpa" (medicalgpt/train/packed_attention.py): each conversation
+  attends on its own, so the mask's empty blocks are never computed.
 
 `--packing` left unset packs when the model is one of transformers' own classes and its attention is one of those
 four (sdpa and eager are checked on CPU in tests/train/test_packing.py: packed and unpacked logits and losses are
@@ -24,6 +25,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from medicalgpt.constants import IGNORE_INDEX
 from medicalgpt.processors.sft import sequence_lengths
+from medicalgpt.train.packed_attention import use_packed_sdpa
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +45,9 @@ def resolve_packing(training_args, model):
     "padding_free" (one flattened row per batch, varlen kernels) or "off" (padded batches).
 
     Sets `training_args.packing`, `padding_free` and `max_length` to what SFTTrainer must see: for "rows" the datasets
-    are packed here, so the trainer gets `packing=False`. Conversations are already cut to `max_length` by whole
-    turns in preprocessing, so padding-free batches need no truncation of their own (`max_length=None`)."""
+    are packed here, so the trainer gets `packing=False`, and a model on sdpa is switched to "packed_sdpa".
+    Conversations are already cut to `max_length` by whole turns in preprocessing, so padding-free batches need no
+    truncation of their own (`max_length=None`)."""
     attention = model.config._attn_implementation
     honours = honours_position_resets(model)
     requested = honours if training_args.packing is None else training_args.packing
@@ -65,6 +68,7 @@ def resolve_packing(training_args, model):
         training_args.packing = True
         return "trl"
     training_args.packing = False
+    use_packed_sdpa(model)
     return "rows"
 
 

@@ -254,6 +254,41 @@ def test_real_model_is_smollm2_with_its_chat_template(real_model_dir):
     assert tokenizer.convert_tokens_to_ids(END_OF_TURN) == tokenizer.eos_token_id == 2
 
 
+def test_packed_rows_of_real_conversations_train_alike_on_sdpa_and_packed_sdpa(real_model_dir, quickstart_data):
+    """GQA (9 query heads, 3 key/value heads), 30 layers, rows of real conversations as SFT packs them: the loss,
+    the logits of every real token and every weight's gradient as with sdpa's block-diagonal mask."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medicalgpt.processors.sft import prepare_sft_dataset
+    from medicalgpt.templates import get_conv_template
+    from medicalgpt.train.packing import PackedRowsCollator, pack_rows
+    from medicalgpt.train.records import load_file_records
+
+    tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
+    records = load_file_records([str(quickstart_data / "sft" / "train.jsonl")], "sft")
+    tokenised = prepare_sft_dataset(records, get_conv_template("smollm2"), tokenizer, 384)
+    rows = pack_rows(tokenised, max_length=384)
+    rows = rows.select(sorted(range(len(rows)), key=lambda i: -len(rows[i]["seq_lengths"]))[:2])  # the fullest two
+    assert [len(lengths) > 1 for lengths in rows["seq_lengths"]] == [True, True]
+    batch = PackedRowsCollator(tokenizer.pad_token_id)(list(rows))
+    real = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    for row, lengths in enumerate(rows["seq_lengths"]):
+        real[row, : sum(lengths)] = True
+    model = AutoModelForCausalLM.from_pretrained(real_model_dir, attn_implementation="sdpa", dtype=torch.float32)
+    results = []
+    for attention in ("sdpa", "packed_sdpa"):
+        model.set_attn_implementation(attention)
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.logits.detach()[real], [p.grad.clone() for p in model.parameters()]))
+    (loss, logits, grads), (packed_loss, packed_logits, packed_grads) = results
+    torch.testing.assert_close(packed_loss, loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_logits, logits, atol=1e-4, rtol=1e-4)
+    for grad, packed_grad in zip(grads, packed_grads):
+        torch.testing.assert_close(packed_grad, grad, atol=1e-5, rtol=1e-3)
+
+
 def test_sft_with_lora_lowers_held_out_loss(real_sft):
     print(f"held-out loss {real_sft['before']:.4f} -> {real_sft['after']:.4f}")
     assert real_sft["after"] < real_sft["before"] - 0.01  # the same 6 held-out conversations, evaluated exactly

@@ -139,7 +139,10 @@ def test_sft_trainer_packed_batch_has_the_loss_of_the_unpacked_one(tiny_model_di
 
 
 def fake_model(attention, module="transformers.models.qwen2.modeling_qwen2"):
-    model = type("Qwen2ForCausalLM", (), {"__module__": module})()
+    def set_attn_implementation(self, name):
+        self.config._attn_implementation = name
+
+    model = type("Qwen2ForCausalLM", (), {"__module__": module, "set_attn_implementation": set_attn_implementation})()
     model.config = SimpleNamespace(_attn_implementation=attention)
     return model
 
@@ -160,7 +163,10 @@ def fake_model(attention, module="transformers.models.qwen2.modeling_qwen2"):
 def test_packing_default_follows_the_attention_kernel(attention, packing, expected):
     args = SFTConfig(output_dir="unused", packing=False, use_cpu=True, max_length=512)
     args.packing = packing
-    assert resolve_packing(args, fake_model(attention)) == expected
+    model = fake_model(attention)
+    assert resolve_packing(args, model) == expected
+    switched = expected == "rows" and attention == "sdpa"  # packed rows on sdpa attend per conversation
+    assert model.config._attn_implementation == ("packed_sdpa" if switched else attention)
     assert args.packing == (expected == "trl")
     assert (args.max_length is None) == (expected == "padding_free")
 
@@ -181,7 +187,8 @@ def test_sft_packs_by_default_and_not_when_told(tiny_model_dir, tmp_path, caplog
             [*argv, "--output_dir", str(tmp_path / "padded"), "--packing", "False", "--verbose"]
         )
     assert "Packed 8 conversations into" in caplog.text
-    assert "Batches: rows (--packing)" in caplog.text and "Batches: off (--packing)" in caplog.text
+    assert "Batches: rows (--packing); attention: packed_sdpa;" in caplog.text
+    assert "Batches: off (--packing); attention: sdpa;" in caplog.text
 
 
 def test_tokenised_sft_data_is_cached_between_runs(tiny_tokenizer, tmp_path, monkeypatch):
