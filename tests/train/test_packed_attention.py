@@ -70,9 +70,9 @@ def test_packed_rows_have_the_outputs_and_gradients_of_the_block_diagonal_mask(t
     assert calls == (causal[:3] + [alone, causal[3], alone, (1, 4, True, True)]) * layers
 
 
-def test_padded_batches_and_generation_go_to_transformers_sdpa(tiny_model_dir, tiny_tokenizer):
+def test_padded_batches_and_generation_go_to_transformers_sdpa(tiny_model_dir, tiny_tokenizer, monkeypatch):
     prompts = ["小孩发烧怎么办？", "What helps a sore throat? Warm water"]
-    tiny_tokenizer.padding_side = "left"
+    monkeypatch.setattr(tiny_tokenizer, "padding_side", "left")  # the session's tokenizer, restored after
     batch = tiny_tokenizer(prompts, return_tensors="pt", padding=True)
     assert not batch["attention_mask"].all()
     outputs = {}
