@@ -2,8 +2,10 @@
 (packing, chunked loss) as bench/sft_throughput.py runs them, with any of our flags added after `--`.
 
     python bench/profile_sft.py --model models/smollm2-135m-instruct --max_length 1024 --limit 48 --batch_size 2
+    python bench/profile_sft.py --max_length 1024 --limit 12 --pick spread --steps 1 --method full
+                                                                   # the real-model bench's conversations
     python bench/profile_sft.py --model models/smollm2-135m-instruct --max_length 1024 --limit 48 --batch_size 2 \\
-        -- --use_peft False                                        # full-parameter training
+        --method full                                              # full-parameter training
 
 The same conversations, flags and thread pinning as bench/sft_throughput.py's `ours_chunked` row (LoRA on all linear
 layers unless overridden), in this process. Prints the profiler's table of the operators with the most CPU time of
@@ -38,6 +40,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="profiled training steps, after the first")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--pick", choices=("first", "spread"), default="first", help="as bench/sft_throughput.py's")
+    parser.add_argument("--method", choices=("lora", "full"), default="lora")
     args, extra = parser.parse_known_args()
     extra = extra[1:] if extra[:1] == ["--"] else extra
     import torch
@@ -58,8 +62,10 @@ def main():
     work = tempfile.mkdtemp(prefix="profile-sft-")
     os.environ["HF_DATASETS_CACHE"] = os.path.join(work, "cache")
     model = with_distinct_pad_token(os.path.abspath(args.model), os.path.join(work, "model"))
-    data_dir = write_data(select_conversations(os.path.abspath(args.data), model, args.max_length, args.limit), work)
-    argv = [*shared_flags(args, model, data_dir, os.path.join(work, "out")), "--system_prompt", SYSTEM_PROMPT]
+    lines, _ = select_conversations(os.path.abspath(args.data), model, args.max_length, args.limit, args.pick)
+    data_dir = write_data(lines, work)
+    flags = shared_flags(args, model, data_dir, os.path.join(work, "out"), args.method)
+    argv = [*flags, "--system_prompt", SYSTEM_PROMPT]
     argv += [*OURS["ours_chunked"], *extra]
 
     profiler, seen = profile(activities=[ProfilerActivity.CPU]), {"steps": 0}
