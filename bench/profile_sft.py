@@ -31,7 +31,7 @@ def share_table(profiler, top):
     return {e.key: {"percent": round(100 * e.self_cpu_time_total / total, 2), "calls": e.count} for e in rows}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.path.join(REPO, "models", "smollm2-135m-instruct"))
     parser.add_argument("--data", default=DATA)
@@ -42,7 +42,7 @@ def main():
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--pick", choices=("first", "spread"), default="first", help="as bench/sft_throughput.py's")
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
-    args, extra = parser.parse_known_args()
+    args, extra = parser.parse_known_args(argv)
     extra = extra[1:] if extra[:1] == ["--"] else extra
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -80,7 +80,10 @@ def main():
         return training_step(self, *step_args, **kwargs)
 
     Trainer.training_step = profiled_step
-    supervised_finetuning.main(argv)
+    try:
+        supervised_finetuning.main(argv)
+    finally:
+        Trainer.training_step = training_step
     if seen["steps"] < args.steps + 2:
         if seen["steps"] < 2:
             raise SystemExit(f"only {seen['steps']} training steps: raise --limit or lower --batch_size")

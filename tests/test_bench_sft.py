@@ -91,3 +91,23 @@ def test_full_parameter_runs_train_all_weights_in_every_contender(tmp_path):
         assert (config["finetuning_type"], config.get("lora_target"), config["cutoff_len"]) == (method, expected, 1024)
     assert sft_throughput.method_names("lora,full") == ["lora", "full"]
     assert sft_throughput.contender_names("best") == ["upstream", "ours_chunked", "llamafactory_neat_packing"]
+
+
+def test_profile_of_our_steps_follows_the_method(tiny_model_dir, tmp_path, capsys):
+    """bench/profile_sft.py profiles what training runs: LoRA's dropout masks only with --method lora; and
+    Trainer.training_step is put back after."""
+    from bench import profile_sft
+
+    data = tmp_path / "sft.jsonl"
+    turns = [[{"from": "human", "value": "q " * n}, {"from": "gpt", "value": "ok " * n}] for n in (3, 5, 8, 13, 21)]
+    data.write_text("".join(json.dumps({"conversations": t}) + "\n" for t in turns), encoding="utf-8")
+    step = Trainer.training_step
+    tops = {}
+    for method in ("lora", "full"):
+        profile_sft.main(["--model", tiny_model_dir, "--data", str(data), "--max_length", "128", "--limit", "5",
+                          "--batch_size", "1", "--steps", "1", "--method", method])  # fmt: skip
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["profiled_steps"] == 1
+        tops[method] = report["top"]
+    assert Trainer.training_step is step
+    assert "aten::bernoulli_" in tops["lora"] and "aten::bernoulli_" not in tops["full"]
