@@ -11,15 +11,18 @@ Built from trl's own pieces: `pack_dataset` (best-fit-decreasing bins, no conver
   almost no padding. On sdpa the rows get "packed_sdpa" (medicalgpt/train/packed_attention.py): each conversation
   attends on its own, so the mask's empty blocks are never computed.
 
-`--packing` left unset packs when the model is one of transformers' own classes and its attention is one of those
+`--packing` left unset packs when the model is one of transformers' own classes, its attention is one of those
 four (sdpa and eager are checked on CPU in tests/train/test_packing.py: packed and unpacked logits and losses are
-equal; the flash kernels' varlen path is trl's own); any other kernel or remote code trains on padded batches
+equal; the flash kernels' varlen path is trl's own) and, tried on two short sequences before training, the second
+one's logits do not depend on the first (`keeps_packed_sequences_apart`); any other model trains on padded batches
 unless `--packing True` is given.
 """
 
 import logging
 from dataclasses import dataclass
 
+import torch
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -40,6 +43,32 @@ def honours_position_resets(model):
     return own_class and config._attn_implementation in VARLEN_ATTENTION + MASKED_ATTENTION
 
 
+def keeps_packed_sequences_apart(model, length=8):
+    """Whether `model` as loaded keeps two sequences packed in one row apart: the second one's logits do not depend
+    on the first. Two forwards of 2 x `length` tokens without gradients; catches the layers that carry state along a
+    row (linear attention, Mamba, convolutions: Qwen3.5, Jamba, LFM2...) and models that build their mask without
+    the position_ids (OPT), which transformers' classes and kernels alone do not tell apart."""
+    vocab = model.config.get_text_config().vocab_size
+    device = next(model.parameters()).device
+    steps = torch.arange(length, device=device)
+    second = (7 * steps + 11) % vocab
+    firsts = [(3 * steps + 5) % vocab, (13 * steps + 101) % vocab]
+    positions = steps.repeat(2)[None]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = [
+                model(input_ids=torch.cat([first, second])[None], position_ids=positions, use_cache=False)
+                .logits[0, length:]
+                .float()
+                for first in firsts
+            ]
+    finally:
+        model.train(training)
+    return bool((logits[0] - logits[1]).abs().max() <= 1e-3 * (1 + logits[0].abs().max()))
+
+
 def resolve_packing(training_args, model):
     """Decide how SFT batches are built: "trl" (trl's own packing), "rows" (packed rows, see `pack_rows`),
     "padding_free" (one flattened row per batch, varlen kernels) or "off" (padded batches).
@@ -50,6 +79,8 @@ def resolve_packing(training_args, model):
     truncation of their own (`max_length=None`)."""
     attention = model.config._attn_implementation
     honours = honours_position_resets(model)
+    if honours and training_args.packing is None and not is_deepspeed_zero3_enabled():  # ZeRO-3: no forward yet
+        honours = keeps_packed_sequences_apart(model)
     requested = honours if training_args.packing is None else training_args.packing
     if training_args.packing is None and not honours:
         logger.warning(

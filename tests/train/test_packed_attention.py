@@ -1,13 +1,11 @@
 """ "packed_sdpa": packed rows attend one conversation at a time, with the outputs and gradients of sdpa's
 block-diagonal mask, and everything else goes to transformers' own sdpa."""
 
-import json
-
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 import medicalgpt.train.packed_attention as packed_attention
-from medicalgpt.train.packed_attention import PACKED_SDPA, row_pieces, use_packed_sdpa
+from medicalgpt.train.packed_attention import PACKED_SDPA, row_pieces, sequence_starts, use_packed_sdpa
 
 CONVERSATIONS = [[7, 5, 4], [12, 1, 1, 4]]  # each row's conversations' lengths; row 0 is padded by 2 tokens
 
@@ -33,11 +31,14 @@ def load(model_dir, attention):
 
 
 def test_rows_are_split_where_positions_restart_and_1_token_pieces_are_grouped():
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0], [0, 1, 2, 3, 0, 1, 2, 0]])
-    assert row_pieces(positions, 2) == [(3, False), (2, False), (3, True), (4, False), (3, False), (1, True)]
-    assert row_pieces(torch.arange(5)[None], 3) == [(5, False)] * 3  # one row's positions shared by the batch
+    pieces = lambda positions, batch: row_pieces(sequence_starts(torch.tensor(positions), batch))  # noqa: E731
+    positions = [[0, 1, 2, 0, 1, 0, 0, 0], [0, 1, 2, 3, 0, 1, 2, 0]]
+    assert pieces(positions, 2) == [(3, False), (2, False), (3, True), (4, False), (3, False), (1, True)]
+    assert pieces([list(range(5))], 3) == [(5, False)] * 3  # one row's positions shared by the batch
     # 1-token conversations between longer ones: each attends to itself, the next one starts afresh
-    assert row_pieces(torch.tensor([[0, 1, 0, 0, 0, 1, 2]]), 1) == [(2, False), (2, True), (3, False)]
+    assert pieces([[0, 1, 0, 0, 0, 1, 2]], 1) == [(2, False), (2, True), (3, False)]
+    # positions that do not start at 0 or jump: a new sequence wherever a position does not follow the last
+    assert pieces([[5, 6, 7, 2, 3]], 1) == [(3, False), (2, False)]
 
 
 def test_packed_rows_have_the_outputs_and_gradients_of_the_block_diagonal_mask(tiny_model_dir, monkeypatch):
@@ -86,17 +87,10 @@ def test_padded_batches_and_generation_go_to_transformers_sdpa(tiny_model_dir, t
     assert outputs[PACKED_SDPA][1].tolist() == outputs["sdpa"][1].tolist()
 
 
-def test_only_sdpa_models_with_full_attention_in_every_layer_are_switched(tiny_model_dir, tmp_path):
+def test_only_sdpa_models_are_switched_and_the_choice_is_not_saved(tiny_model_dir, tmp_path):
     model = load(tiny_model_dir, "sdpa")
     assert use_packed_sdpa(model) and model.config._attn_implementation == PACKED_SDPA
     model.save_pretrained(tmp_path / "saved")  # the choice stays with this run
     assert "packed_sdpa" not in (tmp_path / "saved" / "config.json").read_text()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation == "sdpa"
-
     assert not use_packed_sdpa(load(tiny_model_dir, "eager"))
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    config.layer_types = ["sliding_attention", "full_attention"]
-    config.use_sliding_window, config.sliding_window = True, 4
-    windowed = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    assert not use_packed_sdpa(windowed) and windowed.config._attn_implementation == "sdpa"
-    assert json.loads((tmp_path / "saved" / "config.json").read_text())["model_type"] == "qwen2"

@@ -15,6 +15,7 @@ import supervised_finetuning
 from medicalgpt.constants import IGNORE_INDEX
 from medicalgpt.processors.sft import prepare_sft_dataset, tokenize_conversation
 from medicalgpt.templates import get_conv_template
+from medicalgpt.train import packing as packing_module
 from medicalgpt.train.packing import PackedRowsCollator, pack_rows, resolve_packing
 from medicalgpt.train.records import cache_records
 from tests.helpers import FAST_FLAGS, write_jsonl
@@ -160,7 +161,8 @@ def fake_model(attention, module="transformers.models.qwen2.modeling_qwen2"):
         ("sdpa", True, "rows"),
     ],
 )
-def test_packing_default_follows_the_attention_kernel(attention, packing, expected):
+def test_packing_default_follows_the_attention_kernel(attention, packing, expected, monkeypatch):
+    monkeypatch.setattr(packing_module, "keeps_packed_sequences_apart", lambda model: True)  # no forward in a fake
     args = SFTConfig(output_dir="unused", packing=False, use_cpu=True, max_length=512)
     args.packing = packing
     model = fake_model(attention)
