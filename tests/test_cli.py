@@ -164,3 +164,25 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny_model_dir, tmp_path):
     shutil.rmtree(out / "checkpoint-4")
     fresh = run([*argv, "--max_steps", "2", "--overwrite_output_dir"])
     assert "Resuming from" not in fresh.stderr
+
+
+def test_the_same_seed_gives_the_same_lora_weights_and_another_seed_others(tiny_model_dir, tmp_path):
+    """--seed reaches what is built before the Trainer seeds the generators: LoRA's initial weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    import supervised_finetuning
+
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": f"问题{i}", "output": "回答" * i} for i in range(1, 5)])
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data), "--do_train", "--max_steps", "1",
+            "--template_name", "qwen", "--use_peft", "True", "--save_strategy", "no", *FAST_FLAGS]  # fmt: skip
+    adapters = []
+    for run_name, seed in (("a", "42"), ("b", "42"), ("c", "7")):
+        torch.manual_seed(int(run_name == "b"))  # whatever came before the run
+        out = tmp_path / run_name
+        supervised_finetuning.main([*argv, "--seed", seed, "--output_dir", str(out)])
+        adapters.append(load_file(str(out / "adapter_model.safetensors")))
+    same, other = adapters[1], adapters[2]
+    assert same.keys() == adapters[0].keys() == other.keys()
+    assert all(torch.equal(same[name], weight) for name, weight in adapters[0].items())
+    assert not any(torch.equal(other[name], weight) for name, weight in adapters[0].items() if "lora_A" in name)

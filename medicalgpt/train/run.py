@@ -1,10 +1,11 @@
-"""The run around a trainer: the sharding device checked and the arguments logged before, the process group left
-cleanly after. Where a run resumes is medicalgpt/train/resume.py."""
+"""The run around a trainer: the sharding device checked, the arguments logged and the generators seeded before,
+the process group left cleanly after. Where a run resumes is medicalgpt/train/resume.py."""
 
 import logging
 import os
 
 from torch.nn.parallel import DistributedDataParallel
+from transformers import set_seed
 
 from medicalgpt.device import describe_choice
 from medicalgpt.errors import UsageError
@@ -16,8 +17,10 @@ logger = logging.getLogger("medicalgpt")
 def check_and_log_args(training_args, model_args, lora_args=None):
     """Check that the run can go on this device and that its model paths exist, before anything is printed; then
     log the effective arguments at debug level (--verbose; the run summary writes them to output_dir/run_args.json,
-    medicalgpt/train/run_summary.py). Nothing is changed: flags that depend on each other were reconciled by the
-    parser (medicalgpt/parser.py `ALIASES`, `DERIVED`)."""
+    medicalgpt/train/run_summary.py). No argument is changed: flags that depend on each other were reconciled by the
+    parser (medicalgpt/parser.py `ALIASES`, `DERIVED`). Last, every random generator is seeded with --seed, so what
+    is built before the Trainer seeds them (LoRA's initial weights, a reward model's new head) is the same in every
+    run of the same arguments, as transformers' own example scripts do it."""
     check_sharding_device(training_args)
     tokenizer = model_args.tokenizer_name_or_path
     for path, flag in ((model_args.model_name_or_path, MODEL_FLAG), (tokenizer, "--tokenizer_name_or_path")):
@@ -28,6 +31,7 @@ def check_and_log_args(training_args, model_args, lora_args=None):
     if lora_args is not None:
         logger.debug("LoRA arguments: %s", lora_args)
     logger.debug("Training arguments: %s", training_args.to_json_string())
+    set_seed(training_args.seed)
 
 
 def check_sharding_device(training_args):
