@@ -46,7 +46,7 @@ def main():
 
     from bench.lora_step_ab import packed_batch
     from medicalgpt.train.chunked_loss import add_chunked_lm_head
-    from medicalgpt.train.packed_attention import PACKED_SDPA, row_pieces
+    from medicalgpt.train.packed_attention import PACKED_SDPA, row_pieces, sequence_starts
 
     torch.set_num_threads(args.threads)
     batch = packed_batch(args.model, args.data, args.rows, args.max_length)
@@ -63,7 +63,7 @@ def main():
     wall = {name: statistics.median(t[1] for t in runs) for name, runs in times.items()}
     result = {
         "tokens": int(batch["input_ids"].numel()),
-        "conversations": len(row_pieces(batch["position_ids"], args.rows)),
+        "conversations": len(row_pieces(sequence_starts(batch["position_ids"], args.rows))),
         "threads": args.threads,
         "cpu_s_median": {k: round(v, 3) for k, v in cpu.items()},
         "wall_s_median": {k: round(v, 3) for k, v in wall.items()},
