@@ -32,7 +32,7 @@ def step_seconds(model, attention, batch):
     return time.process_time() - cpu, time.perf_counter() - wall, loss.item()
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.path.join(REPO, "models", "smollm2-135m-instruct"))
     parser.add_argument("--data", default=DATA)
@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -73,6 +73,7 @@ def main():
         "load_average": os.getloadavg(),
     }
     print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

@@ -111,3 +111,17 @@ def test_profile_of_our_steps_follows_the_method(tiny_model_dir, tmp_path, capsy
         tops[method] = report["top"]
     assert Trainer.training_step is step
     assert "aten::bernoulli_" in tops["lora"] and "aten::bernoulli_" not in tops["full"]
+
+
+def test_packed_attention_ab_times_both_attentions_on_the_same_packed_rows(tiny_model_dir, tmp_path, capsys):
+    from bench import packed_attention_ab
+
+    data = tmp_path / "sft.jsonl"
+    turns = [[{"from": "human", "value": "q " * n}, {"from": "gpt", "value": "ok " * n}] for n in (3, 5, 8, 13, 21)]
+    data.write_text("".join(json.dumps({"conversations": t}) + "\n" for t in turns), encoding="utf-8")
+    argv = ["--model", tiny_model_dir, "--data", str(data), "--rows", "1", "--max_length", "160", "--repeats", "2"]
+    result = packed_attention_ab.main(argv)
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    assert result["conversations"] > 1  # a packed row, split by packed_sdpa
+    assert {len(times) for times in result["cpu_s_all"].values()} == {2}
+    assert abs(result["loss"]["sdpa"] - result["loss"]["packed_sdpa"]) < 1e-5
