@@ -43,6 +43,14 @@ def honours_position_resets(model):
     return own_class and config._attn_implementation in VARLEN_ATTENTION + MASKED_ATTENTION
 
 
+def can_run_forward(model):
+    """Whether `model` can run a forward before the Trainer wraps it: not where its weights are partitioned by ZeRO-3
+    or not loaded on this rank (meta tensors: FSDP's CPU-RAM-efficient loading loads them on rank 0 only)."""
+    if is_deepspeed_zero3_enabled():
+        return False
+    return not any(p.device.type == "meta" or hasattr(p, "ds_id") for p in model.parameters())
+
+
 def keeps_packed_sequences_apart(model, length=8):
     """Whether `model` as loaded keeps two sequences packed in one row apart: the second one's logits do not depend
     on the first. Two forwards of 2 x `length` tokens without gradients; catches the layers that carry state along a
@@ -79,7 +87,7 @@ def resolve_packing(training_args, model):
     truncation of their own (`max_length=None`)."""
     attention = model.config._attn_implementation
     honours = honours_position_resets(model)
-    if honours and training_args.packing is None and not is_deepspeed_zero3_enabled():  # ZeRO-3: no forward yet
+    if honours and training_args.packing is None and can_run_forward(model):
         honours = keeps_packed_sequences_apart(model)
     requested = honours if training_args.packing is None else training_args.packing
     if training_args.packing is None and not honours:

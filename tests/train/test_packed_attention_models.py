@@ -247,3 +247,26 @@ def test_models_that_keep_packed_sequences_apart_are_packed_by_default(model_typ
     args = SFTConfig(output_dir="unused", use_cpu=True, max_length=512)
     args.packing = None
     assert resolve_packing(args, model) == "rows" and model.config._attn_implementation == PACKED_SDPA
+
+
+def test_models_that_cannot_run_a_forward_yet_are_packed_without_the_try(monkeypatch):
+    """Weights not loaded on this rank (meta tensors, as FSDP's CPU-RAM-efficient loading leaves ranks > 0) or
+    partitioned by ZeRO-3: the default follows the model's class and kernel, as before the try existed."""
+    from trl import SFTConfig
+
+    from medicalgpt.train import packing
+
+    def no_forward(model):
+        raise AssertionError("a forward was tried")
+
+    monkeypatch.setattr(packing, "keeps_packed_sequences_apart", no_forward)
+    config = AutoConfig.for_model("llama", **TINY)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    args = SFTConfig(output_dir="unused", use_cpu=True, max_length=512)
+    args.packing = None
+    assert resolve_packing(args, model) == "rows" and model.config._attn_implementation == PACKED_SDPA
+    zero3 = tiny("llama")
+    next(zero3.parameters()).ds_id = 0  # as DeepSpeed ZeRO-3 marks a partitioned parameter
+    args.packing = None  # resolve_packing set it to what SFTTrainer must see
+    assert resolve_packing(args, zero3) == "rows"
