@@ -143,7 +143,8 @@ def fake_model(attention, module="transformers.models.qwen2.modeling_qwen2"):
     def set_attn_implementation(self, name):
         self.config._attn_implementation = name
 
-    model = type("Qwen2ForCausalLM", (), {"__module__": module, "set_attn_implementation": set_attn_implementation})()
+    methods = {"set_attn_implementation": set_attn_implementation, "parameters": lambda self: iter(())}
+    model = type("Qwen2ForCausalLM", (), {"__module__": module, **methods})()
     model.config = SimpleNamespace(_attn_implementation=attention)
     return model
 
