@@ -77,16 +77,19 @@ def resolve_attention(model_args):
     return "sdpa"
 
 
+def fsdp_requested():
+    """Whether this run shards the model with FSDP: `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP;
+    `--fsdp` sets FSDP_CPU_RAM_EFFICIENT_LOADING (transformers 5.23 TrainingArguments, before any model is loaded)."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    return fsdp or "FSDP_CPU_RAM_EFFICIENT_LOADING" in os.environ
+
+
 def resolve_device_map(device_map):
     """Where to load the weights. DeepSpeed ZeRO-3 and FSDP shard and place them themselves (transformers refuses a
     device_map under ZeRO-3); data parallel ranks each take their own GPU; on CPU the Trainer places the model."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    # FSDP: `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP; `--fsdp` sets
-    # FSDP_CPU_RAM_EFFICIENT_LOADING (transformers 5.23 TrainingArguments, before any model is loaded).
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
-    fsdp = fsdp or "FSDP_CPU_RAM_EFFICIENT_LOADING" in os.environ
-    if not torch.cuda.is_available() or is_deepspeed_zero3_enabled() or fsdp:
+    if not torch.cuda.is_available() or is_deepspeed_zero3_enabled() or fsdp_requested():
         return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return {"": int(os.environ.get("LOCAL_RANK", "0"))}

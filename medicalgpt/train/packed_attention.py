@@ -11,7 +11,8 @@ Registered through transformers' public extension points (`AttentionInterface`, 
 functions' signatures read from transformers 5.23). transformers builds its own sdpa mask as for "sdpa"; a layer
 splits only when that mask is exactly the block-diagonal causal mask its `position_ids` imply (checked once per
 forward). Anything else (a padding mask, a KV cache, a sliding window, bidirectional attention, a model that does not
-hand `position_ids` to its attention, one query token) runs transformers' own sdpa with transformers' mask.
+hand `position_ids` to its attention, a position bias, one query token) runs transformers' own sdpa with
+transformers' mask.
 """
 
 import weakref
@@ -72,7 +73,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, position_id
     dim]."""
     batch, _, length, _ = query.shape
     pieces = None
-    if attention_mask is not None and position_ids is not None and key.shape[2] == length > 1:
+    whole_row_bias = kwargs.get("position_bias") is not None  # an additive [batch, heads, L, L] bias: not split here
+    if attention_mask is not None and position_ids is not None and key.shape[2] == length > 1 and not whole_row_bias:
         pieces = packed_pieces(attention_mask, position_ids, batch, length)
     if pieces is None:  # not a packed row: sdpa as transformers runs it
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -6,8 +6,15 @@ apart (medicalgpt/train/packing.py: keeps_packed_sequences_apart)."""
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from medicalgpt.train.packed_attention import PACKED_SDPA, use_packed_sdpa
+from medicalgpt.train.packed_attention import (
+    PACKED_SDPA,
+    packed_pieces,
+    packed_sdpa_attention,
+    sequence_starts,
+    use_packed_sdpa,
+)
 from medicalgpt.train.packing import honours_position_resets, keeps_packed_sequences_apart, resolve_packing
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -113,7 +120,6 @@ def sft_run(model_dir, out, monkeypatch, packed_sdpa, extra=()):
             "--template_name", "qwen", "--use_peft", "True", "--learning_rate", "1e-3", "--save_strategy", "no",
             "--output_dir", str(out), "--bf16", "False", "--gradient_checkpointing", "True", "--report_to", "none",
             "--disable_tqdm", "True", "--chunked_loss", "True", "--logging_steps", "1", *extra]  # fmt: skip
-    torch.manual_seed(0)  # LoRA's initialisation: --seed is applied by the Trainer, after the model is wrapped
     supervised_finetuning.main(argv)
     monkeypatch.undo()
     assert bool(splits) == packed_sdpa  # rows were split by packed_sdpa, or never reached it
@@ -270,3 +276,77 @@ def test_models_that_cannot_run_a_forward_yet_are_packed_without_the_try(monkeyp
     next(zero3.parameters()).ds_id = 0  # as DeepSpeed ZeRO-3 marks a partitioned parameter
     args.packing = None  # resolve_packing set it to what SFTTrainer must see
     assert resolve_packing(args, zero3) == "rows"
+
+
+# From a second review: XGLM builds its mask without the position_ids, like OPT (transformers 5.23
+# models/xglm/modeling_xglm.py), and its tiny random version leaks by ~1e-3 only: the try must still see it.
+def test_the_try_refuses_xglm_whose_mask_ignores_position_resets():
+    from trl import SFTConfig
+
+    config = AutoConfig.for_model("xglm", d_model=32, num_layers=2, attention_heads=4, ffn_dim=64, vocab_size=128,
+                                  max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 120, (9,))
+    with torch.no_grad():
+        packed = model(input_ids=ids[None], position_ids=packed_row([5, 4], 9)[None], use_cache=False).logits[0]
+    assert (packed - logits_per_conversation(model, ids, [5, 4])).abs().max() > 1e-3  # it mixes them
+    assert not keeps_packed_sequences_apart(model)
+    args = SFTConfig(output_dir="unused", use_cpu=True, max_length=512)
+    args.packing = None
+    assert resolve_packing(args, model) == "off"
+
+
+# FSDP's CPU-RAM-efficient loading (configs/accelerate_fsdp.yaml) leaves ranks > 0 with meta weights until FSDP wraps
+# the model: every rank must decide packing as rank 0 does, so none tries a forward there.
+def test_every_fsdp_rank_decides_packing_alike(monkeypatch):
+    from trl import SFTConfig
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    config = lambda: AutoConfig.for_model("opt", **dict(TINY, ffn_dim=64, word_embed_proj_dim=32))  # noqa: E731
+    torch.manual_seed(0)
+    rank_0 = AutoModelForCausalLM.from_config(config(), attn_implementation="sdpa", dtype=torch.float32).eval()
+    with torch.device("meta"):
+        rank_1 = AutoModelForCausalLM.from_config(config(), attn_implementation="sdpa").eval()
+    decisions = []
+    for model in (rank_0, rank_1):
+        args = SFTConfig(output_dir="unused", use_cpu=True, max_length=512)
+        args.packing = None
+        decisions.append(resolve_packing(args, model))
+    assert decisions == ["rows", "rows"]  # the class and kernel decide, on every rank
+
+
+def test_the_try_leaves_every_modules_mode_as_it_was():
+    model = tiny("llama").train()
+    model.lm_head.eval()
+    assert keeps_packed_sequences_apart(model)
+    assert model.training and model.model.training and not model.lm_head.training
+
+
+def test_a_position_bias_goes_to_transformers_sdpa_whole():
+    class Attention(torch.nn.Module):
+        is_causal, num_key_value_groups = True, 1
+
+    torch.manual_seed(0)
+    length, heads = 7, 2
+    query, key, value = torch.randn(3, 1, heads, length, 8).unbind(0)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    sequence = sequence_starts(positions, 1).cumsum(-1)
+    mask = ((sequence[:, :, None] == sequence[:, None, :]) & torch.ones(length, length).bool().tril())[:, None]
+    bias = torch.randn(1, heads, length, length)
+    expected, _ = sdpa_attention_forward(Attention(), query, key, value, mask, position_bias=bias)
+    output, _ = packed_sdpa_attention(Attention(), query, key, value, mask, position_ids=positions, position_bias=bias)
+    torch.testing.assert_close(output, expected)
+
+
+def test_the_checked_mask_is_checked_again_for_other_position_ids():
+    """The check is remembered for one mask and one position_ids tensor: the same mask with other positions (or a
+    new mask) is checked again."""
+    positions = torch.tensor([[0, 1, 2, 0, 1]])
+    sequence = sequence_starts(positions, 1).cumsum(-1)
+    mask = ((sequence[:, :, None] == sequence[:, None, :]) & torch.ones(5, 5).bool().tril())[:, None]
+    assert packed_pieces(mask, positions, 1, 5) == [(3, False), (2, False)]
+    assert packed_pieces(mask, positions, 1, 5) == [(3, False), (2, False)]  # remembered
+    assert packed_pieces(mask, torch.tensor([[0, 1, 0, 1, 2]]), 1, 5) is None  # not this mask's rows
+    assert packed_pieces(mask.clone(), positions, 1, 5) == [(3, False), (2, False)]
