@@ -48,8 +48,10 @@ def can_run_forward(model):
     """Whether `model` can run a forward before the Trainer wraps it, decided alike on every rank: not under ZeRO-3
     (weights partitioned) or FSDP (its CPU-RAM-efficient loading gives ranks > 0 meta tensors until FSDP wraps the
     model; were rank 0 alone to try, ranks would build different batches), nor where weights are meta or
-    partitioned anyway. There the default follows the model's class and kernel alone."""
-    if is_deepspeed_zero3_enabled() or fsdp_requested():
+    partitioned anyway, nor on a 4/8-bit model (bitsandbytes 0.50 repacks 4-bit weights for inference on a CPU
+    forward in eval mode, which its training path then cannot use). There the default follows the model's class and
+    kernel alone."""
+    if is_deepspeed_zero3_enabled() or fsdp_requested() or getattr(model, "hf_quantizer", None) is not None:
         return False
     return not any(p.device.type == "meta" or hasattr(p, "ds_id") for p in model.parameters())
 
