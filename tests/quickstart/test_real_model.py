@@ -289,6 +289,20 @@ def test_packed_rows_of_real_conversations_train_alike_on_sdpa_and_packed_sdpa(r
         torch.testing.assert_close(packed_grad, grad, atol=1e-5, rtol=1e-3)
 
 
+def test_the_real_model_in_its_shipped_dtypes_passes_the_packing_try(real_model_dir):
+    """SmolLM2 keeps packed sequences apart on sdpa and eager, in float32 and bfloat16: the try before SFT packs it
+    by default (its margin does not take rounding for mixing)."""
+    from transformers import AutoModelForCausalLM
+
+    from medicalgpt.train.packing import keeps_packed_sequences_apart
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(real_model_dir, attn_implementation="sdpa", dtype=dtype)
+        assert keeps_packed_sequences_apart(model), dtype
+        model.set_attn_implementation("eager")
+        assert keeps_packed_sequences_apart(model), dtype
+
+
 def test_sft_with_lora_lowers_held_out_loss(real_sft):
     print(f"held-out loss {real_sft['before']:.4f} -> {real_sft['after']:.4f}")
     assert real_sft["after"] < real_sft["before"] - 0.01  # the same 6 held-out conversations, evaluated exactly
