@@ -8,8 +8,8 @@ Built from trl's own pieces: `pack_dataset` (best-fit-decreasing bins, no conver
 - mask-based kernels (sdpa, eager): each bin stays a row of the batch and no `attention_mask` is passed, so
   transformers builds a block-diagonal causal mask from the position_ids resets. These kernels compute the whole
   masked square, so flattening B bins into one row would cost (B*L)^2; rows cost B*L^2, like padded batches, with
-  almost no padding. On sdpa the rows get "packed_sdpa" (medicalgpt/train/packed_attention.py): each conversation
-  attends on its own, so the mask's empty blocks are never computed.
+  almost no padding. On sdpa on CPU the rows get "packed_sdpa" (medicalgpt/train/packed_attention.py): each
+  conversation attends on its own, so the mask's empty blocks are never computed.
 
 `--packing` left unset packs when the model is one of transformers' own classes, its attention is one of those
 four (sdpa and eager are checked on CPU in tests/train/test_packing.py: packed and unpacked logits and losses are
@@ -91,7 +91,8 @@ def resolve_packing(training_args, model):
     "padding_free" (one flattened row per batch, varlen kernels) or "off" (padded batches).
 
     Sets `training_args.packing`, `padding_free` and `max_length` to what SFTTrainer must see: for "rows" the datasets
-    are packed here, so the trainer gets `packing=False`, and a model on sdpa is switched to "packed_sdpa".
+    are packed here, so the trainer gets `packing=False`, and a model on sdpa training on CPU is switched to
+    "packed_sdpa".
     Conversations are already cut to `max_length` by whole turns in preprocessing, so padding-free batches need no
     truncation of their own (`max_length=None`)."""
     attention = model.config._attn_implementation
@@ -116,7 +117,8 @@ def resolve_packing(training_args, model):
         training_args.packing = True
         return "trl"
     training_args.packing = False
-    use_packed_sdpa(model)
+    if training_args.device.type == "cpu":  # measured there; on GPUs (sdpa without flash-attn) not yet
+        use_packed_sdpa(model)
     return "rows"
 
 

@@ -212,3 +212,14 @@ def test_tokenised_sft_data_is_cached_between_runs(tiny_tokenizer, tmp_path, mon
     assert first[0]["labels"].count(IGNORE_INDEX) > 0
     _, third_files = prepare(overwrite=True)
     assert third_files != first_files  # --overwrite_cache tokenises again
+
+
+def test_packed_rows_keep_sdpa_on_gpus(monkeypatch):
+    """packed_sdpa is measured on CPU only: training on a GPU (sdpa without flash-attn) keeps transformers' masked
+    rows."""
+    monkeypatch.setattr(packing_module, "keeps_packed_sequences_apart", lambda model: True)
+    args = SFTConfig(output_dir="unused", use_cpu=True, max_length=512)
+    args.packing = None
+    monkeypatch.setattr(type(args), "device", property(lambda self: torch.device("cuda", 0)))
+    model = fake_model("sdpa")
+    assert resolve_packing(args, model) == "rows" and model.config._attn_implementation == "sdpa"
