@@ -10,6 +10,9 @@ Qwen2.5-0.5B-shaped model built offline (random weights saved in bf16, as Qwen2.
   installed; the gathered output loads and moved.
 - `loss_memory`: bench/gpu_mfu.py on the 0.5B shape at 4096 tokens per row: peak memory, tokens/s and MFU of trl's
   fused LM head, the chunked loss and the plain loss over the whole logits.
+- `packed_attention`: one bf16 training step on two packed rows of 4096 tokens (4 long or 32 short conversations
+  each), transformers' sdpa with its block-diagonal mask against packed_sdpa (bench/packed_attention_ab.py): the
+  figures that decide whether SFT turns packed_sdpa on for GPUs (medicalgpt/train/packing.py: CPU only so far).
 Prints one JSON object; a check that cannot run says why (`skipped`), one that failed keeps its error's tail.
 `--dry-run`: tiny shapes on whatever device there is (CPU here), 2 steps: checks this script, not the GPU.
 """
@@ -161,6 +164,29 @@ def check_loss_memory(args):
     return [{key: run_[key] for key in keys if key in run_} for run_ in report.get("runs", [])] or report
 
 
+def check_packed_attention(args, base):
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.packed_attention_ab import interleaved_steps, synthetic_rows
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, attn_implementation="sdpa").to(device)
+    model.train()
+    row = 256 if args.dry_run else 4096
+    report = {}
+    for name, count in (("4_conversations", 4), ("32_conversations", 32)):
+        batch = synthetic_rows([[row // count] * count] * 2, model.config.vocab_size, device)
+        times, losses = interleaved_steps(model, batch, repeats=2 if args.dry_run else 5, chunked_loss=False)
+        wall = {attention: statistics.median(t[1] for t in runs) for attention, runs in times.items()}
+        report[name] = {"tokens": batch["input_ids"].numel(), **{f"{k}_s": round(v, 4) for k, v in wall.items()},
+                        "speedup": round(wall["sdpa"] / wall["packed_sdpa"], 3),
+                        "loss_difference": abs(losses["sdpa"] - losses["packed_sdpa"])}  # fmt: skip
+    return report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 steps, any device")
@@ -194,6 +220,7 @@ def run_checks(args):
         "qlora_4bit": lambda: check_qlora(args, base, parameters, args.workdir),
         "zero3_one_gpu": lambda: check_zero3(args, base, parameters, args.workdir),
         "loss_memory": lambda: check_loss_memory(args),
+        "packed_attention": lambda: check_packed_attention(args, base),
     }
     for name, check in checks.items():
         try:

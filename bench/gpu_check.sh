@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's GPU check, in one run: under 8 minutes on one H100 or H200 (bench/gpu_check.py says what it runs:
 # bf16 SFT with flash-attn or sdpa on a Qwen2.5-0.5B-shaped model built offline, QLoRA 4-bit, ZeRO-3 on one GPU,
-# the fused / chunked / plain loss's peak memory, tokens/s and MFU). Prints JSON on stdout, progress on stderr.
+# the fused / chunked / plain loss's peak memory, tokens/s and MFU, packed_sdpa against sdpa's masked rows). Prints
+# JSON on stdout, progress on stderr.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from the repository root or anywhere
 #   bash bench/gpu_check.sh --dry-run    # tiny shapes on CPU, ~1 minute: checks the script (tests/test_gpu_check.py)

@@ -22,14 +22,45 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "..", "shared", "data", "upstream", "sft", "medical_sft_1K_format.jsonl")
 
 
-def step_seconds(model, attention, batch):
-    """(CPU seconds, wall seconds, loss) of one forward and backward with `attention`."""
+def step_seconds(model, attention, batch, chunked_loss=True):
+    """(CPU seconds, wall seconds, loss) of one forward and backward with `attention` (the GPU waited for)."""
+    import torch
+
     model.set_attn_implementation(attention)
     model.zero_grad(set_to_none=True)
+    synchronize = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
+    synchronize()
     cpu, wall = time.process_time(), time.perf_counter()
-    loss = model(**batch, chunked_loss=True).loss
+    loss = model(**batch, **({"chunked_loss": True} if chunked_loss else {})).loss
     loss.backward()
+    synchronize()
     return time.process_time() - cpu, time.perf_counter() - wall, loss.item()
+
+
+def interleaved_steps(model, batch, repeats, chunked_loss=True):
+    """{attention: [(CPU s, wall s), ...]} and {attention: loss}: sdpa and packed_sdpa in turn, rotated each repeat,
+    after one warm-up step each."""
+    from medicalgpt.train.packed_attention import PACKED_SDPA
+
+    names = ["sdpa", PACKED_SDPA]
+    losses = {name: step_seconds(model, name, batch, chunked_loss)[2] for name in names}
+    times = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names[repeat % 2 :] + names[: repeat % 2]:
+            times[name].append(step_seconds(model, name, batch, chunked_loss)[:2])
+    return times, losses
+
+
+def synthetic_rows(conversations, vocab_size, device="cpu"):
+    """Packed rows of random token ids: `conversations` lists each row's conversation lengths (rows of equal total)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    length = sum(conversations[0])
+    ids = torch.randint(0, vocab_size, (len(conversations), length), generator=generator)
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in conversations])
+    batch = {"input_ids": ids, "position_ids": positions, "labels": ids.clone()}
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def main(argv=None):
@@ -53,12 +84,7 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
     add_chunked_lm_head(model)
     model.train()
-    names = ["sdpa", PACKED_SDPA]
-    losses = {name: step_seconds(model, name, batch)[2] for name in names}  # warm-up: first-call allocations
-    times = {name: [] for name in names}
-    for repeat in range(args.repeats):
-        for name in names[repeat % 2 :] + names[: repeat % 2]:
-            times[name].append(step_seconds(model, name, batch)[:2])
+    times, losses = interleaved_steps(model, batch, args.repeats)
     cpu = {name: statistics.median(t[0] for t in runs) for name, runs in times.items()}
     wall = {name: statistics.median(t[1] for t in runs) for name, runs in times.items()}
     result = {

@@ -25,3 +25,8 @@ def test_gpu_check_dry_run_reports_every_check(tmp_path):
     assert report["zero3_one_gpu"]["skipped"].startswith("ZeRO-3 through the Trainer needs a GPU")
     [loss_run] = report["loss_memory"]  # gpu_mfu.py --smoke's chunked-loss run (the GPU runs fused, chunked, plain)
     assert loss_run["loss"] == "chunked" and loss_run["real_tokens_per_s"] > 0 and "error" not in loss_run
+    packed = report["packed_attention"]  # both layouts timed, the losses of the two attentions equal (bf16 rounding)
+    assert packed.keys() == {"4_conversations", "32_conversations"}
+    for layout in packed.values():
+        assert layout["tokens"] == 512 and layout["sdpa_s"] > 0 and layout["packed_sdpa_s"] > 0
+        assert layout["loss_difference"] < 0.05
