@@ -97,15 +97,17 @@ def resolve_packing(training_args, model):
     truncation of their own (`max_length=None`)."""
     attention = model.config._attn_implementation
     honours = honours_position_resets(model)
+    why = "is not known to keep packed conversations apart"
     if honours and training_args.packing is None and can_run_forward(model):
         honours = keeps_packed_sequences_apart(model)
+        why = "mixed two sequences packed in one row when tried"
     requested = honours if training_args.packing is None else training_args.packing
     if training_args.packing is None and not honours:
         logger.warning(
-            "Packing is off: attention %r of %s is not known to keep packed conversations apart. "
-            "Pass --packing True if it does.",
-            attention,
+            "Packing is off: %s with attention %r %s. Pass --packing True if it does keep them apart.",
             type(model).__name__,
+            attention,
+            why,
         )
     if not requested:
         training_args.packing = False
