@@ -1,5 +1,6 @@
 """Shared by the bench scripts: the model to measure and a few prompts."""
 
+import argparse
 import glob
 import json
 import os
@@ -7,6 +8,18 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = os.path.join(REPO, "models", "tiny-qwen")
+REAL_MODEL = os.path.join(REPO, "models", "smollm2-135m-instruct")
+UPSTREAM_MEDICAL_SFT = os.path.join(REPO, "..", "shared", "data", "upstream", "sft", "medical_sft_1K_format.jsonl")
+
+
+def real_rows_parser(description):
+    """The arguments the benches of training steps on the real model share: the model, the conversations (upstream's
+    medical SFT file) and the row length; each bench adds its own."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=REAL_MODEL)
+    parser.add_argument("--data", default=UPSTREAM_MEDICAL_SFT)
+    parser.add_argument("--max_length", type=int, default=1024)
+    return parser
 
 
 def model_path(path=None):

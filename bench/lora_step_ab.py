@@ -10,7 +10,6 @@ them. Both models start from the same weights (LoRA B random, so every gradient 
 less sensitive than wall time to other jobs on the machine, not immune: state the load average. Prints JSON.
 """
 
-import argparse
 import copy
 import json
 import os
@@ -18,8 +17,8 @@ import statistics
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(REPO, "..", "shared", "data", "upstream", "sft", "medical_sft_1K_format.jsonl")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import real_rows_parser  # noqa: E402
 
 
 def packed_batch(model_dir, data, rows, max_length):
@@ -77,11 +76,8 @@ def step_cpu_seconds(model, batch):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.path.join(REPO, "models", "smollm2-135m-instruct"))
-    parser.add_argument("--data", default=DATA)
+    parser = real_rows_parser(__doc__)
     parser.add_argument("--rows", type=int, default=2)
-    parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--lora_dropout", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
@@ -120,5 +116,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO)
     main()

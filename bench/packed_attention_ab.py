@@ -11,15 +11,14 @@ rotated order. Also printed: how far the two losses are apart (the outputs are t
 Prints JSON.
 """
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(REPO, "..", "shared", "data", "upstream", "sft", "medical_sft_1K_format.jsonl")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import real_rows_parser  # noqa: E402
 
 
 def step_seconds(model, attention, batch, chunked_loss=True):
@@ -64,11 +63,8 @@ def synthetic_rows(conversations, vocab_size, device="cpu"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.path.join(REPO, "models", "smollm2-135m-instruct"))
-    parser.add_argument("--data", default=DATA)
+    parser = real_rows_parser(__doc__)
     parser.add_argument("--rows", type=int, default=2)
-    parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -103,5 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO)
     main()

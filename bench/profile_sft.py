@@ -13,14 +13,13 @@ their own over --steps steps after the first (forward, backward, optimizer, data
 operator's share of that time.
 """
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(REPO, "..", "shared", "data", "upstream", "sft", "medical_sft_1K_format.jsonl")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import real_rows_parser  # noqa: E402
 
 
 def share_table(profiler, top):
@@ -32,10 +31,7 @@ def share_table(profiler, top):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.path.join(REPO, "models", "smollm2-135m-instruct"))
-    parser.add_argument("--data", default=DATA)
-    parser.add_argument("--max_length", type=int, default=1024)
+    parser = real_rows_parser(__doc__)
     parser.add_argument("--limit", type=int, default=48)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="profiled training steps, after the first")
@@ -94,5 +90,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO)
     main()
