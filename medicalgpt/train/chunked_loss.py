@@ -6,10 +6,13 @@ gradient as much again: more than a 0.5B model's weights. Two ways around it, sa
 - trl's SFTTrainer computes the loss through its fused LM head (`trl.trainer.utils.add_fused_lm_head`): a Triton
   kernel on GPU; on CPU its torch fallback scores every position, prompts included, and computes entropy and
   top-1 accuracy for the logs as well.
-- `--chunked_loss` (this module): the LM head and cross-entropy run on chunks of the learned positions only, each
-  chunk but the last under activation checkpointing, so backward recomputes one chunk's logits at a time instead of
-  keeping them all. Plain torch, any device; the default on CPU, where it is the faster of the two. It logs the loss
-  only (trl's entropy and token accuracy need the fused head).
+- `--chunked_loss` (this module): the LM head and cross-entropy run on chunks of the learned positions only. Each
+  chunk's gradients (softmax minus the target's one-hot, through the head's matrix) are computed in the forward
+  pass right after its loss, while its logits are at hand, and kept: no logits outlive their chunk, none are
+  computed twice, and there are fewer passes over them than autograd's log_softmax / nll backward make. Where the
+  head's weight cannot be read directly (ZeRO-3 partitions it, a LoRA or modules_to_save wrapper, a bias), each
+  chunk but the last runs under activation checkpointing instead. Plain torch, any device; the default on CPU, where
+  it is the faster of the two. It logs the loss only (trl's entropy and token accuracy need the fused head).
 """
 
 import functools
@@ -19,6 +22,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from medicalgpt.constants import IGNORE_INDEX
@@ -40,7 +44,80 @@ def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chu
     hidden = hidden_states[:, :-1][learned]
     targets = targets[learned]
     chunk_size = chunk_size or max(1, LOGITS_PER_CHUNK // full_shape(lm_head.weight)[0])  # ZeRO-3: ds_shape
-    total = hidden_states.new_zeros((), dtype=torch.float32)
+    if reads_plain_weight(lm_head):
+        total = LinearCrossEntropy.apply(hidden, lm_head.weight, targets, chunk_size, torch.is_grad_enabled())
+    else:
+        total = checkpointed_chunks_loss(hidden, lm_head, targets, chunk_size)
+    if len(targets) == 0:  # keep the graph connected: an all-masked micro-batch contributes a zero gradient
+        total = total + hidden_states.sum() * 0.0
+    divisor = num_items_in_batch if num_items_in_batch is not None else learned.sum().clamp(min=1)
+    return total / torch.as_tensor(divisor, device=total.device)
+
+
+def reads_plain_weight(lm_head):
+    """Whether the head is a bias-free nn.Linear whose whole weight is at hand (not partitioned by ZeRO-3, not a
+    DTensor shard, not wrapped by peft)."""
+    from torch.distributed.tensor import DTensor
+
+    weight = getattr(lm_head, "weight", None)
+    return (
+        type(lm_head) is nn.Linear
+        and lm_head.bias is None
+        and not hasattr(weight, "ds_id")
+        and not isinstance(weight, DTensor)
+    )
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, chunk by chunk, each chunk's gradients computed
+    as soon as its loss is: d loss / d logits = softmax - one_hot(target), for the hidden states through the weight
+    and for the weight through the hidden states (when they need it), scaled by the incoming gradient in backward.
+    The same products and casts as `F.cross_entropy(lm_head(hidden).float(), ...)`, autocast included: logits in the
+    compute dtype then float32, their gradient cast back to the compute dtype for the two products."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, grad_enabled):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        with torch.autocast(device, enabled=False):
+            hidden_in, weight_in = hidden.to(dtype), weight.to(dtype)
+            # (needs_input_grad says what requires grad, also under no_grad: an eval forward computes none)
+            grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
+            grad_weight = torch.zeros_like(weight) if grad_enabled and ctx.needs_input_grad[1] else None
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, len(targets), chunk_size):
+                rows = slice(start, start + chunk_size)
+                chunk_targets = targets[rows].unsqueeze(1)
+                log_probs = torch.log_softmax((hidden_in[rows] @ weight_in.t()).float(), dim=-1)
+                total -= log_probs.gather(1, chunk_targets).sum()
+                if grad_hidden is None and grad_weight is None:
+                    continue
+                grad_logits = log_probs.exp_()  # softmax, in place of the log-probabilities
+                grad_logits.scatter_add_(1, chunk_targets, grad_logits.new_full(chunk_targets.shape, -1.0))
+                grad_logits = grad_logits.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[rows] = grad_logits @ weight_in
+                if grad_weight is not None:
+                    grad_weight += grad_logits.t() @ hidden_in[rows]
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def checkpointed_chunks_loss(hidden, lm_head, targets, chunk_size):
+    """The summed loss through the head module itself (its hooks gather ZeRO-3 weights), each chunk but the last
+    under activation checkpointing: backward recomputes one chunk's logits at a time instead of keeping them all."""
+    total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk_size):
         chunk = (lm_head, hidden[start : start + chunk_size], targets[start : start + chunk_size])
         if start + chunk_size >= len(targets):
@@ -50,10 +127,7 @@ def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chu
             total = total + _chunk_loss(*chunk)
         else:
             total = total + checkpoint(_chunk_loss, *chunk, use_reentrant=False)
-    if len(targets) == 0:  # keep the graph connected: an all-masked micro-batch contributes a zero gradient
-        total = total + hidden_states.sum() * 0.0
-    divisor = num_items_in_batch if num_items_in_batch is not None else learned.sum().clamp(min=1)
-    return total / torch.as_tensor(divisor, device=total.device)
+    return total
 
 
 def _chunk_loss(lm_head, hidden, targets):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig
 
@@ -66,28 +67,100 @@ def test_chunked_loss_under_lora_trains_the_same_adapter_gradients(tiny_model_di
     assert_same(plain, chunked)
 
 
-def projected_rows(model, inputs, chunk_size):
-    """Rows the LM head projects, call by call, in the chunked loss's forward and backward."""
-    rows = []
-    model.lm_head.register_forward_hook(lambda module, args, output: rows.append(output.shape[0]))
+class VocabProducts(TorchDispatchMode):
+    """Rows of every matrix product with a vocabulary-wide side (logits, or their gradient through the head), in the
+    order run, tagged forward or backward."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.rows, self.phase = vocab, [], "forward"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            first, second = args[-2], args[-1]
+            if self.vocab in (*first.shape, *second.shape):
+                self.rows.append((self.phase, first.shape[0]))
+        return out
+
+
+def vocab_products(model, inputs, chunk_size, grad=True):
     hidden = model.model(input_ids=inputs["input_ids"]).last_hidden_state
-    chunked_lm_loss(hidden, model.lm_head, inputs["labels"], chunk_size=chunk_size).backward()
-    return rows
+    with VocabProducts(model.config.vocab_size) as products:
+        with torch.set_grad_enabled(grad):
+            loss = chunked_lm_loss(hidden, model.lm_head, inputs["labels"], chunk_size=chunk_size)
+        products.phase = "backward"
+        if grad:
+            loss.backward()
+    return products.rows
 
 
-def test_chunked_loss_never_projects_more_than_a_chunk(tiny_model_dir):
+def test_chunks_are_projected_once_with_their_gradients_in_forward(tiny_model_dir):
+    """Each chunk of learned tokens: its logits, then at once the hidden states' and the head's gradients (the
+    vocabulary-wide products); nothing vocabulary-wide is recomputed or left for backward. Prompts never projected."""
     model = load(tiny_model_dir)
     inputs = batch(model.config.vocab_size)
-    rows = projected_rows(model, inputs, chunk_size=10)
     learned = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
-    # prompts never projected; backward recomputes every chunk but the last, whose logits it frees first
-    assert learned == 69 and rows == [10] * 6 + [9] + [10] * 6
+    assert learned == 69
+    rows = vocab_products(model, inputs, chunk_size=10)
+    # per chunk: logits [n x vocab], hidden grad [n x vocab] @ [vocab x d], head grad [vocab x n] @ [n x d]
+    per_chunk = [[("forward", n), ("forward", n), ("forward", model.config.vocab_size)] for n in [10] * 6 + [9]]
+    assert rows == [product for chunk in per_chunk for product in chunk]
 
 
-def test_learned_tokens_in_one_chunk_are_projected_once(tiny_model_dir):
+def test_an_eval_forward_computes_the_logits_only(tiny_model_dir):
     model = load(tiny_model_dir)
-    rows = projected_rows(model, batch(model.config.vocab_size), chunk_size=1000)
-    assert rows == [69]  # no recomputation in backward
+    rows = vocab_products(model, batch(model.config.vocab_size), chunk_size=10, grad=False)
+    assert rows == [("forward", n) for n in [10] * 6 + [9]]
+
+
+def test_frozen_head_gets_no_gradient_product(tiny_model_dir):
+    """LoRA: the head is frozen, so only the hidden states' gradient is computed."""
+    model = load(tiny_model_dir)
+    model.lm_head.weight.requires_grad_(False)
+    rows = vocab_products(model, batch(model.config.vocab_size), chunk_size=1000)
+    assert rows == [("forward", 69), ("forward", 69)]
+
+
+def test_partitioned_head_runs_through_the_module_recomputing_chunks(tiny_model_dir):
+    """A head whose weight cannot be read whole (ZeRO-3 marks it with ds_id) runs through the module, where
+    DeepSpeed's hooks gather it: every chunk but the last under activation checkpointing, same loss and gradients."""
+    model = load(tiny_model_dir)
+    inputs = batch(model.config.vocab_size)
+
+    def loss():
+        hidden = model.model(input_ids=inputs["input_ids"]).last_hidden_state
+        return chunked_lm_loss(hidden, model.lm_head, inputs["labels"], chunk_size=10)
+
+    direct = loss_and_grads(model, loss)
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, output: rows.append(output.shape[0]))
+    model.lm_head.weight.ds_id = 0
+    through_module = loss_and_grads(model, loss)
+    # backward recomputes every chunk but the last, whose logits it frees first
+    assert rows == [10] * 6 + [9] + [10] * 6
+    assert_same(direct, through_module)
+
+
+@pytest.mark.parametrize("setting", ["bfloat16 weights", "bfloat16 autocast"])
+def test_bfloat16_loss_and_gradients_equal_the_plain_ones(tiny_model_dir, setting):
+    """bf16 checkpoints and bf16 mixed precision: the same casts as transformers' loss (logits in bf16, then
+    float32), so the same loss and gradients to bf16 rounding."""
+    model = load(tiny_model_dir)
+    if setting == "bfloat16 weights":
+        model.to(torch.bfloat16)
+    inputs = batch(model.config.vocab_size)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "bfloat16 autocast")
+    with autocast:
+        plain = loss_and_grads(model, lambda: model(**inputs).loss)
+    add_chunked_lm_head(model, chunk_size=7)
+    with autocast:
+        chunked = loss_and_grads(model, lambda: model(**inputs, chunked_loss=True).loss)
+    torch.testing.assert_close(chunked[0], plain[0], rtol=1e-3, atol=1e-3)
+    assert chunked[1].keys() == plain[1].keys()
+    for name, grad in plain[1].items():
+        assert chunked[1][name].dtype == grad.dtype
+        torch.testing.assert_close(chunked[1][name].float(), grad.float(), rtol=0.02, atol=1e-3, msg=name)
 
 
 def test_a_batch_without_learned_tokens_gives_a_zero_loss(tiny_model_dir):
