@@ -1,5 +1,5 @@
 """One LoRA training step (forward + backward, the chunked loss) on a real model, A/B: peft's LoRA layer against
-ours (bench/fused_lora.py), interleaved, in process CPU time.
+ours (medicalgpt/model/fused_lora.py, what training uses), interleaved, in process CPU time.
 
     python bench/lora_step_ab.py --model models/smollm2-135m-instruct --rows 2 --max_length 1024 --repeats 7
 
@@ -49,9 +49,9 @@ def packed_batch(model_dir, data, rows, max_length):
 def lora_model(base, fused, dropout):
     import torch
 
-    from bench.fused_lora import use_fused_lora_linear
     from medicalgpt.args import LoraArguments
     from medicalgpt.model.adapter import build_lora_config
+    from medicalgpt.model.fused_lora import use_fused_lora_linear
     from medicalgpt.train.chunked_loss import add_chunked_lm_head
 
     config = build_lora_config(LoraArguments(use_peft=True, target_modules="all", lora_dropout=dropout))
