@@ -47,8 +47,7 @@ from medicalgpt.train.distill import (
     set_stop_tokens,
 )
 from medicalgpt.train.records import load_stage_records
-from medicalgpt.train.resume import find_resume_checkpoint
-from medicalgpt.train.run import check_and_log_args, end_training
+from medicalgpt.train.run import check_and_log_args, train_and_evaluate
 from medicalgpt.train.run_summary import add_run_summary
 
 logger = logging.getLogger("medicalgpt")
@@ -102,18 +101,7 @@ def main(argv=None):
         processing_class=tokenizer,
     )
     add_run_summary(trainer, model_args, data_args, lora_args, distill_args)
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    end_training(trainer.accelerator, trainer.model_wrapped)
-    logger.info("Outputs in %s", training_args.output_dir)
+    train_and_evaluate(trainer, training_args)
 
 
 if __name__ == "__main__":

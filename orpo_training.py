@@ -10,7 +10,6 @@ odds-ratio term (trl.experimental.orpo); `--orpo_beta` is upstream's name for `-
 learning rate is 1e-6: pass `--learning_rate` for LoRA (e.g. 5e-5).
 """
 
-import logging
 import sys
 from dataclasses import dataclass, field
 
@@ -26,12 +25,9 @@ from medicalgpt.model.loader import load_model, load_tokenizer
 from medicalgpt.parser import parse_args
 from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_tokenized_preferences
-from medicalgpt.train.resume import find_resume_checkpoint
-from medicalgpt.train.run import check_and_log_args, end_training
+from medicalgpt.train.run import check_and_log_args, train_and_evaluate
 from medicalgpt.train.run_summary import add_run_summary
 from medicalgpt.train.trainers import PreTokenizedORPOTrainer
-
-logger = logging.getLogger("medicalgpt")
 
 
 @dataclass
@@ -65,18 +61,7 @@ def main(argv=None):
         processing_class=tokenizer,
     )
     add_run_summary(trainer, model_args, data_args, lora_args, pref_args)
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    end_training(trainer.accelerator, trainer.model_wrapped)
-    logger.info("Outputs in %s", training_args.output_dir)
+    train_and_evaluate(trainer, training_args)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,7 @@ from medicalgpt.rl.rewards import closing_ids
 from medicalgpt.rl.rollout import stop_token_ids
 from medicalgpt.templates import build_template
 from medicalgpt.train.records import load_stage_records
-from medicalgpt.train.resume import find_resume_checkpoint
-from medicalgpt.train.run import check_and_log_args, end_training
+from medicalgpt.train.run import check_and_log_args, train_and_evaluate
 from medicalgpt.train.run_summary import add_run_summary
 
 logger = logging.getLogger("medicalgpt")
@@ -92,19 +91,8 @@ def main(argv=None):
         )
 
     add_run_summary(trainer, model_args, run.lora_args, rl_args)
-    # Train
-    if config.do_train:
-        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(config))
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if config.do_eval and eval_prompts:  # a run with no evaluation prompts (exam items without a validation dir)
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    end_training(trainer.accelerator, trainer.model_wrapped)
-    logger.info("Outputs in %s", config.output_dir)
+    # Train (a run with no evaluation prompts, exam items without a validation dir, skips evaluation)
+    train_and_evaluate(trainer, config, can_evaluate=bool(eval_prompts))
 
 
 if __name__ == "__main__":

@@ -32,8 +32,7 @@ from medicalgpt.parser import parse_args
 from medicalgpt.processors.pt import prepare_pretraining_dataset
 from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_stage_records
-from medicalgpt.train.resume import find_resume_checkpoint
-from medicalgpt.train.run import check_and_log_args, end_training
+from medicalgpt.train.run import check_and_log_args, train_and_evaluate
 from medicalgpt.train.run_summary import add_run_summary
 from medicalgpt.train.streaming import stream_stage_records
 
@@ -80,19 +79,11 @@ def main(argv=None):
         data_collator=collator,
     )
     add_run_summary(trainer, model_args, data_args, lora_args, pt_args)
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    end_training(trainer.accelerator, trainer.model_wrapped)
-    logger.info("Outputs in %s", training_args.output_dir)
+    train_and_evaluate(trainer, training_args, eval_extras=perplexity)
+
+
+def perplexity(metrics):
+    return {"perplexity": math.exp(min(metrics["eval_loss"], 50))}  # capped: exp overflows past ~709
 
 
 if __name__ == "__main__":

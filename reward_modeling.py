@@ -14,7 +14,6 @@ tokens, each answer its first --max_target_length (truncated pairs are counted i
 is saved with the `score` head; `ppo_training.py --reward_model_path` and `merge_peft_adapter.py` take the output.
 """
 
-import logging
 import sys
 
 import medicalgpt.console  # noqa: F401  first: the libraries' import-time notices held back (see its docstring)
@@ -33,11 +32,8 @@ from medicalgpt.rl.rewards import closing_ids
 from medicalgpt.templates import build_template
 from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.records import load_tokenized_preferences
-from medicalgpt.train.resume import find_resume_checkpoint
-from medicalgpt.train.run import check_and_log_args, end_training
+from medicalgpt.train.run import check_and_log_args, train_and_evaluate
 from medicalgpt.train.run_summary import add_run_summary
-
-logger = logging.getLogger("medicalgpt")
 
 
 def main(argv=None):
@@ -71,18 +67,7 @@ def main(argv=None):
         processing_class=tokenizer,
     )
     add_run_summary(trainer, model_args, data_args, lora_args, pref_args)
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    end_training(trainer.accelerator, trainer.model_wrapped)
-    logger.info("Outputs in %s", training_args.output_dir)
+    train_and_evaluate(trainer, training_args)
 
 
 if __name__ == "__main__":

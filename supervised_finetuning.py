@@ -45,8 +45,7 @@ from medicalgpt.train.atomic_checkpoints import with_atomic_checkpoints
 from medicalgpt.train.chunked_loss import add_chunked_lm_head, check_liger_kernel, resolve_chunked_loss
 from medicalgpt.train.packing import PackedRowsCollator, pack_rows, resolve_packing
 from medicalgpt.train.records import load_stage_records
-from medicalgpt.train.resume import find_resume_checkpoint
-from medicalgpt.train.run import check_and_log_args, end_training
+from medicalgpt.train.run import check_and_log_args, train_and_evaluate
 from medicalgpt.train.run_summary import add_run_summary
 from medicalgpt.train.streaming import finish_sft_stream, stream_stage_records
 
@@ -147,18 +146,7 @@ def main(argv=None):
             system_prompt=data_args.system_prompt,
         )
         trainer.add_callback(callback)
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    end_training(trainer.accelerator, trainer.model_wrapped)
-    logger.info("Outputs in %s", training_args.output_dir)
+    train_and_evaluate(trainer, training_args)
 
 
 def prepare_rows(dataset, packing, max_length, streaming, num_proc, split):

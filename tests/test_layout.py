@@ -48,7 +48,8 @@ CONFIG_WRITERS = {
     "medicalgpt/rl/build.py": "trl's RLOO / GRPO lengths and steps from --response_length / --total_episodes",
 }
 CONFIG_NAMES = ("training_args", "config")  # what the scripts and the package call a trainer's config
-# The end of every training script's main(), as the trainer methods it calls, in order (then end_training).
+# The end of every training script's main(), medicalgpt.train.run.train_and_evaluate, as the trainer methods it
+# calls, in order (then end_training).
 TRAINING_ENDING = ("train", "save_model", "log_metrics", "save_metrics", "save_state")
 TRAINING_ENDING += ("evaluate", "log_metrics", "save_metrics")
 TRAINING_SCRIPTS = ("pretraining.py", "supervised_finetuning.py", "reward_modeling.py", "dpo_training.py")
@@ -334,10 +335,20 @@ def trainer_calls(function):
 def test_every_training_script_ends_the_same_way(script):
     tree = ast.parse((REPO / script).read_text(encoding="utf-8"))
     main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
-    calls = trainer_calls(main)
-    assert tuple(calls[-len(TRAINING_ENDING) :]) == TRAINING_ENDING, f"{script} ends with trainer.{calls}"
-    last_calls = [node for node in main.body if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)]
-    assert any(getattr(call.value.func, "id", None) == "end_training" for call in last_calls[-2:])
+    last = main.body[-1]
+    assert isinstance(last, ast.Expr) and getattr(last.value.func, "id", None) == "train_and_evaluate", script
+    assert getattr(last.value.args[0], "id", None) == "trainer", script
+    assert not set(trainer_calls(main)) & set(TRAINING_ENDING), f"{script} trains or evaluates by itself"
+
+
+def test_the_shared_ending_trains_saves_evaluates_and_leaves_together():
+    tree = ast.parse((PACKAGE / "train" / "run.py").read_text(encoding="utf-8"))
+    ending = next(
+        node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train_and_evaluate"
+    )
+    assert tuple(trainer_calls(ending)) == TRAINING_ENDING
+    last = ending.body[-2].value
+    assert getattr(last.func, "id", None) == "end_training"
 
 
 def test_every_map_names_its_progress_bar():

@@ -10,6 +10,7 @@ from transformers import set_seed
 from medicalgpt.device import describe_choice
 from medicalgpt.errors import UsageError
 from medicalgpt.model.loader import MODEL_FLAG, check_paths
+from medicalgpt.train.resume import find_resume_checkpoint
 
 logger = logging.getLogger("medicalgpt")
 
@@ -65,3 +66,23 @@ def end_training(accelerator, *wrapped_models):
         if isinstance(model, DistributedDataParallel):
             del model.reducer, model.logger
     accelerator.end_training()
+
+
+def train_and_evaluate(trainer, training_args, eval_extras=None, can_evaluate=True):
+    """The end of every training script: --do_train trains (resuming from --resume_from_checkpoint, or the latest
+    checkpoint in --output_dir), saves the model, metrics and trainer state; --do_eval evaluates when there is
+    something to evaluate (`eval_extras(metrics)` adds figures, e.g. PT's perplexity); then every rank leaves
+    together."""
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval and can_evaluate:
+        metrics = trainer.evaluate()
+        metrics.update(eval_extras(metrics) if eval_extras else {})
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    end_training(trainer.accelerator, trainer.model_wrapped)
+    logger.info("Outputs in %s", training_args.output_dir)
