@@ -85,6 +85,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
             grad_weight = torch.zeros_like(weight) if grad_enabled and ctx.needs_input_grad[1] else None
             total = hidden.new_zeros((), dtype=torch.float32)
+            # float16 ends at 65,504: summed over a chunk's tokens, the head's gradient overflows it where
+            # transformers' (divided by the token count before the products) does not, so it is kept divided by the
+            # count here too, and multiplied back in backward (where a GradScaler's scale arrives).
+            ctx.grad_scale = 1.0 / max(len(targets), 1) if dtype == torch.float16 else 1.0
             for start in range(0, len(targets), chunk_size):
                 rows = slice(start, start + chunk_size)
                 chunk_targets = targets[rows].unsqueeze(1)
@@ -94,7 +98,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     continue
                 grad_logits = log_probs.exp_()  # softmax, in place of the log-probabilities
                 grad_logits.scatter_add_(1, chunk_targets, grad_logits.new_full(chunk_targets.shape, -1.0))
-                grad_logits = grad_logits.to(dtype)
+                grad_logits = (grad_logits.mul_(ctx.grad_scale) if ctx.grad_scale != 1.0 else grad_logits).to(dtype)
                 if grad_hidden is not None:
                     grad_hidden[rows] = grad_logits @ weight_in
                 if grad_weight is not None:
@@ -105,6 +109,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
+        grad_total = grad_total / ctx.grad_scale
         return (
             None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
             None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype),

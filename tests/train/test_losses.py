@@ -206,3 +206,41 @@ def test_use_liger_kernel_without_a_gpu_fails_with_a_clear_message(tiny_model_di
     assert run_cli(lambda: supervised_finetuning.main(argv)) == 1
     assert "error: --use_liger_kernel needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting", ["float16 weights", "float16 autocast"])
+def test_float16_head_gradient_does_not_overflow_where_the_plain_one_does_not(setting):
+    """fp16 (V100 / T4 mixed precision, `--fp16`): the head's gradient summed over a chunk of 1,500 tokens that share
+    a target and a hidden value of 60 is 90,000 before the division by the token count, past float16's 65,504.
+    transformers' loss divides first and gets 60; the chunked one must too, not inf (after which a GradScaler would
+    skip every step, whatever scale it tries)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    tokens, width, vocab = 1500, 8, 50
+    hidden_states = torch.randn(1, tokens + 1, width)
+    hidden_states[..., 0] = 60.0
+    labels = torch.full((1, tokens + 1), 5)
+    head = nn.Linear(width, vocab, bias=False)
+    nn.init.normal_(head.weight, std=0.01)
+    if setting == "float16 weights":
+        head.half()
+        hidden_states = hidden_states.half()
+    hidden_states.requires_grad_()
+    autocast = torch.autocast("cpu", dtype=torch.float16, enabled=setting == "float16 autocast")
+    grads = []
+    for chunked in (False, True):
+        head.zero_grad(), setattr(hidden_states, "grad", None)
+        with autocast:
+            if chunked:
+                loss = chunked_lm_loss(hidden_states, head, labels, chunk_size=tokens)
+            else:
+                logits = head(hidden_states[:, :-1]).float()
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+        loss.backward()
+        grads.append((head.weight.grad.clone(), hidden_states.grad.clone()))
+    (plain_weight, plain_hidden), (chunked_weight, chunked_hidden) = grads
+    assert torch.isfinite(plain_weight).all() and plain_weight[5, 0].item() == pytest.approx(-60, rel=0.02)
+    assert torch.isfinite(chunked_weight).all(), "float16 overflow in the head's gradient"
+    torch.testing.assert_close(chunked_weight.float(), plain_weight.float(), rtol=0.01, atol=1e-3)
+    torch.testing.assert_close(chunked_hidden.float(), plain_hidden.float(), rtol=0.01, atol=1e-4)
