@@ -56,13 +56,15 @@ def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chu
 
 def reads_plain_weight(lm_head):
     """Whether the head is a bias-free nn.Linear whose whole weight is at hand (not partitioned by ZeRO-3, not a
-    DTensor shard, not wrapped by peft)."""
+    DTensor shard, not wrapped by peft, not placed by accelerate's hooks: `--device_map auto` offloads a weight to
+    the meta device and moves it, or the input, only inside the module's forward)."""
     from torch.distributed.tensor import DTensor
 
     weight = getattr(lm_head, "weight", None)
     return (
         type(lm_head) is nn.Linear
         and lm_head.bias is None
+        and not hasattr(lm_head, "_hf_hook")
         and not hasattr(weight, "ds_id")
         and not isinstance(weight, DTensor)
     )

@@ -244,3 +244,20 @@ def test_float16_head_gradient_does_not_overflow_where_the_plain_one_does_not(se
     assert torch.isfinite(chunked_weight).all(), "float16 overflow in the head's gradient"
     torch.testing.assert_close(chunked_weight.float(), plain_weight.float(), rtol=0.01, atol=1e-3)
     torch.testing.assert_close(chunked_hidden.float(), plain_hidden.float(), rtol=0.01, atol=1e-4)
+
+
+def test_head_placed_by_accelerate_runs_through_the_module(tiny_model_dir):
+    """`--device_map auto` with too little GPU memory offloads the head: its weight is on the meta device and
+    accelerate's hook brings it in only inside the module's forward (on several GPUs the hook moves the input to the
+    weight's device). Read directly the weight gave a wrong loss, silently; through the module it is the plain one."""
+    from accelerate import cpu_offload
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, tie_word_embeddings=False)
+    inputs = batch(model.config.vocab_size)
+    plain = loss_and_grads(model, lambda: model(**inputs).loss)
+    cpu_offload(model.lm_head, execution_device=torch.device("cpu"))
+    assert model.lm_head.weight.device.type == "meta"
+    add_chunked_lm_head(model, chunk_size=7)
+    chunked = loss_and_grads(model, lambda: model(**inputs, chunked_loss=True).loss)
+    plain = (plain[0], {name: grad for name, grad in plain[1].items() if name != "lm_head.weight"})
+    assert_same(plain, chunked)
