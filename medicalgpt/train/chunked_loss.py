@@ -75,22 +75,30 @@ class LinearCrossEntropy(torch.autograd.Function):
     as soon as its loss is: d loss / d logits = softmax - one_hot(target), for the hidden states through the weight
     and for the weight through the hidden states (when they need it), scaled by the incoming gradient in backward.
     The same products and casts as `F.cross_entropy(lm_head(hidden).float(), ...)`, autocast included: logits in the
-    compute dtype then float32, their gradient cast back to the compute dtype for the two products."""
+    compute dtype then float32, their gradient cast back to the compute dtype for the two products (float32 for
+    float16, whose range the unscaled gradients can leave)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, grad_enabled):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        # float16 ends at 65,504: a chunk's gradients, before the division by the token count and a GradScaler's
+        # scale (both arrive in backward), overflow it (the head's, summed over the chunk's tokens) or lose their
+        # small values, where transformers' (scaled first) do not. So in float16 they are computed in float32 and
+        # kept so until backward has scaled them.
+        grad_dtype = torch.float32 if dtype == torch.float16 else None
+        ctx.input_dtypes = hidden.dtype, weight.dtype
         with torch.autocast(device, enabled=False):
             hidden_in, weight_in = hidden.to(dtype), weight.to(dtype)
+            hidden_g, weight_g = (hidden.float(), weight.float()) if grad_dtype else (hidden_in, weight_in)
             # (needs_input_grad says what requires grad, also under no_grad: an eval forward computes none)
-            grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
-            grad_weight = torch.zeros_like(weight) if grad_enabled and ctx.needs_input_grad[1] else None
+            grad_hidden = (
+                torch.empty_like(hidden, dtype=grad_dtype) if grad_enabled and ctx.needs_input_grad[0] else None
+            )
+            grad_weight = (
+                torch.zeros_like(weight, dtype=grad_dtype) if grad_enabled and ctx.needs_input_grad[1] else None
+            )
             total = hidden.new_zeros((), dtype=torch.float32)
-            # float16 ends at 65,504: summed over a chunk's tokens, the head's gradient overflows it where
-            # transformers' (divided by the token count before the products) does not, so it is kept divided by the
-            # count here too, and multiplied back in backward (where a GradScaler's scale arrives).
-            ctx.grad_scale = 1.0 / max(len(targets), 1) if dtype == torch.float16 else 1.0
             for start in range(0, len(targets), chunk_size):
                 rows = slice(start, start + chunk_size)
                 chunk_targets = targets[rows].unsqueeze(1)
@@ -100,25 +108,21 @@ class LinearCrossEntropy(torch.autograd.Function):
                     continue
                 grad_logits = log_probs.exp_()  # softmax, in place of the log-probabilities
                 grad_logits.scatter_add_(1, chunk_targets, grad_logits.new_full(chunk_targets.shape, -1.0))
-                grad_logits = (grad_logits.mul_(ctx.grad_scale) if ctx.grad_scale != 1.0 else grad_logits).to(dtype)
+                grad_logits = grad_logits.to(grad_dtype or dtype)
                 if grad_hidden is not None:
-                    grad_hidden[rows] = grad_logits @ weight_in
+                    grad_hidden[rows] = grad_logits @ weight_g
                 if grad_weight is not None:
-                    grad_weight += grad_logits.t() @ hidden_in[rows]
+                    grad_weight += grad_logits.t() @ hidden_g[rows]
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_total = grad_total / ctx.grad_scale
-        return (
-            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
-            None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype),
-            None,
-            None,
-            None,
-        )
+        grads = [
+            None if grad is None else (grad * grad_total.to(grad.dtype)).to(dtype)
+            for grad, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)
+        ]
+        return *grads, None, None, None
 
 
 def checkpointed_chunks_loss(hidden, lm_head, targets, chunk_size):

@@ -261,3 +261,27 @@ def test_head_placed_by_accelerate_runs_through_the_module(tiny_model_dir):
     chunked = loss_and_grads(model, lambda: model(**inputs, chunked_loss=True).loss)
     plain = (plain[0], {name: grad for name, grad in plain[1].items() if name != "lm_head.weight"})
     assert_same(plain, chunked)
+
+
+def test_float16_autocast_gradients_keep_their_small_values():
+    """fp16 mixed precision, 2,000 learned tokens, a GradScaler's scale of 2**16: each gradient element is the
+    float32 one to 1% of itself or 0.1% of the largest (none flushed to zero), as the plain loss's scaled fp16
+    gradients are. Products of the gradient divided by the token count but not yet scaled flush the many small ones,
+    ~|W| / 2,000, below fp16's smallest normal value."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    tokens, width, vocab = 2000, 16, 64
+    hidden_states = torch.randn(1, tokens + 1, width, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens + 1))
+    head = nn.Linear(width, vocab, bias=False)
+    nn.init.normal_(head.weight, std=0.002)
+    grads = []
+    for autocast in (False, True):
+        head.zero_grad(), setattr(hidden_states, "grad", None)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            loss = chunked_lm_loss(hidden_states, head, labels, chunk_size=500)
+        (loss * 2**16).backward()
+        grads.append(hidden_states.grad.clone())
+    reference, mixed = grads
+    torch.testing.assert_close(mixed, reference, rtol=0.01, atol=1e-3 * reference.abs().max().item())
