@@ -111,7 +111,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = grad_logits.to(grad_dtype or dtype)
                 if grad_hidden is not None:
                     grad_hidden[rows] = grad_logits @ weight_g
-                if grad_weight is not None:
+                if grad_weight is not None and grad_weight.dtype == grad_logits.dtype:
+                    grad_weight.addmm_(grad_logits.t(), hidden_g[rows])  # no [vocab x hidden] temporary per chunk
+                elif grad_weight is not None:  # autocast: a float32 master weight, products in bf16
                     grad_weight += grad_logits.t() @ hidden_g[rows]
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
