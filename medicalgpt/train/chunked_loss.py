@@ -56,13 +56,15 @@ def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chu
 
 def reads_plain_weight(lm_head):
     """Whether the head is a bias-free nn.Linear whose whole weight is at hand (not partitioned by ZeRO-3, not a
-    DTensor shard, not wrapped by peft)."""
+    DTensor shard, not wrapped by peft, not placed by accelerate's hooks: `--device_map auto` offloads a weight to
+    the meta device and moves it, or the input, only inside the module's forward)."""
     from torch.distributed.tensor import DTensor
 
     weight = getattr(lm_head, "weight", None)
     return (
         type(lm_head) is nn.Linear
         and lm_head.bias is None
+        and not hasattr(lm_head, "_hf_hook")
         and not hasattr(weight, "ds_id")
         and not isinstance(weight, DTensor)
     )
@@ -73,17 +75,29 @@ class LinearCrossEntropy(torch.autograd.Function):
     as soon as its loss is: d loss / d logits = softmax - one_hot(target), for the hidden states through the weight
     and for the weight through the hidden states (when they need it), scaled by the incoming gradient in backward.
     The same products and casts as `F.cross_entropy(lm_head(hidden).float(), ...)`, autocast included: logits in the
-    compute dtype then float32, their gradient cast back to the compute dtype for the two products."""
+    compute dtype then float32, their gradient cast back to the compute dtype for the two products (float32 for
+    float16, whose range the unscaled gradients can leave)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, grad_enabled):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        # float16 ends at 65,504: a chunk's gradients, before the division by the token count and a GradScaler's
+        # scale (both arrive in backward), overflow it (the head's, summed over the chunk's tokens) or lose their
+        # small values, where transformers' (scaled first) do not. So in float16 they are computed in float32 and
+        # kept so until backward has scaled them.
+        grad_dtype = torch.float32 if dtype == torch.float16 else None
+        ctx.input_dtypes = hidden.dtype, weight.dtype
         with torch.autocast(device, enabled=False):
             hidden_in, weight_in = hidden.to(dtype), weight.to(dtype)
+            hidden_g, weight_g = (hidden.float(), weight.float()) if grad_dtype else (hidden_in, weight_in)
             # (needs_input_grad says what requires grad, also under no_grad: an eval forward computes none)
-            grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
-            grad_weight = torch.zeros_like(weight) if grad_enabled and ctx.needs_input_grad[1] else None
+            grad_hidden = (
+                torch.empty_like(hidden, dtype=grad_dtype) if grad_enabled and ctx.needs_input_grad[0] else None
+            )
+            grad_weight = (
+                torch.zeros_like(weight, dtype=grad_dtype) if grad_enabled and ctx.needs_input_grad[1] else None
+            )
             total = hidden.new_zeros((), dtype=torch.float32)
             for start in range(0, len(targets), chunk_size):
                 rows = slice(start, start + chunk_size)
@@ -94,24 +108,23 @@ class LinearCrossEntropy(torch.autograd.Function):
                     continue
                 grad_logits = log_probs.exp_()  # softmax, in place of the log-probabilities
                 grad_logits.scatter_add_(1, chunk_targets, grad_logits.new_full(chunk_targets.shape, -1.0))
-                grad_logits = grad_logits.to(dtype)
+                grad_logits = grad_logits.to(grad_dtype or dtype)
                 if grad_hidden is not None:
-                    grad_hidden[rows] = grad_logits @ weight_in
-                if grad_weight is not None:
-                    grad_weight += grad_logits.t() @ hidden_in[rows]
+                    grad_hidden[rows] = grad_logits @ weight_g
+                if grad_weight is not None and grad_weight.dtype == grad_logits.dtype:
+                    grad_weight.addmm_(grad_logits.t(), hidden_g[rows])  # no [vocab x hidden] temporary per chunk
+                elif grad_weight is not None:  # autocast: a float32 master weight, products in bf16
+                    grad_weight += grad_logits.t() @ hidden_g[rows]
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (
-            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
-            None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype),
-            None,
-            None,
-            None,
-        )
+        grads = [
+            None if grad is None else (grad * grad_total.to(grad.dtype)).to(dtype)
+            for grad, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)
+        ]
+        return *grads, None, None, None
 
 
 def checkpointed_chunks_loss(hidden, lm_head, targets, chunk_size):

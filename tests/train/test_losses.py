@@ -77,7 +77,7 @@ class VocabProducts(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
             first, second = args[-2], args[-1]
             if self.vocab in (*first.shape, *second.shape):
                 self.rows.append((self.phase, first.shape[0]))
@@ -206,3 +206,109 @@ def test_use_liger_kernel_without_a_gpu_fails_with_a_clear_message(tiny_model_di
     assert run_cli(lambda: supervised_finetuning.main(argv)) == 1
     assert "error: --use_liger_kernel needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting", ["float16 weights", "float16 autocast"])
+def test_float16_head_gradient_does_not_overflow_where_the_plain_one_does_not(setting):
+    """fp16 (V100 / T4 mixed precision, `--fp16`): the head's gradient summed over a chunk of 1,500 tokens that share
+    a target and a hidden value of 60 is 90,000 before the division by the token count, past float16's 65,504.
+    transformers' loss divides first and gets 60; the chunked one must too, not inf (after which a GradScaler would
+    skip every step, whatever scale it tries)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    tokens, width, vocab = 1500, 8, 50
+    hidden_states = torch.randn(1, tokens + 1, width)
+    hidden_states[..., 0] = 60.0
+    labels = torch.full((1, tokens + 1), 5)
+    head = nn.Linear(width, vocab, bias=False)
+    nn.init.normal_(head.weight, std=0.01)
+    if setting == "float16 weights":
+        head.half()
+        hidden_states = hidden_states.half()
+    hidden_states.requires_grad_()
+    autocast = torch.autocast("cpu", dtype=torch.float16, enabled=setting == "float16 autocast")
+    grads = []
+    for chunked in (False, True):
+        head.zero_grad(), setattr(hidden_states, "grad", None)
+        with autocast:
+            if chunked:
+                loss = chunked_lm_loss(hidden_states, head, labels, chunk_size=tokens)
+            else:
+                logits = head(hidden_states[:, :-1]).float()
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+        loss.backward()
+        grads.append((head.weight.grad.clone(), hidden_states.grad.clone()))
+    (plain_weight, plain_hidden), (chunked_weight, chunked_hidden) = grads
+    assert torch.isfinite(plain_weight).all() and plain_weight[5, 0].item() == pytest.approx(-60, rel=0.02)
+    assert torch.isfinite(chunked_weight).all(), "float16 overflow in the head's gradient"
+    torch.testing.assert_close(chunked_weight.float(), plain_weight.float(), rtol=0.01, atol=1e-3)
+    torch.testing.assert_close(chunked_hidden.float(), plain_hidden.float(), rtol=0.01, atol=1e-4)
+
+
+def test_head_placed_by_accelerate_runs_through_the_module(tiny_model_dir):
+    """`--device_map auto` with too little GPU memory offloads the head: its weight is on the meta device and
+    accelerate's hook brings it in only inside the module's forward (on several GPUs the hook moves the input to the
+    weight's device). Read directly the weight gave a wrong loss, silently; through the module it is the plain one."""
+    from accelerate import cpu_offload
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, tie_word_embeddings=False)
+    inputs = batch(model.config.vocab_size)
+    plain = loss_and_grads(model, lambda: model(**inputs).loss)
+    cpu_offload(model.lm_head, execution_device=torch.device("cpu"))
+    assert model.lm_head.weight.device.type == "meta"
+    add_chunked_lm_head(model, chunk_size=7)
+    chunked = loss_and_grads(model, lambda: model(**inputs, chunked_loss=True).loss)
+    plain = (plain[0], {name: grad for name, grad in plain[1].items() if name != "lm_head.weight"})
+    assert_same(plain, chunked)
+
+
+def test_float16_autocast_gradients_keep_their_small_values():
+    """fp16 mixed precision, 2,000 learned tokens, a GradScaler's scale of 2**16: each gradient element is the
+    float32 one to 1% of itself or 0.1% of the largest (none flushed to zero), as the plain loss's scaled fp16
+    gradients are. Products of the gradient divided by the token count but not yet scaled flush the many small ones,
+    ~|W| / 2,000, below fp16's smallest normal value."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    tokens, width, vocab = 2000, 16, 64
+    hidden_states = torch.randn(1, tokens + 1, width, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens + 1))
+    head = nn.Linear(width, vocab, bias=False)
+    nn.init.normal_(head.weight, std=0.002)
+    grads = []
+    for autocast in (False, True):
+        head.zero_grad(), setattr(hidden_states, "grad", None)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            loss = chunked_lm_loss(hidden_states, head, labels, chunk_size=500)
+        (loss * 2**16).backward()
+        grads.append(hidden_states.grad.clone())
+    reference, mixed = grads
+    torch.testing.assert_close(mixed, reference, rtol=0.01, atol=1e-3 * reference.abs().max().item())
+
+
+class HeadSizedTensors(TorchDispatchMode):
+    """Counts the tensors as large as the head's weight that the ops run allocate (not views, not in place)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.created = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        storages = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        if isinstance(out, torch.Tensor) and out.numel() == self.numel:
+            self.created += out.untyped_storage().data_ptr() not in storages
+        return out
+
+
+def test_head_gradient_is_accumulated_in_its_one_buffer(tiny_model_dir):
+    """Full training: the loss's forward holds the head's gradient in one [vocab x hidden] buffer, the chunks'
+    products added into it by the matrix product itself, not one more such temporary per chunk (545 MB each for
+    Qwen2.5-0.5B's head in float32)."""
+    model = load(tiny_model_dir)
+    inputs = batch(model.config.vocab_size)
+    hidden = model.model(input_ids=inputs["input_ids"]).last_hidden_state
+    with HeadSizedTensors(model.lm_head.weight.numel()) as tensors:
+        chunked_lm_loss(hidden, model.lm_head, inputs["labels"], chunk_size=10)  # 7 chunks
+    assert tensors.created == 1
