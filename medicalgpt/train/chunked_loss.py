@@ -23,6 +23,7 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from medicalgpt.constants import IGNORE_INDEX
@@ -119,6 +120,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable  # the gradients are precomputed: a second derivative through them would be wrong
     def backward(ctx, grad_total):
         grads = [
             None if grad is None else (grad * grad_total.to(grad.dtype)).to(dtype)
