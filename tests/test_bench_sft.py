@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import pytest
 import torch
 from transformers import AutoTokenizer, Trainer
 
@@ -126,3 +127,32 @@ def test_packed_attention_ab_times_both_attentions_on_the_same_packed_rows(tiny_
     assert result["conversations"] > 1  # a packed row, split by packed_sdpa
     assert {len(times) for times in result["cpu_s_all"].values()} == {2}
     assert abs(result["loss"]["sdpa"] - result["loss"]["packed_sdpa"]) < 1e-5
+
+
+def test_lm_loss_ab_times_both_paths_on_the_same_head_and_they_agree(capsys):
+    """bench/lm_loss_ab.py: both chunked-loss paths, full and LoRA, several chunks; the same loss and gradients."""
+    from bench import lm_loss_ab
+
+    lm_loss_ab.main(["--vocab", "2000", "--hidden", "16", "--tokens", "40000", "--repeats", "2", "--threads", "1"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["chunk_rows"] == 2**25 // 2000 and report["tokens"] > 2 * report["chunk_rows"]
+    for method in ("full", "lora"):
+        row = report[method]
+        assert set(row["cpu_s_median"]) == {"checkpointed", "in_forward"}
+        assert row["max_relative_difference"] < 1e-5
+
+
+def test_attention_kernels_times_flash_and_math_per_length(capsys):
+    """GFLOP/s from bench/flops.py's attention count (causal half, backward 2.5x forward) over the timed seconds."""
+    from bench import attention_kernels
+
+    argv = ["--heads", "4", "--kv_heads", "2", "--head_dim", "8", "--lengths", "64,128", "--repeats", "1"]
+    attention_kernels.main(argv)
+    report = json.loads(capsys.readouterr().out)
+    assert [row["tokens"] for row in report["rows"]] == [64, 128]
+    for row in report["rows"]:
+        for kernel in ("flash", "math"):
+            timing = row[kernel]
+            flops = 2 * 2 * row["tokens"] ** 2 / 2 * 4 * 8 * 3.5 / 1e9
+            seconds = (timing["forward_ms"] + timing["backward_ms"]) / 1e3
+            assert timing["gflops"] == pytest.approx(flops / seconds, rel=0.05)
