@@ -97,6 +97,16 @@ def build_lora_config(lora_args, task_type="CAUSAL_LM"):
     )
 
 
+def fused(config, quantized):
+    """`config` training LoRA layers with fewer passes over the activations (medicalgpt/model/fused_lora.py), unless
+    the model is 4/8-bit (bitsandbytes' layers need peft's own LoRA classes) or the adapter is not LoRA."""
+    from peft import LoraConfig
+
+    from medicalgpt.model.fused_lora import use_fused_lora_linear
+
+    return use_fused_lora_linear(config) if isinstance(config, LoraConfig) and not quantized else config
+
+
 def split_names(text):
     return [name.strip() for name in text.split(",") if name.strip()] if text else None
 
@@ -105,9 +115,7 @@ def wrap_with_lora(model, lora_args, training_args, base_path, task_type="CAUSAL
     """LoRA (QLoRA on a 4/8-bit model) or, without --use_peft, the model itself for full fine-tuning.
     `base_path` is what the adapter will name as its base: the path the model was loaded from (a folder is recorded
     as an absolute path, so the adapter loads from any working directory)."""
-    from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-
-    from medicalgpt.model.fused_lora import use_fused_lora_linear  # peft's layer with fewer passes; not for 4/8-bit
+    from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if not lora_args.use_peft and not lora_args.peft_path:
@@ -123,11 +131,11 @@ def wrap_with_lora(model, lora_args, training_args, base_path, task_type="CAUSAL
     if lora_args.peft_path:
         logger.info("Continuing training of the LoRA adapter %s", lora_args.peft_path)
         config = PeftConfig.from_pretrained(lora_args.peft_path)
-        config = config if quantized or not isinstance(config, LoraConfig) else use_fused_lora_linear(config)
-        model = PeftModel.from_pretrained(model, lora_args.peft_path, config=config, is_trainable=True)
+        model = PeftModel.from_pretrained(
+            model, lora_args.peft_path, config=fused(config, quantized), is_trainable=True
+        )
     else:
-        config = build_lora_config(lora_args, task_type)
-        model = get_peft_model(model, config if quantized else use_fused_lora_linear(config))
+        model = get_peft_model(model, fused(build_lora_config(lora_args, task_type), quantized))
     model.peft_config["default"].base_model_name_or_path = recorded_base_path(base_path)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()

@@ -43,6 +43,12 @@ def keep_mask(x, keep_levels):
     return (fields & (MASK_LEVELS - 1)) < keep_levels
 
 
+def keep_levels(dropout):
+    """How many of the 2**15 mask levels keep an input: 1 - p rounded to a multiple of 2**-15; all of them for
+    nn.Identity (no dropout) and for p below 2**-16."""
+    return round((1 - dropout.p) * MASK_LEVELS) if type(dropout) is nn.Dropout else MASK_LEVELS
+
+
 class FusedLoraLinear(LoraLinear):
     def forward(self, x, *args, **kwargs):
         adapter = None if args or kwargs else self._fusable_adapter(x)
@@ -52,10 +58,10 @@ class FusedLoraLinear(LoraLinear):
         lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
         alpha = self.scaling[adapter]
         dropout = self.lora_dropout[adapter]
-        keep_levels = round((1 - dropout.p) * MASK_LEVELS) if type(dropout) is nn.Dropout else MASK_LEVELS
-        if dropout.training and keep_levels < MASK_LEVELS:  # (p below 2**-16 rounds to no dropout)
-            x = torch.where(keep_mask(x, keep_levels), x, 0.0)
-            alpha = alpha * MASK_LEVELS / keep_levels
+        kept = keep_levels(dropout)
+        if dropout.training and kept < MASK_LEVELS:
+            x = torch.where(keep_mask(x, kept), x, 0.0)
+            alpha = alpha * MASK_LEVELS / kept
         down = lora_a(x)
         out = result.reshape(-1, result.shape[-1])
         fused = torch.addmm(out, down.reshape(-1, down.shape[-1]), lora_b.weight.t(), alpha=alpha)
@@ -71,7 +77,7 @@ class FusedLoraLinear(LoraLinear):
         dropout = self.lora_dropout[adapter]
         if type(dropout) not in (nn.Dropout, nn.Identity):  # a dropout of some other kind: peft's forward runs it
             return None
-        if type(dropout) is nn.Dropout and dropout.training and round((1 - dropout.p) * MASK_LEVELS) < 1:
+        if dropout.training and keep_levels(dropout) < 1:
             return None  # p within 2**-16 of 1: nothing would be kept
         lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
         weights = (lora_a.weight, lora_b.weight, self.get_base_layer().weight)
